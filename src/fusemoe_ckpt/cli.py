@@ -1,0 +1,136 @@
+"""The `fusemoe-ckpt` command: reads options, calls the library, prints the result."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import traceback
+
+import click
+
+from . import __version__
+from .convert import convert as convert_checkpoint
+from .errors import FusemoeError
+from .example import write_example
+from .families import FAMILIES
+
+
+class _Group(click.Group):
+    """Renders every error in one place: one line on stderr, exit code 1; a traceback with --debug."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except KeyboardInterrupt:
+            click.echo("Error: interrupted; nothing was written to the destination", err=True)
+            sys.exit(130)
+        except Exception as e:  # noqa: BLE001 - the one place errors become a message
+            if ctx.obj and ctx.obj.get("debug"):
+                traceback.print_exc()
+            message = str(e) if isinstance(e, FusemoeError) else f"{type(e).__name__}: {e}"
+            click.echo(f"Error: {message}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="fusemoe-ckpt")
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Convert per-expert MoE checkpoints into the fused layout transformers 5 holds in memory."""
+    ctx.obj = {"debug": debug}
+
+
+@cli.command()
+@click.argument("src", type=click.Path(file_okay=False))
+@click.argument("dst", type=click.Path(file_okay=False))
+@click.option("--family", help="Family rule to use instead of the one config.json names.")
+@click.option(
+    "--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB."
+)
+@click.option("--overwrite", is_flag=True, help="Replace DST if it exists and is not empty.")
+@click.option("--workers", type=int, default=None, help="Shards written at once [default: min(4, CPUs)].")
+@click.option("--no-fsync", is_flag=True, help="Skip flushing files to disk before the final rename.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+def convert(
+    src: str,
+    dst: str,
+    family: str | None,
+    max_shard_size: str,
+    overwrite: bool,
+    workers: int | None,
+    no_fsync: bool,
+    quiet: bool,
+) -> None:
+    """Fuse the per-expert tensors of checkpoint SRC into a new checkpoint at DST."""
+    bar = _ProgressBar(enabled=not quiet and sys.stderr.isatty())
+    try:
+        result = convert_checkpoint(
+            src,
+            dst,
+            family=family,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            workers=workers,
+            durable=not no_fsync,
+            progress=bar.update,
+        )
+    finally:
+        bar.close()
+    for warning in result.warnings:
+        click.echo(f"Warning: {warning}", err=True)
+    if quiet:
+        return
+    if result.nothing_to_fuse:
+        name = result.plan.family.name
+        click.echo(f"Nothing to fuse: no per-expert tensors for family {name}; copied through.")
+    click.echo(result.summary())
+
+
+@cli.command()
+def families() -> None:
+    """List the family rules with their model types and per-expert key patterns."""
+    for family in FAMILIES:
+        click.echo(f"{family.name}")
+        click.echo(f"  model types: {', '.join(family.model_types)}")
+        for merge in family.merges:
+            click.echo(f"  {' + '.join(merge.sources)} -> {merge.target}")
+        for rename in family.renames:
+            click.echo(f"  rename {' | '.join(rename.sources)} -> {rename.target}")
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+def example(directory: str) -> None:
+    """Write a tiny per-expert Qwen3-MoE checkpoint to DIRECTORY, to try convert on."""
+    root = write_example(directory)
+    click.echo(f"Wrote a tiny qwen3_moe checkpoint (per-expert layout) to {root}")
+
+
+class _ProgressBar:
+    """A tqdm bar in bytes, created on the first update, when the total is known."""
+
+    def __init__(self, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self._bar = None
+        self._lock = threading.Lock()
+
+    def update(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            if self._bar is None:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="convert")
+            self._bar.update(done)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def main() -> None:
+    cli(prog_name="fusemoe-ckpt")

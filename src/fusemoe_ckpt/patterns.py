@@ -1,0 +1,125 @@
+"""Key patterns with the exact matching semantics of transformers 5's conversion mapping.
+
+transformers renames a checkpoint key by applying every `WeightRenaming` in order, then at most one
+`WeightConverter`. A pattern is a regular expression searched anywhere in the key, where `*.` stands
+for any run of characters followed by a dot and a pattern that ends in a letter or digit must end on
+a name boundary. The first match is replaced by the target. We compile the same patterns the same way,
+so a rule copied from `conversion_mapping.py` renames keys exactly as `from_pretrained` does.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+# transformers appends this so `weight` matches `q_proj.weight` but not `q_proj.weight_scale_inv`.
+_NAME_END = r"(?!\w)"
+
+
+def _source_regex(pattern: str, expert_group: str | None = None) -> str:
+    """The regex transformers builds for one source pattern.
+
+    With `expert_group`, the `*` wildcard is captured under that name; a capture group changes
+    nothing about what matches.
+    """
+    star = rf"(?P<{expert_group}>.*)\." if expert_group else r".*\."
+    regex = pattern.replace("*.", star)
+    if re.search(r"[a-zA-Z0-9]$", regex):
+        regex += _NAME_END
+    return regex
+
+
+def _target_text(pattern: str) -> str:
+    """The replacement text transformers derives from a target pattern."""
+    return pattern.removeprefix("^").replace(r"\.", ".")
+
+
+def _alternation(sources: tuple[str, ...], expert_groups: bool) -> re.Pattern[str]:
+    # Longest source first, as in transformers: a key is claimed by the first branch that matches.
+    branches = []
+    for i, source in sorted(enumerate(sources), key=lambda item: -len(item[1])):
+        regex = _source_regex(source, f"x{i}" if expert_groups else None)
+        branches.append(f"(?P<s{i}>{regex})")
+    return re.compile("|".join(branches))
+
+
+def _replace(key: str, match: re.Match[str], target: str, regex: re.Pattern[str], branch: str) -> str:
+    if r"\1" in target:
+        # `\1` is the first group inside the branch that matched, as in transformers.
+        target = target.replace(r"\1", match.group(regex.groupindex[branch] + 1))
+    return key.replace(match.group(0), target, 1)
+
+
+def _matched_branch(match: re.Match[str]) -> int:
+    return next(int(name[1:]) for name, value in match.groupdict().items() if name[0] == "s" and value)
+
+
+@dataclass(frozen=True)
+class Rename:
+    """Rename every key that matches one of `sources` (a transformers `WeightRenaming`)."""
+
+    sources: tuple[str, ...]
+    target: str
+    _regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sources, str):
+            object.__setattr__(self, "sources", (self.sources,))
+        object.__setattr__(self, "_regex", _alternation(self.sources, expert_groups=False))
+
+    def apply(self, key: str) -> str:
+        match = self._regex.search(key)
+        if match is None:
+            return key
+        branch = f"s{_matched_branch(match)}"
+        return _replace(key, match, _target_text(self.target), self._regex, branch)
+
+
+@dataclass(frozen=True)
+class ExpertMerge:
+    """Stack per-expert tensors into one fused tensor (a transformers `WeightConverter` whose
+    operations are `MergeModulelist(dim=0)`, then `Concatenate(dim=1)` when there are two sources).
+
+    `sources` are the per-expert patterns in concatenation order, each with `*` for the expert index;
+    `target` replaces the matched part of the key.
+    """
+
+    sources: tuple[str, ...]
+    target: str
+    _regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sources, str):
+            object.__setattr__(self, "sources", (self.sources,))
+        object.__setattr__(self, "_regex", _alternation(self.sources, expert_groups=True))
+
+    def match(self, key: str) -> tuple[str, int, str] | None:
+        """(fused key, source slot, expert id text) when `key` is one of this merge's per-expert keys."""
+        match = self._regex.search(key)
+        if match is None:
+            return None
+        slot = _matched_branch(match)
+        target = _replace(key, match, _target_text(self.target), self._regex, f"s{slot}")
+        return target, slot, match.group(f"x{slot}")
+
+
+@dataclass(frozen=True)
+class KeyMapping:
+    """Where a source key goes: a plain (possibly renamed) key, or one slot of one expert of a merge."""
+
+    target: str
+    merge: ExpertMerge | None = None
+    slot: int = 0
+    expert: str = ""
+
+
+def map_key(key: str, renames: tuple[Rename, ...], merges: tuple[ExpertMerge, ...]) -> KeyMapping:
+    """Every rename in order, then the first merge that matches: transformers' order of operations."""
+    for rename in renames:
+        key = rename.apply(key)
+    for merge in merges:
+        found = merge.match(key)
+        if found is not None:
+            target, slot, expert = found
+            return KeyMapping(target=target, merge=merge, slot=slot, expert=expert)
+    return KeyMapping(target=key)

@@ -1,0 +1,196 @@
+"""Read and write safetensors headers without touching tensor data.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header, then the data buffer.
+Every header is treated as untrusted: each check below names the file and the key it failed on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CheckpointError
+
+# Same cap as the safetensors library: a header larger than this is refused before it is read.
+MAX_HEADER_BYTES = 100_000_000
+# Header and data start are aligned to this many bytes, as safetensors itself writes them.
+HEADER_ALIGNMENT = 8
+
+DTYPE_SIZES: dict[str, int] = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "F8_E8M0": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+    "C64": 8,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor entry of a safetensors header; offsets are relative to the data buffer."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    """The parsed header of one safetensors file."""
+
+    path: Path
+    data_start: int
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+
+    def absolute_range(self, name: str) -> tuple[int, int]:
+        """File offset and length of tensor `name`'s bytes."""
+        info = self.tensors[name]
+        return self.data_start + info.start, info.nbytes
+
+
+def tensor_nbytes(dtype: str, shape: Iterable[int]) -> int:
+    return DTYPE_SIZES[dtype] * math.prod(shape)
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    seen: dict[str, object] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"duplicate key {key!r}")
+        seen[key] = value
+    return seen
+
+
+def read_header(path: Path) -> ShardHeader:
+    """Parse and validate the header of the safetensors file at `path`.
+
+    Raises:
+        CheckpointError: the file is missing, not a regular file, or its header is malformed.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: shard file not found") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path}: not a regular file")
+    file_size = st.st_size
+    if file_size < 8:
+        raise CheckpointError(f"{path}: truncated: {file_size} bytes, shorter than the 8-byte header length")
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > MAX_HEADER_BYTES:
+            raise CheckpointError(
+                f"{path}: header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit"
+            )
+        if 8 + header_len > file_size:
+            raise CheckpointError(
+                f"{path}: truncated: header length {header_len} runs past the end of the "
+                f"{file_size}-byte file"
+            )
+        raw = f.read(header_len)
+    try:
+        parsed = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: header is not valid UTF-8 JSON: {e}") from e
+    if not isinstance(parsed, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object")
+    data_start = 8 + header_len
+    tensors, metadata = _validate_entries(path, parsed, file_size - data_start)
+    return ShardHeader(path=path, data_start=data_start, tensors=tensors, metadata=metadata)
+
+
+def _validate_entries(
+    path: Path, parsed: dict, data_len: int
+) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    metadata = parsed.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in parsed.items():
+        tensors[name] = _parse_entry(path, name, entry, data_len)
+    # safetensors requires the tensors to tile the data buffer exactly: no overlap, no gap.
+    position = 0
+    for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+        if info.start < position:
+            raise CheckpointError(f"{path}: tensor {info.name!r} overlaps the tensor before it")
+        if info.start > position:
+            raise CheckpointError(
+                f"{path}: tensor {info.name!r} starts at {info.start}, leaving a gap after {position}"
+            )
+        position = info.end
+    if position != data_len:
+        raise CheckpointError(
+            f"{path}: tensors cover {position} bytes but the data buffer holds {data_len} "
+            "(truncated or padded file)"
+        )
+    return tensors, metadata
+
+
+def _parse_entry(path: Path, name: str, entry: object, data_len: int) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{path}: tensor {name!r}: entry is not a JSON object")
+    dtype = entry.get("dtype")
+    shape = entry.get("shape")
+    offsets = entry.get("data_offsets")
+    if dtype not in DTYPE_SIZES:
+        raise CheckpointError(f"{path}: tensor {name!r}: unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise CheckpointError(f"{path}: tensor {name!r}: shape {shape!r} is not a list of sizes")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        raise CheckpointError(f"{path}: tensor {name!r}: data_offsets {offsets!r} is not [start, end]")
+    start, end = offsets
+    if not start <= end <= data_len:
+        raise CheckpointError(
+            f"{path}: tensor {name!r}: data_offsets [{start}, {end}] outside the {data_len}-byte data buffer"
+        )
+    expected = tensor_nbytes(dtype, shape)
+    if end - start != expected:
+        raise CheckpointError(
+            f"{path}: tensor {name!r}: {end - start} bytes but {dtype} {shape} needs {expected}"
+        )
+    return TensorInfo(name=name, dtype=dtype, shape=tuple(shape), start=start, end=end)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def encode_header(entries: Iterable[TensorInfo], metadata: dict[str, str]) -> bytes:
+    """Length prefix plus JSON header, space-padded so the data buffer starts 8-byte aligned."""
+    header: dict[str, object] = {"__metadata__": dict(metadata)}
+    for info in entries:
+        header[info.name] = {
+            "dtype": info.dtype,
+            "shape": list(info.shape),
+            "data_offsets": [info.start, info.end],
+        }
+    body = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    body += b" " * (-len(body) % HEADER_ALIGNMENT)
+    return struct.pack("<Q", len(body)) + body

@@ -1,0 +1,144 @@
+"""Open a source checkpoint: its index, its shard headers and its config, all validated."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from .errors import CheckpointError
+from .safetensors_format import ShardHeader, TensorInfo, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """Where one source tensor's bytes live."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    offset: int
+    nbytes: int
+
+
+@dataclass
+class SourceCheckpoint:
+    """Everything convert needs to know about a source checkpoint, read from headers alone."""
+
+    root: Path
+    index_file: Path | None
+    shard_files: list[Path]
+    tensors: dict[str, SourceTensor]
+    config: dict | None = None
+    index_metadata: dict = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def open_checkpoint(src: str | os.PathLike) -> SourceCheckpoint:
+    """Read the index (or the single `model.safetensors`), every shard header and config.json.
+
+    Raises:
+        CheckpointError: anything missing, unsafe or inconsistent, naming the file and key.
+    """
+    root = Path(src)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: source is not a directory")
+    index_path = root / INDEX_NAME
+    if index_path.exists():
+        weight_map, index_metadata = _read_index(index_path)
+        shard_names = sorted(set(weight_map.values()))
+        shard_files = [_resolve_inside(root, index_path, name) for name in shard_names]
+    elif (root / SINGLE_NAME).exists():
+        weight_map, index_metadata, index_path = None, {}, None
+        shard_files = [root / SINGLE_NAME]
+    else:
+        raise CheckpointError(f"{root}: no {INDEX_NAME} or {SINGLE_NAME} found")
+
+    headers = {path: read_header(path) for path in shard_files}
+    tensors = _collect_tensors(headers)
+    if weight_map is not None:
+        _check_index_matches(index_path, root, weight_map, headers)
+    return SourceCheckpoint(
+        root=root,
+        index_file=index_path,
+        shard_files=shard_files,
+        tensors=tensors,
+        config=_read_config(root),
+        index_metadata=index_metadata,
+    )
+
+
+def _read_index(index_path: Path) -> tuple[dict[str, str], dict]:
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{index_path}: not valid JSON: {e}") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CheckpointError(f"{index_path}: 'weight_map' must map tensor names to shard file names")
+    metadata = index.get("metadata")
+    return weight_map, metadata if isinstance(metadata, dict) else {}
+
+
+def _resolve_inside(root: Path, index_path: Path, name: str) -> Path:
+    """The shard path for an index entry, refusing names that leave the checkpoint directory.
+
+    The check is on the name, not on the resolved file, so the symlinks of the Hub cache layout
+    (snapshot files pointing into a blobs directory) keep working.
+    """
+    pure = PurePosixPath(name)
+    if not name or pure.is_absolute() or "\\" in name or ".." in pure.parts or name.startswith("~"):
+        raise CheckpointError(f"{index_path}: shard name {name!r} points outside {root}")
+    return root / pure
+
+
+def _collect_tensors(headers: dict[Path, ShardHeader]) -> dict[str, SourceTensor]:
+    tensors: dict[str, SourceTensor] = {}
+    for path, header in headers.items():
+        for name, info in header.tensors.items():
+            if name in tensors:
+                raise CheckpointError(f"{path}: tensor {name!r} is also stored in {tensors[name].file.name}")
+            tensors[name] = _source_tensor(header, info)
+    return tensors
+
+
+def _source_tensor(header: ShardHeader, info: TensorInfo) -> SourceTensor:
+    return SourceTensor(
+        name=info.name,
+        dtype=info.dtype,
+        shape=info.shape,
+        file=header.path,
+        offset=header.data_start + info.start,
+        nbytes=info.nbytes,
+    )
+
+
+def _check_index_matches(
+    index_path: Path, root: Path, weight_map: dict[str, str], headers: dict[Path, ShardHeader]
+) -> None:
+    for name, shard in weight_map.items():
+        if name not in headers[root / PurePosixPath(shard)].tensors:
+            raise CheckpointError(f"{index_path}: tensor {name!r} is mapped to {shard}, which lacks it")
+
+
+def _read_config(root: Path) -> dict | None:
+    path = root / "config.json"
+    if not path.exists():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return config

@@ -1,0 +1,131 @@
+"""Write one output shard: header first, then source byte ranges copied in by the kernel."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+
+from .errors import CheckpointError, FusemoeError
+from .plan import Piece, ShardPlan
+
+# Bytes moved per system call: large enough to be cheap, small enough for smooth progress.
+COPY_CHUNK = 64 * 1024 * 1024
+# Buffer of the read/write fallback, the only copy that holds tensor bytes in our memory.
+FALLBACK_BUFFER = 8 * 1024 * 1024
+# copy_file_range reports these when it cannot copy between two given files; read/write takes over.
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM, errno.EBADF}
+
+Progress = Callable[[int], None]
+
+
+class WriterState(Enum):
+    NEW = "new"
+    OPEN = "open"
+    FINALIZED = "finalized"
+
+
+class ShardWriter:
+    """Open, copy pieces in order, finalize. The file must end exactly at the planned size."""
+
+    def __init__(self, path: Path, shard: ShardPlan, *, durable: bool = True) -> None:
+        self.path = path
+        self.shard = shard
+        self.durable = durable
+        self.state = WriterState.NEW
+        self._fd = -1
+        self._position = 0
+        self._sources: dict[Path, int] = {}
+        self._kernel_copy = True
+
+    def open(self) -> None:
+        self._expect(WriterState.NEW, "open")
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self.state = WriterState.OPEN
+        self._pwrite_all(self.shard.header, 0)
+        self._position = len(self.shard.header)
+
+    def copy(self, piece: Piece, progress: Progress | None = None) -> None:
+        self._expect(WriterState.OPEN, "copy")
+        src_fd = self._source_fd(piece.file)
+        offset, remaining = piece.offset, piece.length
+        while remaining:
+            count = min(remaining, COPY_CHUNK)
+            moved = self._copy_chunk(src_fd, offset, count)
+            if moved == 0:
+                raise CheckpointError(
+                    f"{piece.file}: ended at byte {offset}, before the {piece.length}-byte range at "
+                    f"{piece.offset} its header promises (file changed or truncated during conversion)"
+                )
+            offset += moved
+            remaining -= moved
+            self._position += moved
+            if progress is not None:
+                progress(moved)
+
+    def finalize(self) -> None:
+        self._expect(WriterState.OPEN, "finalize")
+        try:
+            if self._position != self.shard.file_size:
+                raise FusemoeError(
+                    f"{self.path}: wrote {self._position} bytes, planned {self.shard.file_size}"
+                )
+            if self.durable:
+                os.fsync(self._fd)
+        finally:
+            self.close()
+        self.state = WriterState.FINALIZED
+
+    def close(self) -> None:
+        """Release every file descriptor; safe to call at any point, including after an error."""
+        for fd in self._sources.values():
+            os.close(fd)
+        self._sources.clear()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _expect(self, state: WriterState, action: str) -> None:
+        if self.state is not state:
+            raise RuntimeError(f"cannot {action} a shard writer that is {self.state.value}")
+
+    def _source_fd(self, path: Path) -> int:
+        if path not in self._sources:
+            self._sources[path] = os.open(path, os.O_RDONLY)
+        return self._sources[path]
+
+    def _pwrite_all(self, data: bytes, at: int) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self._fd, view, at)
+            view = view[written:]
+            at += written
+
+    def _copy_chunk(self, src_fd: int, offset: int, count: int) -> int:
+        if self._kernel_copy:
+            try:
+                return os.copy_file_range(src_fd, self._fd, count, offset, self._position)
+            except OSError as e:
+                if e.errno not in _NO_KERNEL_COPY:
+                    raise
+                self._kernel_copy = False
+        data = os.pread(src_fd, min(count, FALLBACK_BUFFER), offset)
+        self._pwrite_all(data, self._position)
+        return len(data)
+
+
+def write_shard(path: Path, shard: ShardPlan, *, durable: bool, progress: Progress | None) -> None:
+    """Write `shard` to `path` from start to finish, closing every file on the way out."""
+    writer = ShardWriter(path, shard, durable=durable)
+    try:
+        writer.open()
+        if progress is not None:
+            progress(len(shard.header))
+        for tensor in shard.tensors:
+            for piece in tensor.pieces:
+                writer.copy(piece, progress)
+        writer.finalize()
+    finally:
+        writer.close()
