@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 def main(fused_dir: str, original_dir: str | None = None) -> None:
     config = AutoConfig.from_pretrained(fused_dir)
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.tie_weights()
     model = load_checkpoint_and_dispatch(model, fused_dir, device_map={"": "cpu"}, strict=True)
     on_meta = [name for name, p in model.named_parameters() if p.device.type == "meta"]
@@ -30,7 +30,7 @@ def main(fused_dir: str, original_dir: str | None = None) -> None:
         logits = model(input_ids).logits
     print(f"forward pass: logits {tuple(logits.shape)}, first values {logits[0, 0, :4].tolist()}")
     if original_dir:
-        reference = AutoModelForCausalLM.from_pretrained(original_dir, torch_dtype=torch.float32)
+        reference = AutoModelForCausalLM.from_pretrained(original_dir, dtype=torch.float32)
         with torch.no_grad():
             expected = reference(input_ids).logits
         same = torch.equal(logits, expected)

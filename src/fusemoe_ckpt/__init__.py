@@ -2,7 +2,7 @@
 
 from importlib.metadata import version as _version
 
-from .convert import ConvertResult, convert, plan_for, resolve_family
+from .converter import ConvertResult, convert, plan_for, resolve_family
 from .errors import CheckpointError, DestinationError, FamilyError, FusemoeError, UsageError
 from .families import FAMILIES, Family, family_by_name, family_for_config
 from .plan import ConversionPlan, plan_conversion

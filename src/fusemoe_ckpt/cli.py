@@ -9,7 +9,7 @@ import traceback
 import click
 
 from . import __version__
-from .convert import convert as convert_checkpoint
+from .converter import convert as convert_checkpoint
 from .errors import FusemoeError
 from .example import write_example
 from .families import FAMILIES
@@ -47,9 +47,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.argument("src", type=click.Path(file_okay=False))
 @click.argument("dst", type=click.Path(file_okay=False))
 @click.option("--family", help="Family rule to use instead of the one config.json names.")
-@click.option(
-    "--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB."
-)
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists and is not empty.")
 @click.option("--workers", type=int, default=None, help="Shards written at once [default: min(4, CPUs)].")
 @click.option("--no-fsync", is_flag=True, help="Skip flushing files to disk before the final rename.")

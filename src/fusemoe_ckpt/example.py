@@ -39,9 +39,7 @@ CONFIG = {
 
 
 def _shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    h, heads, kv, d = (
-        config[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim")
-    )
+    h, heads, kv, d = (config[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim"))
     i, vocab = config["moe_intermediate_size"], config["vocab_size"]
     shapes = {"model.embed_tokens.weight": (vocab, h)}
     for layer in range(config["num_hidden_layers"]):

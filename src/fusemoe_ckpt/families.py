@@ -62,7 +62,6 @@ QWEN2_MOE_TYPES = (
     "deepseek_v3",
     "deepseek_v32",
     "dots1",
-    "exaone_moe",
     "flex_olmo",
     "glm4_moe",
     "glm4_moe_lite",
@@ -88,6 +87,23 @@ FAMILIES: tuple[Family, ...] = (
         name="qwen2_moe",
         model_types=QWEN2_MOE_TYPES,
         merges=_gated("mlp.experts", "gate_proj", "up_proj", "down_proj"),
+    ),
+    Family(
+        name="ernie4_5_moe",
+        model_types=("ernie4_5_moe",),
+        merges=_gated("mlp.experts", "gate_proj", "up_proj", "down_proj"),
+        renames=(
+            Rename(
+                ("mlp.moe_statics.e_score_correction_bias",),
+                "mlp.gate.moe_statics.e_score_correction_bias",
+            ),
+        ),
+    ),
+    Family(
+        name="exaone_moe",
+        model_types=("exaone_moe",),
+        merges=_gated("mlp.experts", "gate_proj", "up_proj", "down_proj"),
+        renames=(Rename(("mlp.e_score_correction_bias",), "mlp.gate.e_score_correction_bias"),),
     ),
     Family(
         name="mixtral",

@@ -156,9 +156,7 @@ def plan_conversion(source: SourceCheckpoint, family: Family, *, max_shard_size:
 
 def _claim(passthrough: dict[str, SourceTensor], target: str, tensor: SourceTensor) -> None:
     if target in passthrough:
-        raise CheckpointError(
-            f"{tensor.name}: renamed to {target!r}, which {passthrough[target].name!r} also becomes"
-        )
+        raise CheckpointError(f"{tensor.name}: renamed to {target!r}, which {passthrough[target].name!r} also becomes")
     passthrough[target] = tensor
 
 
@@ -187,8 +185,7 @@ def _fuse(
                 present = min(slots[slot])
                 missing = _sibling_key(slots[slot][present].name, present, expert)
                 raise FamilyError(
-                    f"{missing}: missing: expert {expert} of {num_experts} for {target} "
-                    f"(family {family.name})"
+                    f"{missing}: missing: expert {expert} of {num_experts} for {target} (family {family.name})"
                 )
     first = slots[0][0]
     for slot in range(len(merge.sources)):
@@ -238,9 +235,7 @@ def _coalesce(pieces) -> list[Piece]:
     return merged
 
 
-def _refuse_leftover_experts(
-    passthrough: dict[str, SourceTensor], groups: list[FusedGroup], family: Family
-) -> None:
+def _refuse_leftover_experts(passthrough: dict[str, SourceTensor], groups: list[FusedGroup], family: Family) -> None:
     """Refuse per-expert tensors the rule does not fuse (quantization scales, say) beside fused ones:
     the result would hold both layouts and load wrong."""
     modules = {g.target.rpartition(".")[0] + "." for g in groups}
@@ -256,9 +251,7 @@ def _refuse_leftover_experts(
             )
 
 
-def _assign_shards(
-    tensors: list[OutputTensor], groups: list[FusedGroup], max_shard_size: int
-) -> list[ShardPlan]:
+def _assign_shards(tensors: list[OutputTensor], groups: list[FusedGroup], max_shard_size: int) -> list[ShardPlan]:
     """Greedy sharding like huggingface_hub's splitter, keeping a module's fused tensors together
     when they fit in one shard; a tensor larger than the limit gets a shard of its own."""
     module_of = {g.target: g.target.rpartition(".")[0] for g in groups}

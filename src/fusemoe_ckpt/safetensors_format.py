@@ -104,13 +104,10 @@ def read_header(path: Path) -> ShardHeader:
     with open(path, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         if header_len > MAX_HEADER_BYTES:
-            raise CheckpointError(
-                f"{path}: header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit"
-            )
+            raise CheckpointError(f"{path}: header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit")
         if 8 + header_len > file_size:
             raise CheckpointError(
-                f"{path}: truncated: header length {header_len} runs past the end of the "
-                f"{file_size}-byte file"
+                f"{path}: truncated: header length {header_len} runs past the end of the {file_size}-byte file"
             )
         raw = f.read(header_len)
     try:
@@ -124,9 +121,7 @@ def read_header(path: Path) -> ShardHeader:
     return ShardHeader(path=path, data_start=data_start, tensors=tensors, metadata=metadata)
 
 
-def _validate_entries(
-    path: Path, parsed: dict, data_len: int
-) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+def _validate_entries(path: Path, parsed: dict, data_len: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     metadata = parsed.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
@@ -147,8 +142,7 @@ def _validate_entries(
         position = info.end
     if position != data_len:
         raise CheckpointError(
-            f"{path}: tensors cover {position} bytes but the data buffer holds {data_len} "
-            "(truncated or padded file)"
+            f"{path}: tensors cover {position} bytes but the data buffer holds {data_len} (truncated or padded file)"
         )
     return tensors, metadata
 
@@ -172,9 +166,7 @@ def _parse_entry(path: Path, name: str, entry: object, data_len: int) -> TensorI
         )
     expected = tensor_nbytes(dtype, shape)
     if end - start != expected:
-        raise CheckpointError(
-            f"{path}: tensor {name!r}: {end - start} bytes but {dtype} {shape} needs {expected}"
-        )
+        raise CheckpointError(f"{path}: tensor {name!r}: {end - start} bytes but {dtype} {shape} needs {expected}")
     return TensorInfo(name=name, dtype=dtype, shape=tuple(shape), start=start, end=end)
 
 

@@ -25,9 +25,7 @@ def parse_size(size: str | int) -> int:
             else:
                 value = int(text)
         except ValueError as e:
-            raise UsageError(
-                f"size {size!r} is not a number of bytes or a number followed by TB, GB, MB or KB"
-            ) from e
+            raise UsageError(f"size {size!r} is not a number of bytes or a number followed by TB, GB, MB or KB") from e
     if value <= 0:
         raise UsageError(f"size {size!r} must be positive")
     return value

@@ -69,9 +69,7 @@ class ShardWriter:
         self._expect(WriterState.OPEN, "finalize")
         try:
             if self._position != self.shard.file_size:
-                raise FusemoeError(
-                    f"{self.path}: wrote {self._position} bytes, planned {self.shard.file_size}"
-                )
+                raise FusemoeError(f"{self.path}: wrote {self._position} bytes, planned {self.shard.file_size}")
             if self.durable:
                 os.fsync(self._fd)
         finally:

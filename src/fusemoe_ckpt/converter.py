@@ -21,9 +21,7 @@ from .source import INDEX_NAME, SourceCheckpoint, open_checkpoint
 from .writer import write_shard
 
 # Weight files of any format, and their indexes: never copied beside the converted shards.
-_WEIGHT_FILE = re.compile(
-    r"\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx|onnx_data|npz)(\.index\.json)?$"
-)
+_WEIGHT_FILE = re.compile(r"\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx|onnx_data|npz)(\.index\.json)?$")
 PARTIAL_SUFFIX = ".fusemoe-partial"
 
 
@@ -116,9 +114,7 @@ def convert(
     partial = dst_path.parent / f".{dst_path.name}{PARTIAL_SUFFIX}"
     if partial.exists():
         if not overwrite:
-            raise DestinationError(
-                f"{partial}: left by an interrupted conversion; remove it or pass --overwrite"
-            )
+            raise DestinationError(f"{partial}: left by an interrupted conversion; remove it or pass --overwrite")
         shutil.rmtree(partial)
     extras = _extra_files(source)
     _check_free_space(dst_path.parent, plan, source.root, extras)
@@ -129,8 +125,7 @@ def convert(
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             jobs = [
-                pool.submit(write_shard, partial / s.filename, s, durable=durable, progress=report)
-                for s in plan.shards
+                pool.submit(write_shard, partial / s.filename, s, durable=durable, progress=report) for s in plan.shards
             ]
             for job in jobs:
                 job.result()
