@@ -93,8 +93,9 @@ def families() -> None:
     for family in FAMILIES:
         click.echo(f"{family.name}")
         click.echo(f"  model types: {', '.join(family.model_types)}")
-        for merge in family.merges:
-            click.echo(f"  {' + '.join(merge.sources)} -> {merge.target}")
+        for converter in family.converters:
+            operation = type(converter).__name__
+            click.echo(f"  {operation}: {' + '.join(converter.sources)} -> {converter.target}")
         for rename in family.renames:
             click.echo(f"  rename {' | '.join(rename.sources)} -> {rename.target}")
 

@@ -14,7 +14,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from .errors import DestinationError, FamilyError, UsageError
-from .families import Family, families_matching, family_by_name, family_for_config
+from .families import REFUSED, Family, families_matching, family_by_name, family_for_config
 from .plan import ConversionPlan, natural_key, plan_conversion
 from .sizes import format_size, parse_size
 from .source import INDEX_NAME, SourceCheckpoint, open_checkpoint
@@ -58,18 +58,24 @@ def resolve_family(source: SourceCheckpoint, name: str | None) -> Family:
     """
     if name is not None:
         return family_by_name(name)
+    config = source.config or {}
+    model_type = config.get("model_type")
+    if model_type in REFUSED:
+        raise FamilyError(
+            f"{source.root}: model_type {model_type!r} is not supported: its transformers rule needs "
+            f"{REFUSED[model_type]}"
+        )
     family = family_for_config(source.config)
     if family is not None:
         return family
-    config = source.config or {}
-    described = f"model_type {config.get('model_type')!r}" if source.config else "no config.json"
     matching = families_matching(source.tensors)
     hint = (
         f"families whose expert keys match this checkpoint: {', '.join(matching)}"
         if matching
         else "no family's expert keys match this checkpoint"
     )
-    raise FamilyError(f"{source.root}: {described} has no family rule; pass --family NAME ({hint})")
+    what = f"model_type {model_type!r} has no family rule" if source.config else "no config.json to choose a family"
+    raise FamilyError(f"{source.root}: {what}; pass --family NAME ({hint})")
 
 
 def plan_for(src: str | os.PathLike, *, family: str | None = None, max_shard_size: str | int = "5GB"):
@@ -107,7 +113,8 @@ def convert(
     src_path, dst_path = Path(src).absolute(), Path(dst).absolute()
     _check_paths(src_path, dst_path, overwrite)
     source, plan = plan_for(src_path, family=family, max_shard_size=max_shard_size)
-    workers = workers or min(4, os.cpu_count() or 1)
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1)
     if workers < 1:
         raise UsageError(f"workers must be at least 1, not {workers}")
 

@@ -76,13 +76,8 @@ class Rename:
 
 
 @dataclass(frozen=True)
-class ExpertMerge:
-    """Stack per-expert tensors into one fused tensor (a transformers `WeightConverter` whose
-    operations are `MergeModulelist(dim=0)`, then `Concatenate(dim=1)` when there are two sources).
-
-    `sources` are the per-expert patterns in concatenation order, each with `*` for the expert index;
-    `target` replaces the matched part of the key.
-    """
+class Converter:
+    """A transformers `WeightConverter`: keys matching `sources` become `target` through an operation."""
 
     sources: tuple[str, ...]
     target: str
@@ -93,33 +88,47 @@ class ExpertMerge:
             object.__setattr__(self, "sources", (self.sources,))
         object.__setattr__(self, "_regex", _alternation(self.sources, expert_groups=True))
 
-    def match(self, key: str) -> tuple[str, int, str] | None:
-        """(fused key, source slot, expert id text) when `key` is one of this merge's per-expert keys."""
+    def match(self, key: str) -> tuple[str, int, str | None] | None:
+        """(target key, source slot, expert id text or None) when `key` matches one of the sources."""
         match = self._regex.search(key)
         if match is None:
             return None
         slot = _matched_branch(match)
         target = _replace(key, match, _target_text(self.target), self._regex, f"s{slot}")
-        return target, slot, match.group(f"x{slot}")
+        return target, slot, match.groupdict().get(f"x{slot}")
+
+
+class ExpertMerge(Converter):
+    """Stack per-expert tensors into one fused tensor: `MergeModulelist(dim=0)`, then
+    `Concatenate(dim=1)` when there are two sources (gate then up). Each source has `*` for the expert."""
+
+
+class Concatenate(Converter):
+    """Concatenate one tensor per source along dim 0, in source order (`Concatenate(dim=0)`)."""
+
+
+class TransposeExperts(Converter):
+    """Swap dims 1 and 2 of a fused expert tensor stored in the other orientation
+    (`Transpose(1, 2, check_dims=True)`: only when the stored shape is not the in-memory one)."""
 
 
 @dataclass(frozen=True)
 class KeyMapping:
-    """Where a source key goes: a plain (possibly renamed) key, or one slot of one expert of a merge."""
+    """Where a source key goes: a plain (possibly renamed) key, or one slot (and expert) of a converter."""
 
     target: str
-    merge: ExpertMerge | None = None
+    converter: Converter | None = None
     slot: int = 0
-    expert: str = ""
+    expert: str | None = None
 
 
-def map_key(key: str, renames: tuple[Rename, ...], merges: tuple[ExpertMerge, ...]) -> KeyMapping:
-    """Every rename in order, then the first merge that matches: transformers' order of operations."""
+def map_key(key: str, renames: tuple[Rename, ...], converters: tuple[Converter, ...]) -> KeyMapping:
+    """Every rename in order, then the first converter that matches: transformers' order of operations."""
     for rename in renames:
         key = rename.apply(key)
-    for merge in merges:
-        found = merge.match(key)
+    for converter in converters:
+        found = converter.match(key)
         if found is not None:
             target, slot, expert = found
-            return KeyMapping(target=target, merge=merge, slot=slot, expert=expert)
+            return KeyMapping(target=target, converter=converter, slot=slot, expert=expert)
     return KeyMapping(target=key)

@@ -10,47 +10,15 @@ import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .errors import CheckpointError, FamilyError
 from .families import Family
-from .patterns import ExpertMerge, map_key
+from .operations import FusedGroup, OutputTensor, Piece, Slots, concatenate, fuse_experts, transpose_experts
+from .patterns import Converter, ExpertMerge, TransposeExperts, map_key
 from .safetensors_format import TensorInfo, encode_header
 from .source import SourceCheckpoint, SourceTensor
 
 SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
-
-
-@dataclass(frozen=True)
-class Piece:
-    """A run of bytes copied verbatim from a source file."""
-
-    file: Path
-    offset: int
-    length: int
-
-
-@dataclass(frozen=True)
-class OutputTensor:
-    """One tensor of the output and the source pieces that make it, in order."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    pieces: tuple[Piece, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(piece.length for piece in self.pieces)
-
-
-@dataclass(frozen=True)
-class FusedGroup:
-    """A fused tensor made from `num_experts` experts of `len(source_keys) // num_experts` projections."""
-
-    target: str
-    num_experts: int
-    source_keys: tuple[str, ...]
 
 
 @dataclass
@@ -113,33 +81,36 @@ def plan_conversion(source: SourceCheckpoint, family: Family, *, max_shard_size:
     """
     renames = family.all_renames()
     passthrough: dict[str, SourceTensor] = {}
-    members: dict[str, dict[int, dict[int, SourceTensor]]] = defaultdict(lambda: defaultdict(dict))
-    merge_of: dict[str, ExpertMerge] = {}
+    groups: dict[str, Slots] = defaultdict(lambda: defaultdict(dict))
+    converter_of: dict[str, Converter] = {}
 
     for key in sorted(source.tensors, key=natural_key):
         tensor = source.tensors[key]
-        mapping = map_key(key, renames, family.merges)
-        if mapping.merge is None:
+        mapping = map_key(key, renames, family.converters)
+        if mapping.converter is None:
             _claim(passthrough, mapping.target, tensor)
             continue
-        expert = _expert_id(mapping.expert, key)
-        slot_members = members[mapping.target][mapping.slot]
-        if expert in slot_members:
-            raise FamilyError(
-                f"{key}: expert {expert} of {mapping.target} appears twice (also {slot_members[expert].name})"
-            )
-        slot_members[expert] = tensor
-        merge_of[mapping.target] = mapping.merge
+        expert = None if mapping.expert is None else _expert_id(mapping.expert, key)
+        members = groups[mapping.target][mapping.slot]
+        if expert in members:
+            what = mapping.target if expert is None else f"expert {expert} of {mapping.target}"
+            raise FamilyError(f"{key}: {what} appears twice (also {members[expert].name})")
+        members[expert] = tensor
+        converter_of[mapping.target] = mapping.converter
 
     outputs: dict[str, OutputTensor] = {
         name: OutputTensor(name, t.dtype, t.shape, (Piece(t.file, t.offset, t.nbytes),))
         for name, t in passthrough.items()
     }
+    _refuse_missing_merges(groups, converter_of, family)
+    num_experts = _expected_experts(groups, converter_of, source.config)
+    # Modules in order, and within one the family's converter order, so gate keys are checked before down keys.
+    position = {converter: i for i, converter in enumerate(family.converters)}
     fused_groups = []
-    for target in sorted(members, key=natural_key):
+    for target in sorted(groups, key=lambda t: (natural_key(t.rpartition(".")[0]), position[converter_of[t]])):
         if target in outputs:
-            raise CheckpointError(f"{target}: both a fused tensor and a tensor of the checkpoint")
-        tensor, group = _fuse(target, merge_of[target], members[target], family)
+            raise CheckpointError(f"{target}: both a converted tensor and a tensor of the checkpoint")
+        tensor, group = _apply(target, converter_of[target], groups[target], family, source.config, num_experts)
         outputs[target] = tensor
         fused_groups.append(group)
     _refuse_leftover_experts(passthrough, fused_groups, family)
@@ -154,6 +125,70 @@ def plan_conversion(source: SourceCheckpoint, family: Family, *, max_shard_size:
     return plan
 
 
+def _apply(
+    target: str, converter: Converter, slots: Slots, family: Family, config: dict | None, num_experts: int
+) -> tuple[OutputTensor, FusedGroup]:
+    if isinstance(converter, ExpertMerge):
+        return fuse_experts(target, converter, slots, family.name, num_experts)
+    if isinstance(converter, TransposeExperts):
+        return transpose_experts(target, slots, family.name, _hidden_size(config))
+    return concatenate(target, converter, slots, family.name)
+
+
+def _config_int(config: dict | None, names: tuple[str, ...]) -> int | None:
+    """The first integer among `names` in config.json, looking in `text_config` first."""
+    config = config or {}
+    text_config = config.get("text_config")
+    for scope in (text_config if isinstance(text_config, dict) else {}, config):
+        for name in names:
+            value = scope.get(name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+    return None
+
+
+def _hidden_size(config: dict | None) -> int | None:
+    return _config_int(config, ("hidden_size",))
+
+
+EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _expected_experts(groups: dict[str, Slots], converter_of: dict[str, Converter], config: dict | None) -> int:
+    """How many experts every fused module must hold: config.json's count where it gives one, else the
+    highest expert id in the checkpoint plus one (so a missing last expert is noticed too)."""
+    ids = [
+        expert
+        for target, slots in groups.items()
+        if isinstance(converter_of[target], ExpertMerge)
+        for members in slots.values()
+        for expert in members
+    ]
+    seen = max(ids, default=-1) + 1
+    declared = _config_int(config, EXPERT_COUNT_FIELDS)
+    if declared is not None and seen > declared:
+        raise FamilyError(f"the checkpoint has expert {seen - 1}, but config.json declares {declared} experts")
+    return declared if declared is not None and ids else seen
+
+
+def _refuse_missing_merges(groups: dict[str, Slots], converter_of: dict[str, Converter], family: Family) -> None:
+    """Refuse a module that has some of the family's fused tensors but not all (gate_up without down)."""
+    merges = [c for c in family.converters if isinstance(c, ExpertMerge)]
+    present: dict[str, dict[Converter, str]] = defaultdict(dict)
+    for target, converter in converter_of.items():
+        if isinstance(converter, ExpertMerge):
+            present[target.rpartition(".")[0]][converter] = target
+    for module in sorted(present, key=natural_key):
+        for merge in merges:
+            if merge not in present[module]:
+                other = next(iter(present[module].values()))
+                some_key = next(iter(next(iter(groups[other].values())).values())).name
+                raise FamilyError(
+                    f"{module}.{merge.target.rpartition('.')[2]}: no tensor matches {merge.sources[0]!r} "
+                    f"(family {family.name}), though {some_key} is one of its experts"
+                )
+
+
 def _claim(passthrough: dict[str, SourceTensor], target: str, tensor: SourceTensor) -> None:
     if target in passthrough:
         raise CheckpointError(f"{tensor.name}: renamed to {target!r}, which {passthrough[target].name!r} also becomes")
@@ -166,79 +201,10 @@ def _expert_id(text: str, key: str) -> int:
     return int(text)
 
 
-def _fuse(
-    target: str, merge: ExpertMerge, slots: dict[int, dict[int, SourceTensor]], family: Family
-) -> tuple[OutputTensor, FusedGroup]:
-    """Check one expert group is complete and uniform, then lay out its fused tensor:
-    for each expert in order, each slot's bytes in turn (gate rows, then up rows)."""
-    some_key = next(iter(next(iter(slots.values())).values())).name
-    for slot, pattern in enumerate(merge.sources):
-        if slot not in slots:
-            raise FamilyError(
-                f"{target}: no tensor matches {pattern!r} (family {family.name}), "
-                f"though {some_key} matches its sibling pattern"
-            )
-    num_experts = max(max(experts) + 1 for experts in slots.values())
-    for slot in range(len(merge.sources)):
-        for expert in range(num_experts):
-            if expert not in slots[slot]:
-                present = min(slots[slot])
-                missing = _sibling_key(slots[slot][present].name, present, expert)
-                raise FamilyError(
-                    f"{missing}: missing: expert {expert} of {num_experts} for {target} (family {family.name})"
-                )
-    first = slots[0][0]
-    for slot in range(len(merge.sources)):
-        reference = slots[slot][0]
-        for tensor in slots[slot].values():
-            if tensor.dtype != reference.dtype or tensor.shape != reference.shape:
-                raise FamilyError(
-                    f"{tensor.name}: {tensor.dtype} {list(tensor.shape)} differs from "
-                    f"{reference.name}: {reference.dtype} {list(reference.shape)}"
-                )
-        if reference.dtype != first.dtype or not reference.shape or reference.shape[1:] != first.shape[1:]:
-            raise FamilyError(
-                f"{reference.name}: {reference.dtype} {list(reference.shape)} cannot be "
-                f"concatenated with {first.name}: {first.dtype} {list(first.shape)}"
-            )
-    ordered_slots = [slots[slot] for slot in range(len(merge.sources))]
-    pieces = _coalesce(
-        Piece(experts[e].file, experts[e].offset, experts[e].nbytes)
-        for e in range(num_experts)
-        for experts in ordered_slots
-    )
-    rows = sum(experts[0].shape[0] for experts in ordered_slots)
-    shape = (num_experts, rows, *first.shape[1:])
-    keys = tuple(experts[e].name for e in range(num_experts) for experts in ordered_slots)
-    return (
-        OutputTensor(target, first.dtype, shape, tuple(pieces)),
-        FusedGroup(target=target, num_experts=num_experts, source_keys=keys),
-    )
-
-
-def _sibling_key(key: str, expert: int, other: int) -> str:
-    """`key` with its expert index changed from `expert` to `other`."""
-    return re.sub(rf"experts\.{expert}\.", f"experts.{other}.", key, count=1)
-
-
-def _coalesce(pieces) -> list[Piece]:
-    """Merge pieces that continue each other in the same file into one longer copy."""
-    merged: list[Piece] = []
-    for piece in pieces:
-        if piece.length == 0:
-            continue
-        last = merged[-1] if merged else None
-        if last and last.file == piece.file and last.offset + last.length == piece.offset:
-            merged[-1] = Piece(last.file, last.offset, last.length + piece.length)
-        else:
-            merged.append(piece)
-    return merged
-
-
 def _refuse_leftover_experts(passthrough: dict[str, SourceTensor], groups: list[FusedGroup], family: Family) -> None:
     """Refuse per-expert tensors the rule does not fuse (quantization scales, say) beside fused ones:
     the result would hold both layouts and load wrong."""
-    modules = {g.target.rpartition(".")[0] + "." for g in groups}
+    modules = {g.target.rpartition(".")[0] + "." for g in groups if g.num_experts}
     if not modules:
         return
     for name, tensor in passthrough.items():

@@ -77,11 +77,15 @@ def tensor_nbytes(dtype: str, shape: Iterable[int]) -> int:
     return DTYPE_SIZES[dtype] * math.prod(shape)
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
 def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
     seen: dict[str, object] = {}
     for key, value in pairs:
         if key in seen:
-            raise ValueError(f"duplicate key {key!r}")
+            raise _DuplicateKey(key)
         seen[key] = value
     return seen
 
@@ -112,6 +116,8 @@ def read_header(path: Path) -> ShardHeader:
         raw = f.read(header_len)
     try:
         parsed = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
+    except _DuplicateKey as e:
+        raise CheckpointError(f"{path}: header names tensor {e.args[0]!r} twice") from e
     except (UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{path}: header is not valid UTF-8 JSON: {e}") from e
     if not isinstance(parsed, dict):

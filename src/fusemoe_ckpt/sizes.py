@@ -24,10 +24,12 @@ def parse_size(size: str | int) -> int:
                 value = int(float(text[:-2].strip()) * SIZE_UNITS[unit])
             else:
                 value = int(text)
-        except ValueError as e:
-            raise UsageError(f"size {size!r} is not a number of bytes or a number followed by TB, GB, MB or KB") from e
+        except (ValueError, OverflowError) as e:
+            raise UsageError(
+                f"max shard size {size!r} is not a number of bytes or a number followed by TB, GB, MB or KB"
+            ) from e
     if value <= 0:
-        raise UsageError(f"size {size!r} must be positive")
+        raise UsageError(f"max shard size {size!r} must be positive")
     return value
 
 

@@ -86,6 +86,8 @@ def _read_index(index_path: Path) -> tuple[dict[str, str], dict]:
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
         raise CheckpointError(f"{index_path}: 'weight_map' must map tensor names to shard file names")
+    if not weight_map:
+        raise CheckpointError(f"{index_path}: 'weight_map' lists no tensors")
     metadata = index.get("metadata")
     return weight_map, metadata if isinstance(metadata, dict) else {}
 

@@ -1,0 +1,189 @@
+"""The operations of a family rule, laid out as byte pieces: stack experts, concatenate, transpose.
+
+Each function checks its group of source tensors (complete, uniform) and returns the output tensor
+with the ordered pieces that fill it. Only transposition changes bytes; the others are pure copies.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import FamilyError
+from .patterns import Converter, ExpertMerge
+from .safetensors_format import DTYPE_SIZES
+from .source import SourceTensor
+
+# The in-memory fused layout of transformers 5: which axis holds the hidden size.
+HIDDEN_AXIS = {"gate_up_proj": 2, "up_proj": 2, "down_proj": 1}
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A run of bytes from a source file; with `transpose` = (rows, cols), a row-major matrix that
+    is written transposed."""
+
+    file: Path
+    offset: int
+    length: int
+    transpose: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """One tensor of the output and the source pieces that make it, in order."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    pieces: tuple[Piece, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(piece.length for piece in self.pieces)
+
+
+@dataclass(frozen=True)
+class FusedGroup:
+    """An output tensor built by a converter from `source_keys`."""
+
+    target: str
+    operation: str
+    num_experts: int
+    source_keys: tuple[str, ...]
+
+
+# slot -> expert id (None for tensors that are not per expert) -> tensor
+Slots = dict[int, dict[int | None, SourceTensor]]
+
+
+def _piece(tensor: SourceTensor) -> Piece:
+    return Piece(tensor.file, tensor.offset, tensor.nbytes)
+
+
+def _require_slots(target: str, converter: Converter, slots: Slots, family: str) -> None:
+    some_key = next(iter(next(iter(slots.values())).values())).name
+    for slot, pattern in enumerate(converter.sources):
+        if slot not in slots:
+            raise FamilyError(
+                f"{target}: no tensor matches {pattern!r} (family {family}), though {some_key} matches its sibling"
+            )
+
+
+def _check_concatenable(tensors: list[SourceTensor]) -> None:
+    first = tensors[0]
+    for tensor in tensors:
+        if tensor.dtype != first.dtype or not tensor.shape or tensor.shape[1:] != first.shape[1:]:
+            raise FamilyError(
+                f"{tensor.name}: {tensor.dtype} {list(tensor.shape)} cannot be concatenated with "
+                f"{first.name}: {first.dtype} {list(first.shape)}"
+            )
+
+
+def fuse_experts(
+    target: str, merge: ExpertMerge, slots: Slots, family: str, num_experts: int
+) -> tuple[OutputTensor, FusedGroup]:
+    """Stack experts 0..E-1 (and concatenate gate with up): for each expert in order, each slot's
+    bytes in turn (gate rows, then up rows)."""
+    _require_slots(target, merge, slots, family)
+    for slot in range(len(merge.sources)):
+        for expert in range(num_experts):
+            if expert not in slots[slot]:
+                present = min(slots[slot])
+                missing = _sibling_key(slots[slot][present].name, present, expert)
+                raise FamilyError(
+                    f"{missing}: missing: expert {expert} of {num_experts} for {target} (family {family})"
+                )
+    first = slots[0][0]
+    for slot in range(len(merge.sources)):
+        reference = slots[slot][0]
+        for tensor in slots[slot].values():
+            if tensor.dtype != reference.dtype or tensor.shape != reference.shape:
+                raise FamilyError(
+                    f"{tensor.name}: {tensor.dtype} {list(tensor.shape)} differs from "
+                    f"{reference.name}: {reference.dtype} {list(reference.shape)}"
+                )
+    _check_concatenable([slots[slot][0] for slot in range(len(merge.sources))])
+    ordered_slots = [slots[slot] for slot in range(len(merge.sources))]
+    pieces = coalesce(_piece(experts[e]) for e in range(num_experts) for experts in ordered_slots)
+    rows = sum(experts[0].shape[0] for experts in ordered_slots)
+    shape = (num_experts, rows, *first.shape[1:])
+    keys = tuple(experts[e].name for e in range(num_experts) for experts in ordered_slots)
+    return (
+        OutputTensor(target, first.dtype, shape, tuple(pieces)),
+        FusedGroup(target, "merge_experts", num_experts, keys),
+    )
+
+
+def _sibling_key(key: str, expert: int, other: int) -> str:
+    """`key` with its expert index changed from `expert` to `other`."""
+    return re.sub(rf"experts\.{expert}\.", f"experts.{other}.", key, count=1)
+
+
+def coalesce(pieces: Iterable[Piece]) -> list[Piece]:
+    """Merge pieces that continue each other in the same file into one longer copy."""
+    merged: list[Piece] = []
+    for piece in pieces:
+        if piece.length == 0:
+            continue
+        last = merged[-1] if merged else None
+        if (
+            last
+            and last.transpose is None
+            and piece.transpose is None
+            and last.file == piece.file
+            and last.offset + last.length == piece.offset
+        ):
+            merged[-1] = Piece(last.file, last.offset, last.length + piece.length)
+        else:
+            merged.append(piece)
+    return merged
+
+
+def concatenate(target: str, converter: Converter, slots: Slots, family: str) -> tuple[OutputTensor, FusedGroup]:
+    """One tensor per source, joined along dim 0 in source order (q, k, v convolutions, say)."""
+    _require_slots(target, converter, slots, family)
+    tensors = []
+    for slot in range(len(converter.sources)):
+        found = slots[slot]
+        if list(found) != [None]:
+            raise FamilyError(f"{target}: {converter.sources[slot]!r} must match one tensor, not {len(found)}")
+        tensors.append(found[None])
+    _check_concatenable(tensors)
+    shape = (sum(t.shape[0] for t in tensors), *tensors[0].shape[1:])
+    return (
+        OutputTensor(target, tensors[0].dtype, shape, tuple(coalesce(_piece(t) for t in tensors))),
+        FusedGroup(target, "concatenate", 0, tuple(t.name for t in tensors)),
+    )
+
+
+def transpose_experts(
+    target: str, slots: Slots, family: str, hidden_size: int | None
+) -> tuple[OutputTensor, FusedGroup]:
+    """A fused [E, a, b] tensor turned to [E, b, a] when its hidden axis is not where transformers
+    holds it (as `Transpose(1, 2, check_dims=True)` does); each expert is a piece written transposed."""
+    tensor = slots[0][None]
+    kind = target.rpartition(".")[2]
+    if len(tensor.shape) != 3 or kind not in HIDDEN_AXIS:
+        raise FamilyError(f"{tensor.name}: expected a fused [experts, rows, cols] tensor, got {list(tensor.shape)}")
+    if hidden_size is None:
+        raise FamilyError(f"{tensor.name}: config.json gives no hidden_size to tell the orientation of fused experts")
+    experts, rows, cols = tensor.shape
+    axis = HIDDEN_AXIS[kind]
+    if tensor.shape[axis] == hidden_size:
+        pieces: tuple[Piece, ...] = (_piece(tensor),)
+        shape = tensor.shape
+    elif tensor.shape[3 - axis] == hidden_size:
+        size = rows * cols * DTYPE_SIZES[tensor.dtype]
+        pieces = tuple(
+            Piece(tensor.file, tensor.offset + e * size, size, transpose=(rows, cols)) for e in range(experts)
+        )
+        shape = (experts, cols, rows)
+    else:
+        raise FamilyError(f"{tensor.name}: shape {list(tensor.shape)} has no axis of hidden_size {hidden_size}")
+    return (
+        OutputTensor(target, tensor.dtype, shape, pieces),
+        FusedGroup(target, "transpose_experts", experts, (tensor.name,)),
+    )
