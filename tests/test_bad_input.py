@@ -502,7 +502,7 @@ def test_leftover_partial_is_reported_not_reused(tmp_path):
 
 
 # Of several families with the same expert patterns, the hint names the first in the table.
-MATCHING_HINT = {"qwen2_moe": ["qwen2_moe"], "mixtral": ["mixtral", "deepseek_v4"]}
+MATCHING_HINT = {"qwen2_moe": ["qwen2_moe"], "mixtral": ["mixtral", "kimi_linear"]}
 
 
 def same_keys_as(name: str) -> list[str]:

@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 from fusemoe_ckpt import FamilyError, convert
+from fusemoe_ckpt.families import REFUSED
 
 from .conftest import (
     HIDDEN,
@@ -230,3 +231,48 @@ def test_convert_does_not_import_torch(qwen_checkpoint, tmp_path):
     )
     subprocess.run([sys.executable, "-c", code], check=True)
     assert (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+def test_qwen3_vl_moe_experts_are_turned_to_the_in_memory_orientation(tmp_path):
+    """Stored [E, H, 2I] and [E, I, H] become [E, 2I, H] and [E, H, I], expert by expert."""
+    experts, hidden, inter = 3, 4, 3
+    prefix = "model.language_model.layers.0.mlp.experts."
+    gate_up = torch.arange(experts * hidden * 2 * inter, dtype=torch.float32).reshape(experts, hidden, 2 * inter)
+    down = torch.arange(experts * inter * hidden, dtype=torch.bfloat16).reshape(experts, inter, hidden)
+    tensors = {
+        f"{prefix}gate_up_proj": gate_up,
+        f"{prefix}down_proj": down,
+        "model.language_model.norm.weight": torch.ones(4),
+    }
+    config = {"model_type": "qwen3_vl_moe", "text_config": {"hidden_size": hidden}}
+    src = write_checkpoint(tmp_path / "src", tensors, shards=2, config=config)
+    result = convert(src, tmp_path / "out")
+    fused = load_checkpoint(tmp_path / "out")
+    assert torch.equal(fused[f"{prefix}gate_up_proj"], gate_up.transpose(1, 2))
+    assert torch.equal(fused[f"{prefix}down_proj"], down.transpose(1, 2))
+    assert result.plan.num_experts == experts
+
+    again = convert(tmp_path / "out", tmp_path / "again")
+    assert all(piece.transpose is None for shard in again.plan.shards for t in shard.tensors for piece in t.pieces)
+    assert torch.equal(load_checkpoint(tmp_path / "again")[f"{prefix}gate_up_proj"], gate_up.transpose(1, 2))
+
+
+def test_mixed_checkpoint_fuses_only_what_is_per_expert(qwen_checkpoint, tmp_path):
+    """Layers already fused pass through; a block still per expert (say an MTP layer) is fused."""
+    fused_once = load_checkpoint(convert(qwen_checkpoint, tmp_path / "fused").destination)
+    mixed = {k: v for k, v in fused_once.items() if not k.startswith("model.layers.1.")}
+    mixed |= {k: v for k, v in load_checkpoint(qwen_checkpoint).items() if k.startswith("model.layers.1.")}
+    src = write_checkpoint(tmp_path / "mixed", mixed, shards=2, config=QWEN3_CONFIG)
+    result = convert(src, tmp_path / "out")
+    assert result.plan.fused_modules == ["model.layers.1.mlp.experts"]
+    out = load_checkpoint(tmp_path / "out")
+    assert out.keys() == fused_once.keys()
+    assert all(torch.equal(out[k], fused_once[k]) for k in out)
+
+
+@pytest.mark.parametrize("model_type", sorted(REFUSED))
+def test_refused_model_types_name_the_operation(qwen_checkpoint, tmp_path, model_type):
+    (qwen_checkpoint / "config.json").write_text(json.dumps({"model_type": model_type}))
+    with pytest.raises(FamilyError, match=rf"model_type '{model_type}' is not supported: its transformers rule needs"):
+        convert(qwen_checkpoint, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

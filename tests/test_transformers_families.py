@@ -14,102 +14,44 @@ accelerate = pytest.importorskip("accelerate")
 
 from accelerate import init_empty_weights, load_checkpoint_and_dispatch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from fusemoe_ckpt import convert  # noqa: E402
 
 from .conftest import load_checkpoint  # noqa: E402
+from .tiny_models import AUTO_CLASS, BASE, FULL_KWARGS, TINY_MODELS  # noqa: E402
 
-BASE = {
-    "vocab_size": 64,
-    "hidden_size": 16,
-    "intermediate_size": 24,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "max_position_embeddings": 64,
-    "tie_word_embeddings": False,
-}
+# Checkpoints of these model types store fused experts in the other orientation: we write that
+# layout ourselves, since transformers saves the in-memory one.
+TRANSPOSED = {"qwen3_vl_moe"}
 
-# model_type -> tiny config overrides. Each must give per-expert keys in the original format.
-TINY_MODELS: dict[str, dict] = {
-    "qwen3_moe": {"head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 8},
-    "qwen2_moe": {
-        "num_experts": 4,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 8,
-        "shared_expert_intermediate_size": 12,
-    },
-    "deepseek_v3": {
-        "n_routed_experts": 4,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 8,
-        "n_shared_experts": 1,
-        "first_k_dense_replace": 1,
-        "n_group": 1,
-        "topk_group": 1,
-        "kv_lora_rank": 8,
-        "q_lora_rank": 8,
-        "qk_rope_head_dim": 4,
-        "qk_nope_head_dim": 4,
-        "v_head_dim": 8,
-        "num_key_value_heads": 2,
-    },
-    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
-    "ernie4_5_moe": {
-        "moe_num_experts": 4,
-        "moe_k": 2,
-        "moe_intermediate_size": 8,
-        "moe_num_shared_experts": 1,
-        "moe_layer_start_index": 0,
-        "moe_layer_end_index": 1,
-        "head_dim": 8,
-    },
-    "exaone_moe": {
-        "num_experts": 4,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 8,
-        "num_shared_experts": 1,
-        "head_dim": 8,
-        "layer_types": ["sliding_attention", "full_attention"],
-        "mlp_layer_types": ["dense", "sparse"],
-    },
-    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
-    "minimax": {
-        "num_local_experts": 4,
-        "num_experts_per_tok": 2,
-        "head_dim": 8,
-        "layer_types": ["linear_attention", "full_attention"],
-        "block_size": 16,
-    },
-    "phimoe": {"num_local_experts": 4, "num_experts_per_tok": 2},
-    "lfm2_moe": {
-        "num_experts": 4,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 8,
-        "num_dense_layers": 1,
-        "layer_types": ["full_attention", "conv"],
-    },
-    "jamba": {
-        "num_experts": 4,
-        "num_experts_per_tok": 2,
-        "expert_layer_period": 1,
-        "expert_layer_offset": 0,
-        "attn_layer_period": 2,
-        "attn_layer_offset": 1,
-        "mamba_d_state": 4,
-        "mamba_d_conv": 2,
-        "mamba_expand": 2,
-        "mamba_dt_rank": 4,
-        "use_mamba_kernels": False,
-    },
-}
+
+def _auto_class(model_type: str):
+    return getattr(transformers, AUTO_CLASS.get(model_type, "AutoModelForCausalLM"))
 
 
 def _tiny_model(model_type: str):
     torch.manual_seed(0)
-    config = AutoConfig.for_model(model_type, **(BASE | TINY_MODELS[model_type]))
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    kwargs = TINY_MODELS[model_type] if model_type in FULL_KWARGS else BASE | TINY_MODELS[model_type]
+    config = AutoConfig.for_model(model_type, **kwargs)
+    return _auto_class(model_type).from_config(config, dtype=torch.float32).eval()
+
+
+def _output(model, input_ids):
+    with torch.no_grad():
+        out = model(input_ids=input_ids)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") and not hasattr(out, "logits") else out.logits
+
+
+def _store_transposed(root: Path) -> None:
+    """Rewrite a saved checkpoint with its fused experts as [E, H, 2I] and [E, I, H]."""
+    for shard in root.glob("*.safetensors"):
+        tensors = load_file(shard)
+        for name in tensors:
+            if name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+                tensors[name] = tensors[name].transpose(1, 2).contiguous()
+        save_file(tensors, shard, metadata={"format": "pt"})
 
 
 @pytest.fixture(scope="module", params=sorted(TINY_MODELS))
@@ -120,6 +62,8 @@ def family_case(request, tmp_path_factory):
     model = _tiny_model(model_type)
     original, reference, ours = root / "original", root / "reference", root / "ours"
     model.save_pretrained(original, max_shard_size="20KB")
+    if model_type in TRANSPOSED:
+        _store_transposed(original)
     model.save_pretrained(reference, save_original_format=False)
     convert(original, ours, max_shard_size="30KB")
     return model_type, original, reference, ours
@@ -137,9 +81,14 @@ def _reference_tensors(root: Path) -> dict[str, torch.Tensor]:
 
 
 def test_original_is_per_expert_and_sharded(family_case):
-    _, original, _, _ = family_case
+    model_type, original, reference, _ = family_case
     keys = _keys(original)
-    assert any(".experts.0." in k for k in keys), "the tiny model must be saved per expert"
+    if model_type in TRANSPOSED:
+        stored, expected = load_checkpoint(original), _reference_tensors(reference)
+        turned = [k for k in stored if stored[k].shape != expected[k].shape]
+        assert turned and all(stored[k].shape == expected[k].transpose(1, 2).shape for k in turned)
+    else:
+        assert any(".experts.0." in k for k in keys), "the tiny model must be saved per expert"
     assert len(set(json.loads((original / "model.safetensors.index.json").read_text())["weight_map"].values())) > 1
 
 
@@ -158,18 +107,19 @@ def test_tensors_equal_transformers_fused_save(family_case):
 def test_strict_dispatch_and_logits(family_case):
     """Strict accelerate dispatch leaves nothing on meta, and logits equal from_pretrained(original)."""
     model_type, original, _, ours = family_case
+    auto_class = _auto_class(model_type)
     config = AutoConfig.from_pretrained(ours)
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = auto_class.from_config(config, dtype=torch.float32)
     model.tie_weights()
     model = load_checkpoint_and_dispatch(model, str(ours), device_map={"": "cpu"}, strict=True).eval()
     on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     assert on_meta == []
 
-    reference = AutoModelForCausalLM.from_pretrained(original, dtype=torch.float32).eval()
-    input_ids = torch.arange(10).unsqueeze(0) % config.vocab_size
-    with torch.no_grad():
-        assert torch.equal(model(input_ids).logits, reference(input_ids).logits), model_type
+    reference = auto_class.from_pretrained(original, dtype=torch.float32).eval()
+    vocab = getattr(config, "vocab_size", None) or config.get_text_config().vocab_size
+    input_ids = torch.arange(10).unsqueeze(0) % vocab
+    assert torch.equal(_output(model, input_ids), _output(reference, input_ids)), model_type
 
 
 def test_original_layout_fails_strict_dispatch(tmp_path):

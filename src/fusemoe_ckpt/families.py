@@ -56,7 +56,7 @@ def _gated(prefix: str, gate: str, up: str, down: str) -> tuple[ExpertMerge, ...
 
 QWEN2_MOE = _gated("mlp.experts", "gate_proj", "up_proj", "down_proj")
 MIXTRAL_EXPERTS = _gated(".experts", "w1", "w3", "w2")
-ESCAPED_W_EXPERTS = _gated(r"\.experts", "w1", "w3", "w2")
+ESCAPED_W_EXPERTS = _gated(r"\.experts", "w1", "w3", "w2")  # deepseek_v4, kimi_linear, mistral_large4...
 LINEAR_ATTENTION_RENAMES = (
     Rename((r"self_attn\.f_a_proj\.",), "self_attn.forget_gate.f_a_proj."),
     Rename((r"self_attn\.f_b_proj\.",), "self_attn.forget_gate.f_b_proj."),
@@ -166,45 +166,6 @@ FAMILIES: tuple[Family, ...] = (
             Rename((r"(^|model\.)embed_tokens\.",), r"\1language_model.embed_tokens."),
             Rename((r"(^|model\.)layers\.",), r"\1language_model.layers."),
             Rename((r"(^|model\.)norm\.",), r"\1language_model.norm."),
-        ),
-    ),
-    Family(
-        name="deepseek_v4",
-        model_types=("deepseek_v4",),
-        converters=ESCAPED_W_EXPERTS,
-        renames=(
-            Rename((r"\.attn\.",), ".self_attn."),
-            Rename((r"\.ffn\.",), ".mlp."),
-            Rename((r"\.indexer\.compressor\.",), r"\.compressor\.indexer\."),
-            Rename((r"^embed\.weight",), "embed_tokens.weight"),
-            Rename((r"^head\.weight",), "lm_head.weight"),
-            Rename((r"^hc_head_fn",), "hc_head.hc_fn"),
-            Rename((r"^hc_head_base",), "hc_head.hc_base"),
-            Rename((r"^hc_head_scale",), "hc_head.hc_scale"),
-            Rename((r"\.attn_norm\.",), ".input_layernorm."),
-            Rename((r"\.ffn_norm\.",), ".post_attention_layernorm."),
-            Rename((r"\.hc_attn_fn",), ".attn_hc.fn"),
-            Rename((r"\.hc_attn_base",), ".attn_hc.base"),
-            Rename((r"\.hc_attn_scale",), ".attn_hc.scale"),
-            Rename((r"\.hc_ffn_fn",), ".ffn_hc.fn"),
-            Rename((r"\.hc_ffn_base",), ".ffn_hc.base"),
-            Rename((r"\.hc_ffn_scale",), ".ffn_hc.scale"),
-            Rename((r"\.attn_sink",), ".sinks"),
-            Rename((r"\.indexer\.weights_proj\.",), r"\.compressor\.indexer\.scorer\.weights_proj\."),
-            Rename((r"\.indexer\.wq_b\.",), r"\.compressor\.indexer\.q_b_proj\."),
-            Rename((r"\.norm\.",), r"\.kv_norm\."),
-            Rename((r"\.ape",), r"\.position_bias"),
-            Rename((r"\.wq_a\.",), ".q_a_proj."),
-            Rename((r"\.self_attn\.wq_b\.",), r"\.self_attn\.q_b_proj\."),
-            Rename((r"\.wkv\.",), ".kv_proj."),
-            Rename((r"\.wgate\.",), ".gate_proj."),
-            Rename((r"\.wo_a\.",), ".o_a_proj."),
-            Rename((r"\.wo_b\.",), ".o_b_proj."),
-            Rename((r"\.q_norm\.",), ".q_a_norm."),
-            Rename((r"\.gate\.bias",), ".gate.e_score_correction_bias"),
-            Rename((r"\.shared_experts\.w1\.",), ".shared_experts.gate_proj."),
-            Rename((r"\.shared_experts\.w2\.",), ".shared_experts.down_proj."),
-            Rename((r"\.shared_experts\.w3\.",), ".shared_experts.up_proj."),
         ),
     ),
     Family(
@@ -382,6 +343,10 @@ REFUSED: dict[str, str] = {
     "qwen4_exp_text": "Concatenate of the wildcard ngram_embedding.shard_* tensors",
     "dots3_note_vision_encoder": "a rule scoped to the vision encoder inside a dots3_note model",
     "nemo_speechlm": "Chunk of w_qkv and an unconditional Transpose of the mixer experts",
+    "deepseek_v4": (
+        "renames that transformers takes back where the model lacks the renamed key (`.norm.` -> `.kv_norm.` "
+        "also matches the final norm) and a base-model prefix added by looking at the model's keys"
+    ),
 }
 
 FAMILIES_BY_NAME = {family.name: family for family in FAMILIES}

@@ -18,6 +18,9 @@ FALLBACK_BUFFER = 8 * 1024 * 1024
 # copy_file_range reports these when it cannot copy between two given files; read/write takes over.
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM, errno.EBADF}
 
+# memoryview formats of each element size, for moving whole elements when transposing.
+_ELEMENT_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
+
 Progress = Callable[[int], None]
 
 
@@ -50,6 +53,11 @@ class ShardWriter:
     def copy(self, piece: Piece, progress: Progress | None = None) -> None:
         self._expect(WriterState.OPEN, "copy")
         src_fd = self._source_fd(piece.file)
+        if piece.transpose is not None:
+            self._copy_transposed(src_fd, piece)
+            if progress is not None:
+                progress(piece.length)
+            return
         offset, remaining = piece.offset, piece.length
         while remaining:
             count = min(remaining, COPY_CHUNK)
@@ -100,6 +108,25 @@ class ShardWriter:
             written = os.pwrite(self._fd, view, at)
             view = view[written:]
             at += written
+
+    def _copy_transposed(self, src_fd: int, piece: Piece) -> None:
+        """Write the row-major matrix at `piece` transposed; memory holds the matrix twice."""
+        rows, cols = piece.transpose
+        data = bytearray(piece.length)
+        filled = 0
+        while filled < piece.length:
+            got = os.preadv(src_fd, [memoryview(data)[filled:]], piece.offset + filled)
+            if got == 0:
+                raise CheckpointError(f"{piece.file}: ended inside the tensor at byte {piece.offset + filled}")
+            filled += got
+        code = _ELEMENT_CODES[piece.length // (rows * cols)]
+        source = memoryview(data).cast(code)
+        out = bytearray(piece.length)
+        target = memoryview(out).cast(code)
+        for col in range(cols):
+            target[col * rows : (col + 1) * rows] = source[col::cols]
+        self._pwrite_all(out, self._position)
+        self._position += piece.length
 
     def _copy_chunk(self, src_fd: int, offset: int, count: int) -> int:
         if self._kernel_copy:

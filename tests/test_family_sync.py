@@ -1,0 +1,127 @@
+"""The family table against the installed transformers' conversion mapping.
+
+When transformers adds a model type that merges experts, or changes the rule of one we know, a test
+here fails and names the model type.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from transformers.conversion_mapping import _build_checkpoint_conversion_mapping  # noqa: E402
+from transformers.core_model_loading import (  # noqa: E402
+    MergeModulelist,
+    Transpose,
+    WeightConverter,
+    WeightRenaming,
+)
+
+from fusemoe_ckpt.families import FAMILIES, LEGACY_RENAMES, REFUSED, Family, family_for_config  # noqa: E402
+
+MAPPING = _build_checkpoint_conversion_mapping()
+
+
+def _touches_experts(transforms) -> bool:
+    """A rule that stacks per-expert tensors, or turns fused experts around."""
+    for t in transforms:
+        if not isinstance(t, WeightConverter):
+            continue
+        if any(isinstance(op, MergeModulelist) for op in t.operations):
+            return True
+        if any(isinstance(op, Transpose) for op in t.operations) and "experts" in str(t._original_source_patterns):
+            return True
+    return False
+
+
+# Refused although every operation is one we have: the rule only works with the model at hand.
+MODEL_DEPENDENT = {
+    "dots3_note_vision_encoder": "scoped to the vision encoder inside a dots3_note model",
+    "deepseek_v4": "transformers drops a rename when the model lacks the result (model.norm.weight)",
+}
+
+EXPERT_RULES = sorted(name for name, transforms in MAPPING.items() if _touches_experts(transforms))
+
+
+def _operation(converter: WeightConverter) -> str:
+    """Our converter class for a transformers converter, or what makes it unsupported."""
+    ops = converter.operations
+    kinds = [type(op).__name__ for op in ops]
+    if kinds == ["MergeModulelist"] and ops[0].dim == 0:
+        return "ExpertMerge"
+    if kinds == ["MergeModulelist", "Concatenate"] and (ops[0].dim, ops[1].dim) == (0, 1):
+        return "ExpertMerge"
+    wildcard = any("*" in s for s in converter._original_source_patterns)
+    if kinds == ["Concatenate"] and ops[0].dim == 0 and not wildcard:
+        return "Concatenate"
+    if (
+        len(ops) == 1
+        and isinstance(ops[0], Transpose)
+        and (ops[0].dim0, ops[0].dim1, ops[0].check_dims) == (1, 2, True)
+    ):
+        return "TransposeExperts"
+    return "unsupported: " + " + ".join(kinds) + (" over a wildcard" if wildcard else "")
+
+
+def _transformers_rule(transforms) -> tuple[list, list]:
+    renames = [
+        (type(t).__name__, tuple(t._original_source_patterns), t._original_target_patterns[0])
+        for t in transforms
+        if isinstance(t, WeightRenaming)
+    ]
+    converters = [
+        (_operation(t), tuple(t._original_source_patterns), t._original_target_patterns[0])
+        for t in transforms
+        if isinstance(t, WeightConverter)
+    ]
+    return renames, converters
+
+
+def _our_rule(family: Family) -> tuple[list, list]:
+    renames = [(r.sources, r.target) for r in family.renames]
+    converters = [(type(c).__name__, c.sources, c.target) for c in family.converters]
+    return renames, converters
+
+
+def _family_for(name: str) -> Family | None:
+    return family_for_config({"model_type": name}) or family_for_config({"architectures": [name]})
+
+
+def test_transformers_has_expert_rules():
+    """Guards the walk itself: if it found nothing, every test below would pass vacuously."""
+    assert {"qwen2_moe", "mixtral", "qwen3_vl_moe"} <= set(EXPERT_RULES)
+
+
+@pytest.mark.parametrize("name", EXPERT_RULES)
+def test_rule_matches_transformers(name):
+    """Every model type whose transformers rule touches experts has our exact rule, or is refused."""
+    renames, converters = _transformers_rule(MAPPING[name])
+    if name in REFUSED:
+        assert _family_for(name) is None
+        unsupported = [c for c in converters if c[0].startswith("unsupported")]
+        group_renames = [r for r in renames if r[0] != "WeightRenaming" and r[0] != "PrefixChange"]
+        assert unsupported or group_renames or name in MODEL_DEPENDENT, (
+            f"{name} is refused but its rule looks supported"
+        )
+        return
+    family = _family_for(name)
+    assert family is not None, f"{name}: transformers fuses its experts but fusemoe-ckpt has no family for it"
+    assert not [c for c in converters if c[0].startswith("unsupported")], (name, converters)
+    ours = _our_rule(family)
+    assert ours == ([(s, t) for _, s, t in renames], converters), f"{name}: rule differs from transformers"
+
+
+def test_every_model_type_we_claim_has_that_rule_in_transformers():
+    for family in FAMILIES:
+        for name in family.model_types:
+            assert name in EXPERT_RULES, f"{name} (family {family.name}) has no expert rule in transformers"
+
+
+def test_refused_model_types_exist_in_transformers():
+    assert set(REFUSED) <= set(EXPERT_RULES)
+
+
+def test_legacy_renames_match_transformers():
+    legacy = [(tuple(t._original_source_patterns), t._original_target_patterns[0]) for t in MAPPING["legacy"]]
+    assert [(r.sources, r.target) for r in LEGACY_RENAMES] == legacy
