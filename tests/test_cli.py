@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from fusemoe_ckpt import FAMILIES, __version__
 from fusemoe_ckpt.cli import cli
+from fusemoe_ckpt.families import REFUSED
 
 from .conftest import load_checkpoint
 
@@ -94,3 +95,9 @@ def test_python_dash_m_runs():
         [sys.executable, "-m", "fusemoe_ckpt", "--version"], capture_output=True, text=True, check=True
     )
     assert __version__ in result.stdout
+
+
+def test_families_lists_refused_model_types_with_the_reason():
+    output = CliRunner().invoke(cli, ["families"]).output
+    for model_type, reason in REFUSED.items():
+        assert f"  {model_type}: {reason}\n" in output

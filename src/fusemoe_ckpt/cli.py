@@ -12,7 +12,7 @@ from . import __version__
 from .converter import convert as convert_checkpoint
 from .errors import FusemoeError
 from .example import write_example
-from .families import FAMILIES
+from .families import FAMILIES, REFUSED
 
 
 class _Group(click.Group):
@@ -98,6 +98,9 @@ def families() -> None:
             click.echo(f"  {operation}: {' + '.join(converter.sources)} -> {converter.target}")
         for rename in family.renames:
             click.echo(f"  rename {' | '.join(rename.sources)} -> {rename.target}")
+    click.echo("refused (the rule needs an operation fusemoe-ckpt does not do)")
+    for model_type, reason in sorted(REFUSED.items()):
+        click.echo(f"  {model_type}: {reason}")
 
 
 @cli.command()

@@ -1,0 +1,63 @@
+"""Render the README's table of supported families from the family table itself.
+
+    python scripts/families_table.py          # print the table
+    python scripts/families_table.py --write  # replace it in README.md
+
+tests/test_docs.py fails when README.md and this rendering disagree.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from fusemoe_ckpt.families import FAMILIES, REFUSED
+
+ROOT = Path(__file__).resolve().parent.parent
+START, END = "<!-- families:start -->", "<!-- families:end -->"
+
+
+def _code(items) -> str:
+    # A bar inside a table cell must be escaped, even within backticks.
+    return ", ".join(f"`{item}`".replace("|", "\\|") for item in items)
+
+
+def render(tested: set[str]) -> str:
+    """The markdown block: one row per family, then the refused model types."""
+    lines = [
+        START,
+        "| family | model types (end-to-end tested in bold) | converters | renames |",
+        "| --- | --- | --- | --- |",
+    ]
+    for family in FAMILIES:
+        types = ", ".join(f"**{t}**" if t in tested else t for t in family.model_types)
+        converters = "<br>".join(
+            f"{type(c).__name__}: {_code(c.sources)} → {_code([c.target])}" for c in family.converters
+        )
+        renames = "<br>".join(f"{_code(r.sources)} → {_code([r.target])}" for r in family.renames) or "—"
+        lines.append(f"| `{family.name}` | {types} | {converters} | {renames} |")
+    lines += ["", "Refused, with the operation named in the error:", ""]
+    lines += [f"- `{name}`: {reason}" for name, reason in sorted(REFUSED.items())]
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def tested_model_types() -> set[str]:
+    sys.path.insert(0, str(ROOT))
+    from tests.tiny_models import TINY_MODELS
+
+    return set(TINY_MODELS)
+
+
+def replace_block(text: str, block: str) -> str:
+    start, end = text.index(START), text.index(END) + len(END)
+    return text[:start] + block + text[end:]
+
+
+if __name__ == "__main__":
+    table = render(tested_model_types())
+    if "--write" in sys.argv:
+        readme = ROOT / "README.md"
+        readme.write_text(replace_block(readme.read_text(), table))
+    else:
+        print(table)
