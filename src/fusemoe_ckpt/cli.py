@@ -9,6 +9,7 @@ import traceback
 import click
 
 from . import __version__
+from .cast import OUTPUT_DTYPES
 from .converter import convert as convert_checkpoint
 from .errors import FusemoeError
 from .example import write_example
@@ -51,6 +52,11 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists and is not empty.")
 @click.option("--workers", type=int, default=None, help="Shards written at once [default: min(4, CPUs)].")
 @click.option("--no-fsync", is_flag=True, help="Skip flushing files to disk before the final rename.")
+@click.option(
+    "--dtype",
+    type=click.Choice(sorted(OUTPUT_DTYPES)),
+    help="Cast floating tensors to this dtype while converting (loads torch).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 def convert(
     src: str,
@@ -60,6 +66,7 @@ def convert(
     overwrite: bool,
     workers: int | None,
     no_fsync: bool,
+    dtype: str | None,
     quiet: bool,
 ) -> None:
     """Fuse the per-expert tensors of checkpoint SRC into a new checkpoint at DST."""
@@ -73,6 +80,7 @@ def convert(
             overwrite=overwrite,
             workers=workers,
             durable=not no_fsync,
+            dtype=dtype,
             progress=bar.update,
         )
     finally:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
+from .cast import output_dtype
 from .errors import DestinationError, FamilyError, UsageError
 from .families import REFUSED, Family, families_matching, family_by_name, family_for_config
 from .plan import ConversionPlan, natural_key, plan_conversion
@@ -78,11 +79,22 @@ def resolve_family(source: SourceCheckpoint, name: str | None) -> Family:
     raise FamilyError(f"{source.root}: {what}; pass --family NAME ({hint})")
 
 
-def plan_for(src: str | os.PathLike, *, family: str | None = None, max_shard_size: str | int = "5GB"):
-    """Open `src` and plan its conversion, touching no tensor bytes."""
+def plan_for(
+    src: str | os.PathLike,
+    *,
+    family: str | None = None,
+    max_shard_size: str | int = "5GB",
+    dtype: str | None = None,
+):
+    """Open `src` and plan its conversion, touching no tensor bytes.
+
+    Args:
+        dtype: "bfloat16", "float16" or "float32" to cast floating tensors to; None keeps them.
+    """
     source = open_checkpoint(src)
     chosen = resolve_family(source, family)
-    return source, plan_conversion(source, chosen, max_shard_size=parse_size(max_shard_size))
+    plan = plan_conversion(source, chosen, max_shard_size=parse_size(max_shard_size), dtype=output_dtype(dtype))
+    return source, plan
 
 
 def convert(
@@ -94,6 +106,7 @@ def convert(
     overwrite: bool = False,
     workers: int | None = None,
     durable: bool = True,
+    dtype: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> ConvertResult:
     """Write the fused checkpoint of `src` to `dst`.
@@ -104,6 +117,8 @@ def convert(
         overwrite: replace a non-empty `dst`.
         workers: shards written at once (threads); default min(4, CPU count).
         durable: fsync every file and directory before the final rename.
+        dtype: "bfloat16", "float16" or "float32": cast floating tensors to it while copying (the
+            only path that imports torch); integer, boolean and FP8 tensors are copied untouched.
         progress: called as progress(bytes_just_written, total_bytes), from worker threads.
 
     Raises:
@@ -112,7 +127,7 @@ def convert(
     started = time.perf_counter()
     src_path, dst_path = Path(src).absolute(), Path(dst).absolute()
     _check_paths(src_path, dst_path, overwrite)
-    source, plan = plan_for(src_path, family=family, max_shard_size=max_shard_size)
+    source, plan = plan_for(src_path, family=family, max_shard_size=max_shard_size, dtype=dtype)
     if workers is None:
         workers = min(4, os.cpu_count() or 1)
     if workers < 1:
@@ -199,6 +214,7 @@ def _write_index(path: Path, plan: ConversionPlan, src: str | os.PathLike, *, du
             "fusemoe_ckpt_version": version("fusemoe-ckpt"),
             "fusemoe_ckpt_family": plan.family.name,
             "fusemoe_ckpt_source": str(src),
+            **({"fusemoe_ckpt_dtype": plan.dtype} if plan.dtype else {}),
         },
         "weight_map": dict(sorted(plan.tensor_to_filename.items(), key=lambda kv: natural_key(kv[0]))),
     }
