@@ -14,6 +14,8 @@ from .converter import convert as convert_checkpoint
 from .errors import FusemoeError
 from .example import write_example
 from .families import FAMILIES, REFUSED
+from .verify import VerifyResult
+from .verify import verify as verify_checkpoint
 
 
 class _Group(click.Group):
@@ -57,6 +59,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     type=click.Choice(sorted(OUTPUT_DTYPES)),
     help="Cast floating tensors to this dtype while converting (loads torch).",
 )
+@click.option("--verify", "then_verify", is_flag=True, help="Run verify on DST right after converting.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 def convert(
     src: str,
@@ -67,6 +70,7 @@ def convert(
     workers: int | None,
     no_fsync: bool,
     dtype: str | None,
+    then_verify: bool,
     quiet: bool,
 ) -> None:
     """Fuse the per-expert tensors of checkpoint SRC into a new checkpoint at DST."""
@@ -87,12 +91,41 @@ def convert(
         bar.close()
     for warning in result.warnings:
         click.echo(f"Warning: {warning}", err=True)
-    if quiet:
-        return
-    if result.nothing_to_fuse:
+    if result.nothing_to_fuse and not quiet:
         name = result.plan.family.name
         click.echo(f"Nothing to fuse: no per-expert tensors for family {name}; copied through.")
-    click.echo(result.summary())
+    if not quiet:
+        click.echo(result.summary())
+    if then_verify:
+        _report(verify_checkpoint(src, result.destination, family=result.plan.family.name, dtype=dtype), quiet=quiet)
+
+
+@cli.command()
+@click.argument("src", type=click.Path(file_okay=False))
+@click.argument("dst", type=click.Path(file_okay=False))
+@click.option("--family", help="Family rule to plan SRC with [default: the one DST's index records].")
+@click.option(
+    "--dtype",
+    type=click.Choice(sorted(OUTPUT_DTYPES)),
+    help="The --dtype DST was converted with [default: the one DST's index records].",
+)
+@click.option(
+    "--load-check",
+    is_flag=True,
+    help="Also build the model from DST's config on the meta device and check keys and shapes (needs transformers).",
+)
+def verify(src: str, dst: str, family: str | None, dtype: str | None, load_check: bool) -> None:
+    """Prove DST is SRC converted: keys, dtypes, shapes, headers and every byte."""
+    _report(verify_checkpoint(src, dst, family=family, dtype=dtype, load_check=load_check))
+
+
+def _report(result: VerifyResult, *, quiet: bool = False) -> None:
+    """One line per mismatching key, then the summary: on stdout when DST passes, as the error otherwise."""
+    for line in result.lines():
+        click.echo(line)
+    result.raise_if_failed()
+    if not quiet:
+        click.echo(result.summary())
 
 
 @cli.command()
