@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 import traceback
@@ -14,6 +15,7 @@ from .converter import convert as convert_checkpoint
 from .errors import FusemoeError
 from .example import write_example
 from .families import FAMILIES, REFUSED
+from .inspection import inspect_checkpoint
 from .verify import VerifyResult
 from .verify import verify as verify_checkpoint
 
@@ -126,6 +128,24 @@ def _report(result: VerifyResult, *, quiet: bool = False) -> None:
     result.raise_if_failed()
     if not quiet:
         click.echo(result.summary())
+
+
+@cli.command()
+@click.argument("src", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (schema in README.md).")
+@click.option("--family", help="Family rule to use instead of the one config.json names.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
+@click.option("--dtype", type=click.Choice(sorted(OUTPUT_DTYPES)), help="Plan a cast to this dtype.")
+@click.option("--workers", type=int, default=None, help="Workers convert would use [default: min(4, CPUs)].")
+def inspect(
+    src: str, as_json: bool, family: str | None, max_shard_size: str, dtype: str | None, workers: int | None
+) -> None:
+    """Show what convert would do to SRC, from its headers alone."""
+    report = inspect_checkpoint(src, family=family, max_shard_size=max_shard_size, dtype=dtype, workers=workers)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        click.echo("\n".join(report.lines()))
 
 
 @cli.command()

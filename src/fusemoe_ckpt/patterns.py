@@ -82,11 +82,23 @@ class Converter:
     sources: tuple[str, ...]
     target: str
     _regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
+    _target_regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.sources, str):
             object.__setattr__(self, "sources", (self.sources,))
         object.__setattr__(self, "_regex", _alternation(self.sources, expert_groups=True))
+        object.__setattr__(self, "_target_regex", re.compile(_source_regex(self.target) + "$"))
+
+    def match_output(self, key: str) -> re.Match[str] | None:
+        """Where `key` is one of this converter's outputs: its target searched as a pattern, as
+        transformers' reverse mapping does when it saves the original format, at the end of the key."""
+        return self._target_regex.search(key)
+
+    def source_texts(self, expert: int | None = None) -> tuple[str, ...]:
+        """The source patterns as key text (for the reverse mapping), with `expert` in place of `*`."""
+        texts = tuple(_target_text(source) for source in self.sources)
+        return texts if expert is None else tuple(text.replace("*", str(expert), 1) for text in texts)
 
     def match(self, key: str) -> tuple[str, int, str | None] | None:
         """(target key, source slot, expert id text or None) when `key` matches one of the sources."""

@@ -128,8 +128,10 @@ def _source_tensor(header: ShardHeader, info: TensorInfo) -> SourceTensor:
 def _check_index_matches(
     index_path: Path, root: Path, weight_map: dict[str, str], headers: dict[Path, ShardHeader]
 ) -> None:
+    # One path per shard, not per key: building paths dominated planning a 100-shard index.
+    tensors_in = {shard: headers[root / PurePosixPath(shard)].tensors for shard in set(weight_map.values())}
     for name, shard in weight_map.items():
-        if name not in headers[root / PurePosixPath(shard)].tensors:
+        if name not in tensors_in[shard]:
             raise CheckpointError(f"{index_path}: tensor {name!r} is mapped to {shard}, which lacks it")
 
 
