@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from fusemoe_ckpt import convert  # noqa: E402
+from fusemoe_ckpt.unfuse import unfuse  # noqa: E402
 from fusemoe_ckpt.verify import verify  # noqa: E402
 
 from .conftest import load_checkpoint  # noqa: E402
@@ -129,6 +130,19 @@ def test_verify_and_load_check_pass(family_case):
     result = verify(original, ours, load_check=True)
     assert result.problems == {}
     assert result.tensors_checked == len(_keys(ours))
+
+
+def test_unfuse_gives_back_transformers_own_per_expert_save(family_case, tmp_path):
+    """unfuse(convert(x)) == x where x is what save_pretrained writes in the original format: the same
+    keys, dtypes, shapes and bytes (qwen3_vl_moe: turned back to its stored orientation)."""
+    _, original, _, ours = family_case
+    unfuse(ours, tmp_path / "back", max_shard_size="25KB")
+    expected, actual = load_checkpoint(original), load_checkpoint(tmp_path / "back")
+    assert sorted(actual) == sorted(expected)
+    for name, tensor in expected.items():
+        got = actual[name]
+        assert (got.dtype, got.shape) == (tensor.dtype, tensor.shape), name
+        assert torch.equal(got.reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
 
 
 def test_load_check_names_what_the_per_expert_layout_lacks(tmp_path):

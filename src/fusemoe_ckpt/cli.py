@@ -16,6 +16,7 @@ from .errors import FusemoeError
 from .example import write_example
 from .families import FAMILIES, REFUSED
 from .inspection import inspect_checkpoint
+from .unfuse import unfuse as unfuse_checkpoint
 from .verify import VerifyResult
 from .verify import verify as verify_checkpoint
 
@@ -126,6 +127,44 @@ def _report(result: VerifyResult, *, quiet: bool = False) -> None:
     for line in result.lines():
         click.echo(line)
     result.raise_if_failed()
+    if not quiet:
+        click.echo(result.summary())
+
+
+@cli.command()
+@click.argument("src", type=click.Path(file_okay=False))
+@click.argument("dst", type=click.Path(file_okay=False))
+@click.option("--family", help="Family rule to use instead of the one config.json names.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
+@click.option("--overwrite", is_flag=True, help="Replace DST if it exists and is not empty.")
+@click.option("--workers", type=int, default=None, help="Shards written at once [default: min(4, CPUs)].")
+@click.option("--no-fsync", is_flag=True, help="Skip flushing files to disk before the final rename.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+def unfuse(
+    src: str,
+    dst: str,
+    family: str | None,
+    max_shard_size: str,
+    overwrite: bool,
+    workers: int | None,
+    no_fsync: bool,
+    quiet: bool,
+) -> None:
+    """Split the fused experts of SRC back into per-expert tensors at DST."""
+    bar = _ProgressBar(enabled=not quiet and sys.stderr.isatty())
+    try:
+        result = unfuse_checkpoint(
+            src,
+            dst,
+            family=family,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            workers=workers,
+            durable=not no_fsync,
+            progress=bar.update,
+        )
+    finally:
+        bar.close()
     if not quiet:
         click.echo(result.summary())
 

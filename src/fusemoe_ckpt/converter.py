@@ -126,8 +126,34 @@ def convert(
     """
     started = time.perf_counter()
     src_path, dst_path = Path(src).absolute(), Path(dst).absolute()
-    _check_paths(src_path, dst_path, overwrite)
+    check_paths(src_path, dst_path, overwrite)
     source, plan = plan_for(src_path, family=family, max_shard_size=max_shard_size, dtype=dtype)
+    total, extras = write_plan(
+        source, plan, src, dst_path, overwrite=overwrite, workers=workers, durable=durable, progress=progress
+    )
+    return ConvertResult(
+        destination=dst_path,
+        plan=plan,
+        bytes_written=total,
+        seconds=time.perf_counter() - started,
+        copied_files=extras,
+        warnings=_warnings(source),
+    )
+
+
+def write_plan(
+    source: SourceCheckpoint,
+    plan: ConversionPlan,
+    src: str | os.PathLike,
+    dst_path: Path,
+    *,
+    overwrite: bool,
+    workers: int | None,
+    durable: bool,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[int, list[str]]:
+    """Execute `plan`: every shard into a hidden partial directory, then the index and the other
+    files of the source, then one rename into place. Returns (bytes written, files copied)."""
     if workers is None:
         workers = min(4, os.cpu_count() or 1)
     if workers < 1:
@@ -162,17 +188,11 @@ def convert(
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    return ConvertResult(
-        destination=dst_path,
-        plan=plan,
-        bytes_written=total,
-        seconds=time.perf_counter() - started,
-        copied_files=extras,
-        warnings=_warnings(source),
-    )
+    return total, extras
 
 
-def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
+def check_paths(src: Path, dst: Path, overwrite: bool) -> None:
+    """Refuse a DST inside SRC (or the reverse), a DST that is a file, or a non-empty DST without overwrite."""
     real_src, real_dst = src.resolve(), dst.resolve()
     if real_dst == real_src or real_dst.is_relative_to(real_src):
         raise DestinationError(f"{dst}: destination is inside the source {src}")

@@ -163,7 +163,7 @@ def _apply(
     if isinstance(converter, ExpertMerge):
         return fuse_experts(target, converter, slots, family.name, num_experts)
     if isinstance(converter, TransposeExperts):
-        return transpose_experts(target, slots, family.name, _hidden_size(config))
+        return transpose_experts(target, slots, family.name, config_hidden_size(config))
     return concatenate(target, converter, slots, family.name)
 
 
@@ -179,7 +179,7 @@ def _config_int(config: dict | None, names: tuple[str, ...]) -> int | None:
     return None
 
 
-def _hidden_size(config: dict | None) -> int | None:
+def config_hidden_size(config: dict | None) -> int | None:
     return _config_int(config, ("hidden_size",))
 
 
