@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -190,3 +191,23 @@ def test_inspect_reads_no_tensor_bytes(qwen_checkpoint, monkeypatch):
     for name in ("pread", "preadv", "copy_file_range"):
         monkeypatch.setattr(os, name, refuse)
     assert inspect_checkpoint(qwen_checkpoint).fuse_bytes == 2 * 4 * 3 * EXPERT_BYTES
+
+
+def _flatten(data: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        keys.add(path)
+        if isinstance(value, dict):
+            keys |= _flatten(value, f"{path}.")
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            keys |= _flatten(value[0], f"{path}[].")
+    return keys
+
+
+def test_readme_documents_every_json_key(qwen_checkpoint):
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### `inspect --json` schema") :]
+    section = section[: section.index("\n## ")]
+    documented = set(re.findall(r"^\| `([^`]+)` \|", section, re.MULTILINE))
+    assert documented == _flatten(inspect_checkpoint(qwen_checkpoint).to_json())

@@ -121,3 +121,21 @@ def test_cli_unfuse_error_is_one_line(qwen_checkpoint, tmp_path):
     result = CliRunner().invoke(cli, ["unfuse", str(qwen_checkpoint), str(tmp_path / "back")])
     assert result.exit_code == 1
     assert result.output.count("\n") == 1 and result.output.startswith("Error: model.layers.0.mlp.experts.0.")
+
+
+def test_inspect_verify_unfuse_do_not_import_torch(qwen_checkpoint, tmp_path):
+    """Only a cast loads torch: the other commands stay as light as convert."""
+    import subprocess
+    import sys
+
+    convert(qwen_checkpoint, tmp_path / "fused")
+    code = (
+        "import sys\n"
+        "from fusemoe_ckpt import inspect_checkpoint, unfuse, verify\n"
+        f"inspect_checkpoint({str(qwen_checkpoint)!r})\n"
+        f"verify({str(qwen_checkpoint)!r}, {str(tmp_path / 'fused')!r}).raise_if_failed()\n"
+        f"unfuse({str(tmp_path / 'fused')!r}, {str(tmp_path / 'back')!r})\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert (tmp_path / "back" / "model.safetensors.index.json").exists()
