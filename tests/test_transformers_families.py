@@ -18,6 +18,8 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from fusemoe_ckpt import convert  # noqa: E402
+from fusemoe_ckpt.unfuse import unfuse  # noqa: E402
+from fusemoe_ckpt.verify import verify  # noqa: E402
 
 from .conftest import load_checkpoint  # noqa: E402
 from .tiny_models import AUTO_CLASS, BASE, FULL_KWARGS, TINY_MODELS  # noqa: E402
@@ -120,6 +122,48 @@ def test_strict_dispatch_and_logits(family_case):
     vocab = getattr(config, "vocab_size", None) or config.get_text_config().vocab_size
     input_ids = torch.arange(10).unsqueeze(0) % vocab
     assert torch.equal(_output(model, input_ids), _output(reference, input_ids)), model_type
+
+
+def test_verify_and_load_check_pass(family_case):
+    """verify proves every byte against the plan, and the meta model of the config wants exactly DST's keys."""
+    _, original, _, ours = family_case
+    result = verify(original, ours, load_check=True)
+    assert result.problems == {}
+    assert result.tensors_checked == len(_keys(ours))
+
+
+def test_unfuse_gives_back_transformers_own_per_expert_save(family_case, tmp_path):
+    """unfuse(convert(x)) == x where x is what save_pretrained writes in the original format: the same
+    keys, dtypes, shapes and bytes (qwen3_vl_moe: turned back to its stored orientation)."""
+    _, original, _, ours = family_case
+    unfuse(ours, tmp_path / "back", max_shard_size="25KB")
+    expected, actual = load_checkpoint(original), load_checkpoint(tmp_path / "back")
+    assert sorted(actual) == sorted(expected)
+    for name, tensor in expected.items():
+        got = actual[name]
+        assert (got.dtype, got.shape) == (tensor.dtype, tensor.shape), name
+        assert torch.equal(got.reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
+
+
+def test_load_check_names_what_the_per_expert_layout_lacks(tmp_path):
+    """The check that passes on every converted model fails on the original layout, key by key."""
+    from fusemoe_ckpt import open_checkpoint
+    from fusemoe_ckpt.load_check import load_check_problems
+
+    model = _tiny_model("qwen3_moe")
+    model.save_pretrained(tmp_path / "original")
+    shapes = {k: t.shape for k, t in open_checkpoint(tmp_path / "original").tensors.items()}
+    problems = dict(load_check_problems(tmp_path / "original", shapes))
+    assert {k for k in problems if ".experts." in k} == {k for k in shapes if ".experts." in k} | {
+        f"model.layers.{layer}.mlp.experts.{name}" for layer in range(2) for name in ("gate_up_proj", "down_proj")
+    }
+    assert problems["model.layers.0.mlp.experts.gate_up_proj"] == (
+        "Qwen3MoeForCausalLM has it but DST does not: dispatch would leave it on meta"
+    )
+    assert problems["model.layers.0.mlp.experts.3.up_proj.weight"] == (
+        "not in Qwen3MoeForCausalLM built from DST's config (strict dispatch refuses it)"
+    )
+    assert not [k for k in problems if ".experts." not in k]
 
 
 def test_original_layout_fails_strict_dispatch(tmp_path):

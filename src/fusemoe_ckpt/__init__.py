@@ -5,8 +5,11 @@ from importlib.metadata import version as _version
 from .converter import ConvertResult, convert, plan_for, resolve_family
 from .errors import CheckpointError, DestinationError, FamilyError, FusemoeError, UsageError
 from .families import FAMILIES, Family, family_by_name, family_for_config
+from .inspection import Inspection, inspect_checkpoint
 from .plan import ConversionPlan, plan_conversion
 from .source import SourceCheckpoint, open_checkpoint
+from .unfuse import UnfuseResult, plan_unfuse, unfuse
+from .verify import VerificationError, VerifyResult, verify
 
 __version__ = _version("fusemoe-ckpt")
 
@@ -19,14 +22,22 @@ __all__ = [
     "Family",
     "FamilyError",
     "FusemoeError",
+    "Inspection",
     "SourceCheckpoint",
+    "UnfuseResult",
     "UsageError",
+    "VerificationError",
+    "VerifyResult",
     "__version__",
     "convert",
     "family_by_name",
     "family_for_config",
+    "inspect_checkpoint",
     "open_checkpoint",
     "plan_conversion",
     "plan_for",
+    "plan_unfuse",
     "resolve_family",
+    "unfuse",
+    "verify",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 import traceback
@@ -9,10 +10,15 @@ import traceback
 import click
 
 from . import __version__
+from .cast import OUTPUT_DTYPES
 from .converter import convert as convert_checkpoint
 from .errors import FusemoeError
 from .example import write_example
 from .families import FAMILIES, REFUSED
+from .inspection import inspect_checkpoint
+from .unfuse import unfuse as unfuse_checkpoint
+from .verify import VerifyResult
+from .verify import verify as verify_checkpoint
 
 
 class _Group(click.Group):
@@ -51,6 +57,12 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists and is not empty.")
 @click.option("--workers", type=int, default=None, help="Shards written at once [default: min(4, CPUs)].")
 @click.option("--no-fsync", is_flag=True, help="Skip flushing files to disk before the final rename.")
+@click.option(
+    "--dtype",
+    type=click.Choice(sorted(OUTPUT_DTYPES)),
+    help="Cast floating tensors to this dtype while converting (loads torch).",
+)
+@click.option("--verify", "then_verify", is_flag=True, help="Run verify on DST right after converting.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 def convert(
     src: str,
@@ -60,6 +72,8 @@ def convert(
     overwrite: bool,
     workers: int | None,
     no_fsync: bool,
+    dtype: str | None,
+    then_verify: bool,
     quiet: bool,
 ) -> None:
     """Fuse the per-expert tensors of checkpoint SRC into a new checkpoint at DST."""
@@ -73,18 +87,104 @@ def convert(
             overwrite=overwrite,
             workers=workers,
             durable=not no_fsync,
+            dtype=dtype,
             progress=bar.update,
         )
     finally:
         bar.close()
     for warning in result.warnings:
         click.echo(f"Warning: {warning}", err=True)
-    if quiet:
-        return
-    if result.nothing_to_fuse:
+    if result.nothing_to_fuse and not quiet:
         name = result.plan.family.name
         click.echo(f"Nothing to fuse: no per-expert tensors for family {name}; copied through.")
-    click.echo(result.summary())
+    if not quiet:
+        click.echo(result.summary())
+    if then_verify:
+        _report(verify_checkpoint(src, result.destination, family=result.plan.family.name, dtype=dtype), quiet=quiet)
+
+
+@cli.command()
+@click.argument("src", type=click.Path(file_okay=False))
+@click.argument("dst", type=click.Path(file_okay=False))
+@click.option("--family", help="Family rule to plan SRC with [default: the one DST's index records].")
+@click.option(
+    "--dtype",
+    type=click.Choice(sorted(OUTPUT_DTYPES)),
+    help="The --dtype DST was converted with [default: the one DST's index records].",
+)
+@click.option(
+    "--load-check",
+    is_flag=True,
+    help="Also build the model from DST's config on the meta device and check keys and shapes (needs transformers).",
+)
+def verify(src: str, dst: str, family: str | None, dtype: str | None, load_check: bool) -> None:
+    """Prove DST is SRC converted: keys, dtypes, shapes, headers and every byte."""
+    _report(verify_checkpoint(src, dst, family=family, dtype=dtype, load_check=load_check))
+
+
+def _report(result: VerifyResult, *, quiet: bool = False) -> None:
+    """One line per mismatching key, then the summary: on stdout when DST passes, as the error otherwise."""
+    for line in result.lines():
+        click.echo(line)
+    result.raise_if_failed()
+    if not quiet:
+        click.echo(result.summary())
+
+
+@cli.command()
+@click.argument("src", type=click.Path(file_okay=False))
+@click.argument("dst", type=click.Path(file_okay=False))
+@click.option("--family", help="Family rule to use instead of the one config.json names.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
+@click.option("--overwrite", is_flag=True, help="Replace DST if it exists and is not empty.")
+@click.option("--workers", type=int, default=None, help="Shards written at once [default: min(4, CPUs)].")
+@click.option("--no-fsync", is_flag=True, help="Skip flushing files to disk before the final rename.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+def unfuse(
+    src: str,
+    dst: str,
+    family: str | None,
+    max_shard_size: str,
+    overwrite: bool,
+    workers: int | None,
+    no_fsync: bool,
+    quiet: bool,
+) -> None:
+    """Split the fused experts of SRC back into per-expert tensors at DST."""
+    bar = _ProgressBar(enabled=not quiet and sys.stderr.isatty())
+    try:
+        result = unfuse_checkpoint(
+            src,
+            dst,
+            family=family,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            workers=workers,
+            durable=not no_fsync,
+            progress=bar.update,
+        )
+    finally:
+        bar.close()
+    if not quiet:
+        click.echo(result.summary())
+
+
+@cli.command()
+@click.argument("src", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (schema in README.md).")
+@click.option("--family", help="Family rule to use instead of the one config.json names.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
+@click.option("--dtype", type=click.Choice(sorted(OUTPUT_DTYPES)), help="Plan a cast to this dtype.")
+@click.option("--workers", type=int, default=None, help="Workers convert would use [default: min(4, CPUs)].")
+def inspect(
+    src: str, as_json: bool, family: str | None, max_shard_size: str, dtype: str | None, workers: int | None
+) -> None:
+    """Show what convert would do to SRC, from its headers alone."""
+    report = inspect_checkpoint(src, family=family, max_shard_size=max_shard_size, dtype=dtype, workers=workers)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        click.echo("\n".join(report.lines()))
 
 
 @cli.command()

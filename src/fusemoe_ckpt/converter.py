@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
+from .cast import output_dtype
 from .errors import DestinationError, FamilyError, UsageError
 from .families import REFUSED, Family, families_matching, family_by_name, family_for_config
 from .plan import ConversionPlan, natural_key, plan_conversion
@@ -78,11 +79,22 @@ def resolve_family(source: SourceCheckpoint, name: str | None) -> Family:
     raise FamilyError(f"{source.root}: {what}; pass --family NAME ({hint})")
 
 
-def plan_for(src: str | os.PathLike, *, family: str | None = None, max_shard_size: str | int = "5GB"):
-    """Open `src` and plan its conversion, touching no tensor bytes."""
+def plan_for(
+    src: str | os.PathLike,
+    *,
+    family: str | None = None,
+    max_shard_size: str | int = "5GB",
+    dtype: str | None = None,
+):
+    """Open `src` and plan its conversion, touching no tensor bytes.
+
+    Args:
+        dtype: "bfloat16", "float16" or "float32" to cast floating tensors to; None keeps them.
+    """
     source = open_checkpoint(src)
     chosen = resolve_family(source, family)
-    return source, plan_conversion(source, chosen, max_shard_size=parse_size(max_shard_size))
+    plan = plan_conversion(source, chosen, max_shard_size=parse_size(max_shard_size), dtype=output_dtype(dtype))
+    return source, plan
 
 
 def convert(
@@ -94,6 +106,7 @@ def convert(
     overwrite: bool = False,
     workers: int | None = None,
     durable: bool = True,
+    dtype: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> ConvertResult:
     """Write the fused checkpoint of `src` to `dst`.
@@ -104,6 +117,8 @@ def convert(
         overwrite: replace a non-empty `dst`.
         workers: shards written at once (threads); default min(4, CPU count).
         durable: fsync every file and directory before the final rename.
+        dtype: "bfloat16", "float16" or "float32": cast floating tensors to it while copying (the
+            only path that imports torch); integer, boolean and FP8 tensors are copied untouched.
         progress: called as progress(bytes_just_written, total_bytes), from worker threads.
 
     Raises:
@@ -111,8 +126,34 @@ def convert(
     """
     started = time.perf_counter()
     src_path, dst_path = Path(src).absolute(), Path(dst).absolute()
-    _check_paths(src_path, dst_path, overwrite)
-    source, plan = plan_for(src_path, family=family, max_shard_size=max_shard_size)
+    check_paths(src_path, dst_path, overwrite)
+    source, plan = plan_for(src_path, family=family, max_shard_size=max_shard_size, dtype=dtype)
+    total, extras = write_plan(
+        source, plan, src, dst_path, overwrite=overwrite, workers=workers, durable=durable, progress=progress
+    )
+    return ConvertResult(
+        destination=dst_path,
+        plan=plan,
+        bytes_written=total,
+        seconds=time.perf_counter() - started,
+        copied_files=extras,
+        warnings=_warnings(source),
+    )
+
+
+def write_plan(
+    source: SourceCheckpoint,
+    plan: ConversionPlan,
+    src: str | os.PathLike,
+    dst_path: Path,
+    *,
+    overwrite: bool,
+    workers: int | None,
+    durable: bool,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[int, list[str]]:
+    """Execute `plan`: every shard into a hidden partial directory, then the index and the other
+    files of the source, then one rename into place. Returns (bytes written, files copied)."""
     if workers is None:
         workers = min(4, os.cpu_count() or 1)
     if workers < 1:
@@ -147,17 +188,11 @@ def convert(
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    return ConvertResult(
-        destination=dst_path,
-        plan=plan,
-        bytes_written=total,
-        seconds=time.perf_counter() - started,
-        copied_files=extras,
-        warnings=_warnings(source),
-    )
+    return total, extras
 
 
-def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
+def check_paths(src: Path, dst: Path, overwrite: bool) -> None:
+    """Refuse a DST inside SRC (or the reverse), a DST that is a file, or a non-empty DST without overwrite."""
     real_src, real_dst = src.resolve(), dst.resolve()
     if real_dst == real_src or real_dst.is_relative_to(real_src):
         raise DestinationError(f"{dst}: destination is inside the source {src}")
@@ -199,6 +234,7 @@ def _write_index(path: Path, plan: ConversionPlan, src: str | os.PathLike, *, du
             "fusemoe_ckpt_version": version("fusemoe-ckpt"),
             "fusemoe_ckpt_family": plan.family.name,
             "fusemoe_ckpt_source": str(src),
+            **({"fusemoe_ckpt_dtype": plan.dtype} if plan.dtype else {}),
         },
         "weight_map": dict(sorted(plan.tensor_to_filename.items(), key=lambda kv: natural_key(kv[0]))),
     }

@@ -323,7 +323,7 @@ FAMILIES: tuple[Family, ...] = (
         name="qwen3_5_moe_text",
         model_types=("qwen3_5_moe_text",),
         converters=QWEN2_MOE,
-        renames=(Rename((r"^model\.language_model\.(.+)",), r"model\.\1"),),
+        renames=(Rename((r"^model\.language_model\.(.+)",), r"model\.\1", prefix_change=True),),
     ),
     Family(
         name="qwen3_vl_moe",

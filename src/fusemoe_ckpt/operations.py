@@ -22,13 +22,22 @@ HIDDEN_AXIS = {"gate_up_proj": 2, "up_proj": 2, "down_proj": 1}
 
 @dataclass(frozen=True)
 class Piece:
-    """A run of bytes from a source file; with `transpose` = (rows, cols), a row-major matrix that
-    is written transposed."""
+    """A run of `length` bytes from a source file; with `transpose` = (rows, cols), a row-major matrix
+    that is written transposed; with `cast` = (source dtype, output dtype), elements converted."""
 
     file: Path
     offset: int
     length: int
     transpose: tuple[int, int] | None = None
+    cast: tuple[str, str] | None = None
+
+    @property
+    def out_length(self) -> int:
+        """Bytes this piece puts in the output: `length`, unless a cast changes the element size."""
+        if self.cast is None:
+            return self.length
+        source, output = self.cast
+        return self.length // DTYPE_SIZES[source] * DTYPE_SIZES[output]
 
 
 @dataclass(frozen=True)
@@ -42,7 +51,7 @@ class OutputTensor:
 
     @property
     def nbytes(self) -> int:
-        return sum(piece.length for piece in self.pieces)
+        return sum(piece.out_length for piece in self.pieces)
 
 
 @dataclass(frozen=True)
@@ -133,10 +142,11 @@ def coalesce(pieces: Iterable[Piece]) -> list[Piece]:
             last
             and last.transpose is None
             and piece.transpose is None
+            and last.cast == piece.cast
             and last.file == piece.file
             and last.offset + last.length == piece.offset
         ):
-            merged[-1] = Piece(last.file, last.offset, last.length + piece.length)
+            merged[-1] = Piece(last.file, last.offset, last.length + piece.length, cast=last.cast)
         else:
             merged.append(piece)
     return merged

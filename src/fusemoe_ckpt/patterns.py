@@ -56,16 +56,35 @@ def _matched_branch(match: re.Match[str]) -> int:
 
 @dataclass(frozen=True)
 class Rename:
-    """Rename every key that matches one of `sources` (a transformers `WeightRenaming`)."""
+    """Rename every key that matches one of `sources` (a transformers `WeightRenaming`).
+
+    `prefix_change` marks a transformers `PrefixChange`: it drops a prefix that a key may or may not
+    have had, so it cannot be undone; transformers does not undo it when it saves a model it did
+    not load, and neither does unfuse.
+    """
 
     sources: tuple[str, ...]
     target: str
+    prefix_change: bool = False
     _regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.sources, str):
             object.__setattr__(self, "sources", (self.sources,))
         object.__setattr__(self, "_regex", _alternation(self.sources, expert_groups=False))
+
+    def reversed(self) -> Rename:
+        """The rename transformers applies when it saves the original format: target and source
+        swapped, a capture group of the source moved to where the target had `\\1`, and a source
+        anchored with `^` giving an anchored reverse pattern (transformers' `reverse_transform`)."""
+        source = self.sources[0]
+        unanchored = re.sub(r"\(\?.+?\)?\)", "", source.removeprefix("^"))
+        group = re.search(r"\(.+?\)", unanchored)
+        target = unanchored.replace(group.group(0), r"\1", 1) if group else unanchored
+        pattern = self.target.replace(r"\1", group.group(0), 1) if group else self.target
+        if source.startswith("^") and not pattern.startswith("^"):
+            pattern = "^" + pattern
+        return Rename((pattern,), target.replace(r"\.", "."))
 
     def apply(self, key: str) -> str:
         match = self._regex.search(key)
@@ -82,11 +101,23 @@ class Converter:
     sources: tuple[str, ...]
     target: str
     _regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
+    _target_regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.sources, str):
             object.__setattr__(self, "sources", (self.sources,))
         object.__setattr__(self, "_regex", _alternation(self.sources, expert_groups=True))
+        object.__setattr__(self, "_target_regex", re.compile(_source_regex(self.target) + "$"))
+
+    def match_output(self, key: str) -> re.Match[str] | None:
+        """Where `key` is one of this converter's outputs: its target searched as a pattern, as
+        transformers' reverse mapping does when it saves the original format, at the end of the key."""
+        return self._target_regex.search(key)
+
+    def source_texts(self, expert: int | None = None) -> tuple[str, ...]:
+        """The source patterns as key text (for the reverse mapping), with `expert` in place of `*`."""
+        texts = tuple(_target_text(source) for source in self.sources)
+        return texts if expert is None else tuple(text.replace("*", str(expert), 1) for text in texts)
 
     def match(self, key: str) -> tuple[str, int, str | None] | None:
         """(target key, source slot, expert id text or None) when `key` matches one of the sources."""

@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from .cast import cast_of
 from .errors import CheckpointError, FamilyError
 from .families import Family
 from .operations import FusedGroup, OutputTensor, Piece, Slots, concatenate, fuse_experts, transpose_experts
@@ -46,6 +47,12 @@ class ConversionPlan:
     shards: list[ShardPlan]
     fused_groups: list[FusedGroup]
     tensor_to_filename: dict[str, str] = field(default_factory=dict)
+    dtype: str | None = None  # the floating dtype tensors are cast to; None keeps every dtype
+
+    @property
+    def tensors(self) -> dict[str, OutputTensor]:
+        """Every output tensor by name."""
+        return {t.name: t for shard in self.shards for t in shard.tensors}
 
     @property
     def total_size(self) -> int:
@@ -72,8 +79,12 @@ def natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def plan_conversion(source: SourceCheckpoint, family: Family, *, max_shard_size: int) -> ConversionPlan:
+def plan_conversion(
+    source: SourceCheckpoint, family: Family, *, max_shard_size: int, dtype: str | None = None
+) -> ConversionPlan:
     """Map every source tensor through `family`, fuse the experts, and lay out the output shards.
+
+    With `dtype` (a safetensors dtype such as "BF16"), floating tensors are planned cast to it.
 
     Raises:
         FamilyError: an expert group is incomplete or inconsistent.
@@ -115,14 +126,35 @@ def plan_conversion(source: SourceCheckpoint, family: Family, *, max_shard_size:
         fused_groups.append(group)
     _refuse_leftover_experts(passthrough, fused_groups, family)
 
-    ordered = sorted(outputs.values(), key=lambda t: natural_key(t.name))
-    shards = _assign_shards(ordered, fused_groups, max_shard_size)
-    plan = ConversionPlan(family=family, shards=shards, fused_groups=fused_groups)
+    ordered = sorted((cast_tensor(t, dtype) for t in outputs.values()), key=lambda t: natural_key(t.name))
+    return lay_out(family, ordered, fused_groups, max_shard_size, dtype=dtype)
+
+
+def lay_out(
+    family: Family,
+    tensors: list[OutputTensor],
+    groups: list[FusedGroup],
+    max_shard_size: int,
+    *,
+    dtype: str | None = None,
+) -> ConversionPlan:
+    """Put `tensors` (in file order) into shards, headers included."""
+    shards = _assign_shards(tensors, groups, max_shard_size)
+    plan = ConversionPlan(family=family, shards=shards, fused_groups=groups, dtype=dtype)
     for shard in shards:
         shard.header = _shard_header(shard.tensors)
         for tensor in shard.tensors:
             plan.tensor_to_filename[tensor.name] = shard.filename
     return plan
+
+
+def cast_tensor(tensor: OutputTensor, dtype: str | None) -> OutputTensor:
+    """`tensor` with its pieces cast to `dtype` where it is floating and of another dtype."""
+    cast = cast_of(tensor.dtype, dtype)
+    if cast is None:
+        return tensor
+    pieces = tuple(replace(piece, cast=cast) for piece in tensor.pieces)
+    return OutputTensor(tensor.name, dtype, tensor.shape, pieces)
 
 
 def _apply(
@@ -131,7 +163,7 @@ def _apply(
     if isinstance(converter, ExpertMerge):
         return fuse_experts(target, converter, slots, family.name, num_experts)
     if isinstance(converter, TransposeExperts):
-        return transpose_experts(target, slots, family.name, _hidden_size(config))
+        return transpose_experts(target, slots, family.name, config_hidden_size(config))
     return concatenate(target, converter, slots, family.name)
 
 
@@ -147,7 +179,7 @@ def _config_int(config: dict | None, names: tuple[str, ...]) -> int | None:
     return None
 
 
-def _hidden_size(config: dict | None) -> int | None:
+def config_hidden_size(config: dict | None) -> int | None:
     return _config_int(config, ("hidden_size",))
 
 

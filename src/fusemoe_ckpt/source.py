@@ -53,9 +53,9 @@ def open_checkpoint(src: str | os.PathLike) -> SourceCheckpoint:
         raise CheckpointError(f"{root}: source is not a directory")
     index_path = root / INDEX_NAME
     if index_path.exists():
-        weight_map, index_metadata = _read_index(index_path)
+        weight_map, index_metadata = read_index(index_path)
         shard_names = sorted(set(weight_map.values()))
-        shard_files = [_resolve_inside(root, index_path, name) for name in shard_names]
+        shard_files = [resolve_inside(root, index_path, name) for name in shard_names]
     elif (root / SINGLE_NAME).exists():
         weight_map, index_metadata, index_path = None, {}, None
         shard_files = [root / SINGLE_NAME]
@@ -76,7 +76,7 @@ def open_checkpoint(src: str | os.PathLike) -> SourceCheckpoint:
     )
 
 
-def _read_index(index_path: Path) -> tuple[dict[str, str], dict]:
+def read_index(index_path: Path) -> tuple[dict[str, str], dict]:
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
@@ -92,7 +92,7 @@ def _read_index(index_path: Path) -> tuple[dict[str, str], dict]:
     return weight_map, metadata if isinstance(metadata, dict) else {}
 
 
-def _resolve_inside(root: Path, index_path: Path, name: str) -> Path:
+def resolve_inside(root: Path, index_path: Path, name: str) -> Path:
     """The shard path for an index entry, refusing names that leave the checkpoint directory.
 
     The check is on the name, not on the resolved file, so the symlinks of the Hub cache layout
@@ -128,8 +128,10 @@ def _source_tensor(header: ShardHeader, info: TensorInfo) -> SourceTensor:
 def _check_index_matches(
     index_path: Path, root: Path, weight_map: dict[str, str], headers: dict[Path, ShardHeader]
 ) -> None:
+    # One path per shard, not per key: building paths dominated planning a 100-shard index.
+    tensors_in = {shard: headers[root / PurePosixPath(shard)].tensors for shard in set(weight_map.values())}
     for name, shard in weight_map.items():
-        if name not in headers[root / PurePosixPath(shard)].tensors:
+        if name not in tensors_in[shard]:
             raise CheckpointError(f"{index_path}: tensor {name!r} is mapped to {shard}, which lacks it")
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .errors import CheckpointError, FusemoeError
 from .plan import Piece, ShardPlan
+from .streams import piece_chunks
 
 # Bytes moved per system call: large enough to be cheap, small enough for smooth progress.
 COPY_CHUNK = 64 * 1024 * 1024
@@ -17,9 +18,6 @@ COPY_CHUNK = 64 * 1024 * 1024
 FALLBACK_BUFFER = 8 * 1024 * 1024
 # copy_file_range reports these when it cannot copy between two given files; read/write takes over.
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM, errno.EBADF}
-
-# memoryview formats of each element size, for moving whole elements when transposing.
-_ELEMENT_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
 
 Progress = Callable[[int], None]
 
@@ -53,10 +51,13 @@ class ShardWriter:
     def copy(self, piece: Piece, progress: Progress | None = None) -> None:
         self._expect(WriterState.OPEN, "copy")
         src_fd = self._source_fd(piece.file)
-        if piece.transpose is not None:
-            self._copy_transposed(src_fd, piece)
-            if progress is not None:
-                progress(piece.length)
+        if piece.transpose is not None or piece.cast is not None:
+            # Bytes that change on the way pass through our memory, one bounded chunk at a time.
+            for data in piece_chunks(src_fd, piece):
+                self._pwrite_all(data, self._position)
+                self._position += len(data)
+                if progress is not None:
+                    progress(len(data))
             return
         offset, remaining = piece.offset, piece.length
         while remaining:
@@ -108,25 +109,6 @@ class ShardWriter:
             written = os.pwrite(self._fd, view, at)
             view = view[written:]
             at += written
-
-    def _copy_transposed(self, src_fd: int, piece: Piece) -> None:
-        """Write the row-major matrix at `piece` transposed; memory holds the matrix twice."""
-        rows, cols = piece.transpose
-        data = bytearray(piece.length)
-        filled = 0
-        while filled < piece.length:
-            got = os.preadv(src_fd, [memoryview(data)[filled:]], piece.offset + filled)
-            if got == 0:
-                raise CheckpointError(f"{piece.file}: ended inside the tensor at byte {piece.offset + filled}")
-            filled += got
-        code = _ELEMENT_CODES[piece.length // (rows * cols)]
-        source = memoryview(data).cast(code)
-        out = bytearray(piece.length)
-        target = memoryview(out).cast(code)
-        for col in range(cols):
-            target[col * rows : (col + 1) * rows] = source[col::cols]
-        self._pwrite_all(out, self._position)
-        self._position += piece.length
 
     def _copy_chunk(self, src_fd: int, offset: int, count: int) -> int:
         if self._kernel_copy:

@@ -1,0 +1,244 @@
+"""What convert would do to a checkpoint, from its headers alone: the plan, summarised.
+
+`Inspection.to_json()` is a stable schema (`SCHEMA_VERSION`, documented in README.md): new keys
+may be added, existing ones keep their name and type.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from .converter import plan_for
+from .families import Family
+from .operations import HIDDEN_AXIS, OutputTensor
+from .patterns import ExpertMerge, TransposeExperts
+from .plan import ConversionPlan, natural_key
+from .sizes import format_size, parse_size
+from .source import SourceCheckpoint
+from .streams import READ_CHUNK
+from .writer import FALLBACK_BUFFER
+
+SCHEMA_VERSION = 1
+# Python memory of planning per source tensor (parsed headers, source entries, output tensors, pieces):
+# tracemalloc measured a 777-byte peak per tensor on a 100-shard, 18,771-tensor index
+# (scripts/bench_inspect.py); rounded up.
+PLAN_BYTES_PER_TENSOR = 1_000
+
+
+@dataclass(frozen=True)
+class MoeModule:
+    """One module of routed experts, as it is in the source."""
+
+    module: str
+    state: str  # "per_expert", "fused" or "fused_transposed" (fused, hidden axis where transformers does not hold it)
+    experts: int
+    intermediate_size: int
+    hidden_size: int
+    dtype: str
+    nbytes: int
+
+
+@dataclass
+class Inspection:
+    source: SourceCheckpoint
+    plan: ConversionPlan
+    modules: list[MoeModule]
+    fuse_bytes: int
+    workers: int
+    max_shard_size: int
+
+    @property
+    def already_fused(self) -> bool:
+        return self.fuse_bytes == 0
+
+    @property
+    def renamed_tensors(self) -> int:
+        converted = {g.target for g in self.plan.fused_groups}
+        return len(self.plan.tensor_to_filename.keys() - self.source.tensors.keys() - converted)
+
+    @property
+    def buffer_bytes_per_worker(self) -> int:
+        """The most tensor bytes one writer holds at once: the read/write fallback buffer, a cast
+        chunk in and out, or a transposed expert as read and as turned."""
+        largest = FALLBACK_BUFFER
+        for tensor in self.plan.tensors.values():
+            for piece in tensor.pieces:
+                if piece.transpose is not None:
+                    largest = max(largest, 2 * piece.length + (min(READ_CHUNK, piece.length) if piece.cast else 0))
+                elif piece.cast is not None:
+                    chunk = min(READ_CHUNK, piece.length)
+                    largest = max(largest, chunk + chunk * piece.out_length // piece.length)
+        return largest
+
+    @property
+    def header_bytes(self) -> int:
+        return sum(t.offset for t in self._first_tensor_of_each_file())
+
+    def _first_tensor_of_each_file(self):
+        first: dict[Path, object] = {}
+        for tensor in self.source.tensors.values():
+            if tensor.file not in first or tensor.offset < first[tensor.file].offset:
+                first[tensor.file] = tensor
+        return first.values()
+
+    @property
+    def peak_memory_bytes(self) -> int:
+        """workers x buffer per worker, plus the raw headers and the plan's Python objects."""
+        plan_bytes = PLAN_BYTES_PER_TENSOR * len(self.source.tensors)
+        return self.workers * self.buffer_bytes_per_worker + self.header_bytes + plan_bytes
+
+    def to_json(self) -> dict:
+        """The documented `inspect --json` schema."""
+        total = self.source.total_bytes
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "source": str(self.source.root),
+            "family": self.plan.family.name,
+            "model_type": (self.source.config or {}).get("model_type"),
+            "already_fused": self.already_fused,
+            "source_files": len(self.source.shard_files),
+            "source_tensors": len(self.source.tensors),
+            "total_bytes": total,
+            "fuse_bytes": self.fuse_bytes,
+            "passthrough_bytes": total - self.fuse_bytes,
+            "renamed_tensors": self.renamed_tensors,
+            "moe_modules": [
+                {
+                    "module": m.module,
+                    "state": m.state,
+                    "experts": m.experts,
+                    "intermediate_size": m.intermediate_size,
+                    "hidden_size": m.hidden_size,
+                    "dtype": m.dtype,
+                    "bytes": m.nbytes,
+                }
+                for m in self.modules
+            ],
+            "output": {
+                "dtype": self.plan.dtype,
+                "max_shard_size": self.max_shard_size,
+                "tensors": len(self.plan.tensor_to_filename),
+                "total_bytes": self.plan.total_size,
+                "shards": [
+                    {"filename": s.filename, "tensors": len(s.tensors), "bytes": s.file_size} for s in self.plan.shards
+                ],
+            },
+            "peak_memory": {
+                "bytes": self.peak_memory_bytes,
+                "workers": self.workers,
+                "buffer_bytes_per_worker": self.buffer_bytes_per_worker,
+                "header_bytes": self.header_bytes,
+                "plan_bytes": PLAN_BYTES_PER_TENSOR * len(self.source.tensors),
+            },
+        }
+
+    def lines(self) -> list[str]:
+        """The report for people, one fact per line."""
+        data = self.to_json()
+        model_type = f" (model_type {data['model_type']})" if data["model_type"] else ""
+        state = "already fused: nothing to fuse" if self.already_fused else f"{format_size(self.fuse_bytes)} to fuse"
+        lines = [
+            f"family: {data['family']}{model_type}",
+            f"source: {data['source_tensors']} tensors in {data['source_files']} files, "
+            f"{format_size(data['total_bytes'])}; {state}, {format_size(data['passthrough_bytes'])} to pass through"
+            + (f", {data['renamed_tensors']} tensors renamed" if data["renamed_tensors"] else ""),
+            f"MoE modules: {len(self.modules)}",
+        ]
+        lines += [
+            f"  {m.module}: {m.state}, E={m.experts} I={m.intermediate_size} H={m.hidden_size} {m.dtype}, "
+            f"{format_size(m.nbytes)}"
+            for m in self.modules
+        ]
+        output = data["output"]
+        cast = f", cast to {output['dtype']}" if output["dtype"] else ""
+        lines.append(
+            f"output: {output['tensors']} tensors in {len(output['shards'])} shards of at most "
+            f"{format_size(self.max_shard_size)}, {format_size(output['total_bytes'])}{cast}"
+        )
+        lines += [f"  {s['filename']}: {s['tensors']} tensors, {format_size(s['bytes'])}" for s in output["shards"]]
+        memory = data["peak_memory"]
+        lines.append(
+            f"expected peak memory: {format_size(memory['bytes'])} = {memory['workers']} workers x "
+            f"{format_size(memory['buffer_bytes_per_worker'])} buffer + {format_size(memory['header_bytes'])} "
+            f"of headers + {format_size(memory['plan_bytes'])} of plan"
+        )
+        return lines
+
+
+def inspect_checkpoint(
+    src: str | os.PathLike,
+    *,
+    family: str | None = None,
+    max_shard_size: str | int = "5GB",
+    dtype: str | None = None,
+    workers: int | None = None,
+) -> Inspection:
+    """Plan the conversion of `src` and describe it; reads headers only."""
+    source, plan = plan_for(src, family=family, max_shard_size=max_shard_size, dtype=dtype)
+    return Inspection(
+        source=source,
+        plan=plan,
+        modules=_moe_modules(plan),
+        fuse_bytes=_fuse_bytes(source, plan),
+        workers=workers or min(4, os.cpu_count() or 1),
+        max_shard_size=parse_size(max_shard_size),
+    )
+
+
+def _fuse_bytes(source: SourceCheckpoint, plan: ConversionPlan) -> int:
+    """Source bytes that a converter moves into a new layout (a fused tensor already in transformers'
+    orientation is only renamed, so it counts as passed through)."""
+    outputs = plan.tensors
+    total = 0
+    for group in plan.fused_groups:
+        if group.operation == "transpose_experts" and all(p.transpose is None for p in outputs[group.target].pieces):
+            continue
+        total += sum(source.tensors[key].nbytes for key in group.source_keys)
+    return total
+
+
+def _moe_modules(plan: ConversionPlan) -> list[MoeModule]:
+    by_module: dict[str, list[tuple[OutputTensor, int, str]]] = defaultdict(list)
+    operation = {g.target: g.operation for g in plan.fused_groups}
+    for tensor in plan.tensors.values():
+        sources = _expert_sources(plan.family, tensor.name)
+        if sources and len(tensor.shape) == 3:
+            state = {"merge_experts": "per_expert", "transpose_experts": "fused"}.get(
+                operation.get(tensor.name), "fused"
+            )
+            if any(p.transpose is not None for p in tensor.pieces):
+                state = "fused_transposed"
+            by_module[tensor.name.rpartition(".")[0]].append((tensor, sources, state))
+    modules = []
+    for module in sorted(by_module, key=natural_key):
+        entries = by_module[module]
+        tensor, sources, _ = min(entries, key=lambda e: e[1])  # one source (down_proj) gives I directly
+        axis = HIDDEN_AXIS.get(tensor.name.rpartition(".")[2], 2)
+        first = tensor.pieces[0] if tensor.pieces else None
+        modules.append(
+            MoeModule(
+                module=module,
+                state=entries[0][2],
+                experts=tensor.shape[0],
+                intermediate_size=tensor.shape[3 - axis] // sources,
+                hidden_size=tensor.shape[axis],
+                dtype=first.cast[0] if first is not None and first.cast else tensor.dtype,
+                nbytes=sum(p.length for t, _, _ in entries for p in t.pieces),
+            )
+        )
+    return modules
+
+
+def _expert_sources(family: Family, name: str) -> int:
+    """How many per-expert sources the converter that outputs `name` has (2 for gate_up), or 0."""
+    for converter in family.converters:
+        if isinstance(converter, ExpertMerge | TransposeExperts) and converter.match_output(name):
+            return len(converter.sources) if isinstance(converter, ExpertMerge) else _transposed_sources(name)
+    return 0
+
+
+def _transposed_sources(name: str) -> int:
+    return 2 if name.endswith("gate_up_proj") else 1

@@ -1,0 +1,76 @@
+"""Read the bytes a piece puts into its output tensor, in bounded chunks: plain, transposed or cast.
+
+The writer uses this for every piece the kernel cannot copy as is, and verify uses it for every
+piece, so both hold the same bounded amount of tensor bytes: one chunk, or for a transposed piece
+one expert matrix twice (as read and as turned).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from .cast import cast_bytes
+from .errors import CheckpointError
+from .operations import Piece
+from .safetensors_format import DTYPE_SIZES
+
+# Tensor bytes read at once by a cast or a comparison.
+READ_CHUNK = 8 * 1024 * 1024
+
+# memoryview formats of each element size, for moving whole elements when transposing.
+_ELEMENT_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
+
+
+def read_exact(fd: int, offset: int, length: int, file: Path) -> bytearray:
+    """`length` bytes at `offset`, or CheckpointError naming `file` when it ends before them."""
+    data = bytearray(length)
+    filled = 0
+    while filled < length:
+        got = os.preadv(fd, [memoryview(data)[filled:]], offset + filled)
+        if got == 0:
+            raise CheckpointError(
+                f"{file}: ended at byte {offset + filled}, inside a {length}-byte range at {offset} its header promises"
+            )
+        filled += got
+    return data
+
+
+def piece_chunks(fd: int, piece: Piece, *, chunk: int | None = None) -> Iterator[bytes | bytearray]:
+    """The output bytes of `piece`, read from `fd` (its open file) in order, each chunk at most
+    `chunk` (default READ_CHUNK) bytes of source, except a transposed matrix, which is turned whole."""
+    chunk = chunk or READ_CHUNK
+    if piece.transpose is not None:
+        turned = _transposed(read_exact(fd, piece.offset, piece.length, piece.file), piece.transpose)
+        if piece.cast is None:
+            yield turned
+            return
+        yield from _cast_chunks(turned, piece.cast, chunk)
+        return
+    element = DTYPE_SIZES[piece.cast[0]] if piece.cast else 1
+    step = max(element, chunk // element * element)
+    end = piece.offset + piece.length
+    for offset in range(piece.offset, end, step):
+        data = read_exact(fd, offset, min(step, end - offset), piece.file)
+        yield data if piece.cast is None else cast_bytes(data, *piece.cast)
+
+
+def _cast_chunks(data: bytearray, cast: tuple[str, str], chunk: int) -> Iterator[bytearray]:
+    element = DTYPE_SIZES[cast[0]]
+    step = max(element, chunk // element * element)
+    view = memoryview(data)
+    for start in range(0, len(data), step):
+        yield cast_bytes(view[start : start + step], *cast)
+
+
+def _transposed(data: bytearray, shape: tuple[int, int]) -> bytearray:
+    """The row-major (rows, cols) matrix in `data` as its (cols, rows) transpose."""
+    rows, cols = shape
+    code = _ELEMENT_CODES[len(data) // (rows * cols)]
+    source = memoryview(data).cast(code)
+    out = bytearray(len(data))
+    target = memoryview(out).cast(code)
+    for col in range(cols):
+        target[col * rows : (col + 1) * rows] = source[col::cols]
+    return out
