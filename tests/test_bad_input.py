@@ -495,7 +495,10 @@ def test_leftover_partial_is_reported_not_reused(tmp_path):
     partial.mkdir()
     (partial / SHARD_1).write_bytes(b"half")
     message = refuse(tmp_path, src, dst)
-    assert message == f"{partial}: left by an interrupted conversion; remove it or pass --overwrite"
+    assert message == (
+        f"{partial}: left by an interrupted conversion; pass --resume to continue it, "
+        "--overwrite to start over, or remove it"
+    )
 
 
 # --- family and options -----------------------------------------------------------------------------
