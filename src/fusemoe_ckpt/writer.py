@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .errors import CheckpointError, DestinationError, FusemoeError
 from .files import open_regular
+from .hooks import pause_point
 from .plan import Piece, ShardPlan
 
 # Bytes moved per system call: large enough to be cheap, small enough for smooth progress.
@@ -177,6 +178,7 @@ def write_shard(
         for tensor in shard.tensors:
             for piece in tensor.pieces:
                 writer.copy(piece, progress)
+                pause_point("piece", stop)
         writer.finalize()
     except OSError as e:
         if e.errno in DISK_FULL:
