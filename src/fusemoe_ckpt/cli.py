@@ -70,7 +70,8 @@ def convert(
 ) -> None:
     """Fuse the per-expert tensors of checkpoint SRC into a new checkpoint at DST."""
     if hasattr(signal, "SIGXFSZ"):
-        # Past a file size limit (ulimit -f) the write should fail with EFBIG, not kill the process.
+        # Past a file size limit (ulimit -f) the write must fail with EFBIG, not kill the process.
+        # CPython's startup ignores SIGXFSZ already; an embedding interpreter may not.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     bar = _ProgressBar(enabled=not quiet and sys.stderr.isatty())
     try:
