@@ -246,6 +246,17 @@ HEADER_CASES = {
         "tensor 'b' overlaps the tensor before it",
         True,
     ),
+    # Entries listed out of offset order are checked in offset order, as safetensors does.
+    "overlap-listed-in-reverse": (
+        shard_bytes({"b": entry(4, 12), "a": entry(0, 8)}, bytes(12)),
+        "tensor 'b' overlaps the tensor before it",
+        True,
+    ),
+    "gap-listed-in-reverse": (
+        shard_bytes({"b": entry(12, 20), "a": entry(0, 8)}, bytes(20)),
+        "tensor 'b' starts at 12, leaving a gap after 8",
+        True,
+    ),
     "size-not-dtype-times-shape": (
         shard_bytes({"w": entry(0, 8, shape=(3,))}, bytes(8)),
         "tensor 'w': 8 bytes but F32 [3] needs 12",
