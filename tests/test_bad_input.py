@@ -216,6 +216,8 @@ HEADER_CASES = {
     # safetensors (serde) keeps the last of duplicate keys; we refuse the ambiguity.
     "duplicate-key": (shard_bytes(_DUPLICATE, bytes(8)), "header names tensor 'w' twice", False),
     "bad-metadata": (shard_bytes({"__metadata__": {"format": 1}}), "__metadata__ must map strings to strings", True),
+    # Found by tests/test_fuzz.py: a falsy non-object used to pass as "no metadata".
+    "metadata-false": (shard_bytes({"__metadata__": False}), "__metadata__ must map strings to strings", True),
     "unknown-dtype": (
         shard_bytes({"w": entry(0, 8, dtype="F128")}, bytes(8)),
         "tensor 'w': unknown dtype 'F128'",

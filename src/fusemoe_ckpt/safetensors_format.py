@@ -125,7 +125,10 @@ def read_header(path: Path) -> ShardHeader:
 
 
 def _validate_entries(path: Path, parsed: dict, data_len: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    metadata = parsed.pop("__metadata__", None) or {}
+    # null is how serde writes "no metadata"; any other non-object (false, 0, "") is malformed.
+    metadata = parsed.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
