@@ -157,10 +157,13 @@ def convert(
             finally:
                 journal.close()
             pause_point("install")
-            journal.remove()
             if durable:
                 _fsync_dir(partial)
             _install(partial, dst_path)
+            # Removed only after the rename: a kill just before it must leave a resumable directory.
+            (dst_path / JOURNAL_NAME).unlink()
+            if durable:
+                _fsync_dir(dst_path)
         except KeyboardInterrupt as e:
             if journal is None:
                 shutil.rmtree(partial, ignore_errors=True)

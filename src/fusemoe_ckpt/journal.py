@@ -99,11 +99,6 @@ class Journal:
             self._file.close()
             self._file = None
 
-    def remove(self) -> None:
-        """Close and delete the journal: the finished output must hold only the checkpoint."""
-        self.close()
-        self.path.unlink(missing_ok=True)
-
     def _flush(self, f) -> None:
         f.flush()
         if self.durable:
