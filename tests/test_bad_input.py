@@ -216,6 +216,8 @@ HEADER_CASES = {
     # safetensors (serde) keeps the last of duplicate keys; we refuse the ambiguity.
     "duplicate-key": (shard_bytes(_DUPLICATE, bytes(8)), "header names tensor 'w' twice", False),
     "bad-metadata": (shard_bytes({"__metadata__": {"format": 1}}), "__metadata__ must map strings to strings", True),
+    # Found by tests/test_fuzz.py: a falsy non-object used to pass as "no metadata".
+    "metadata-false": (shard_bytes({"__metadata__": False}), "__metadata__ must map strings to strings", True),
     "unknown-dtype": (
         shard_bytes({"w": entry(0, 8, dtype="F128")}, bytes(8)),
         "tensor 'w': unknown dtype 'F128'",
@@ -244,6 +246,17 @@ HEADER_CASES = {
     "overlap": (
         shard_bytes({"a": entry(0, 8), "b": entry(4, 12)}, bytes(12)),
         "tensor 'b' overlaps the tensor before it",
+        True,
+    ),
+    # Entries listed out of offset order are checked in offset order, as safetensors does.
+    "overlap-listed-in-reverse": (
+        shard_bytes({"b": entry(4, 12), "a": entry(0, 8)}, bytes(12)),
+        "tensor 'b' overlaps the tensor before it",
+        True,
+    ),
+    "gap-listed-in-reverse": (
+        shard_bytes({"b": entry(12, 20), "a": entry(0, 8)}, bytes(20)),
+        "tensor 'b' starts at 12, leaving a gap after 8",
         True,
     ),
     "size-not-dtype-times-shape": (
@@ -495,7 +508,10 @@ def test_leftover_partial_is_reported_not_reused(tmp_path):
     partial.mkdir()
     (partial / SHARD_1).write_bytes(b"half")
     message = refuse(tmp_path, src, dst)
-    assert message == f"{partial}: left by an interrupted conversion; remove it or pass --overwrite"
+    assert message == (
+        f"{partial}: left by an interrupted conversion; pass --resume to continue it, "
+        "--overwrite to start over, or remove it"
+    )
 
 
 # --- family and options -----------------------------------------------------------------------------

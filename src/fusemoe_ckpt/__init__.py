@@ -3,7 +3,14 @@
 from importlib.metadata import version as _version
 
 from .converter import ConvertResult, convert, plan_for, resolve_family
-from .errors import CheckpointError, DestinationError, FamilyError, FusemoeError, UsageError
+from .errors import (
+    CheckpointError,
+    ConversionInterrupted,
+    DestinationError,
+    FamilyError,
+    FusemoeError,
+    UsageError,
+)
 from .families import FAMILIES, Family, family_by_name, family_for_config
 from .inspection import Inspection, inspect_checkpoint
 from .plan import ConversionPlan, plan_conversion
@@ -16,6 +23,7 @@ __version__ = _version("fusemoe-ckpt")
 __all__ = [
     "FAMILIES",
     "CheckpointError",
+    "ConversionInterrupted",
     "ConversionPlan",
     "ConvertResult",
     "DestinationError",

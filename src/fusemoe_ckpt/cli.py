@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import threading
 import traceback
@@ -29,8 +30,9 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
-        except KeyboardInterrupt:
-            click.echo("Error: interrupted; nothing was written to the destination", err=True)
+        except KeyboardInterrupt as e:
+            detail = str(e) or "nothing was written to the destination"
+            click.echo(f"Error: interrupted; {detail}", err=True)
             sys.exit(130)
         except Exception as e:  # noqa: BLE001 - the one place errors become a message
             if ctx.obj and ctx.obj.get("debug"):
@@ -55,6 +57,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--family", help="Family rule to use instead of the one config.json names.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists and is not empty.")
+@click.option(
+    "--resume", is_flag=True, help="Keep the shards an interrupted convert into DST completed; redo the rest."
+)
 @click.option("--workers", type=int, default=None, help="Shards written at once [default: min(4, CPUs)].")
 @click.option("--no-fsync", is_flag=True, help="Skip flushing files to disk before the final rename.")
 @click.option(
@@ -70,6 +75,7 @@ def convert(
     family: str | None,
     max_shard_size: str,
     overwrite: bool,
+    resume: bool,
     workers: int | None,
     no_fsync: bool,
     dtype: str | None,
@@ -77,6 +83,10 @@ def convert(
     quiet: bool,
 ) -> None:
     """Fuse the per-expert tensors of checkpoint SRC into a new checkpoint at DST."""
+    if hasattr(signal, "SIGXFSZ"):
+        # Past a file size limit (ulimit -f) the write must fail with EFBIG, not kill the process.
+        # CPython's startup ignores SIGXFSZ already; an embedding interpreter may not.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     bar = _ProgressBar(enabled=not quiet and sys.stderr.isatty())
     try:
         result = convert_checkpoint(
@@ -85,6 +95,7 @@ def convert(
             family=family,
             max_shard_size=max_shard_size,
             overwrite=overwrite,
+            resume=resume,
             workers=workers,
             durable=not no_fsync,
             dtype=dtype,

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -14,12 +15,15 @@ from importlib.metadata import version
 from pathlib import Path
 
 from .cast import output_dtype
-from .errors import DestinationError, FamilyError, UsageError
+from .errors import CheckpointError, ConversionInterrupted, DestinationError, FamilyError, UsageError
 from .families import REFUSED, Family, families_matching, family_by_name, family_for_config
-from .plan import ConversionPlan, natural_key, plan_conversion
+from .hooks import pause_point
+from .journal import JOURNAL_NAME, Journal, ShardRecord, completed_shards, plan_fingerprint
+from .lock import DestinationLock
+from .plan import ConversionPlan, ShardPlan, natural_key, plan_conversion
 from .sizes import format_size, parse_size
 from .source import INDEX_NAME, SourceCheckpoint, open_checkpoint
-from .writer import write_shard
+from .writer import DISK_FULL, disk_full_error, write_shard
 
 # Weight files of any format, and their indexes: never copied beside the converted shards.
 _WEIGHT_FILE = re.compile(r"\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx|onnx_data|npz)(\.index\.json)?$")
@@ -36,6 +40,7 @@ class ConvertResult:
     seconds: float
     copied_files: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    kept_shards: int = 0
 
     @property
     def nothing_to_fuse(self) -> bool:
@@ -43,9 +48,10 @@ class ConvertResult:
 
     def summary(self) -> str:
         rate = self.bytes_written / self.seconds / 1e9 if self.seconds > 0 else float("inf")
+        kept = f" ({self.kept_shards} kept from the interrupted run)" if self.kept_shards else ""
         return (
             f"{len(self.plan.fused_modules)} layers fused, {self.plan.num_experts} experts, "
-            f"{format_size(self.bytes_written)} written in {len(self.plan.shards)} shards, "
+            f"{format_size(self.bytes_written)} written in {len(self.plan.shards)} shards{kept}, "
             f"{self.seconds:.1f} s, {rate:.2f} GB/s -> {self.destination}"
         )
 
@@ -104,6 +110,7 @@ def convert(
     family: str | None = None,
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
+    resume: bool = False,
     workers: int | None = None,
     durable: bool = True,
     dtype: str | None = None,
@@ -114,30 +121,43 @@ def convert(
     Args:
         family: a family name; by default chosen from config.json.
         max_shard_size: upper bound of an output shard's tensor bytes ("5GB", or an int).
-        overwrite: replace a non-empty `dst`.
+        overwrite: replace a non-empty `dst`, and discard a partial directory unless `resume`.
+        resume: keep the shards an interrupted conversion of the same plan completed; without a
+            partial directory, start afresh.
         workers: shards written at once (threads); default min(4, CPU count).
-        durable: fsync every file and directory before the final rename.
+        durable: fsync every file and directory before recording a shard and before the final rename.
         dtype: "bfloat16", "float16" or "float32": cast floating tensors to it while copying (the
             only path that imports torch); integer, boolean and FP8 tensors are copied untouched.
         progress: called as progress(bytes_just_written, total_bytes), from worker threads.
 
     Raises:
-        FusemoeError: bad input or destination; `dst` is then left as it was.
+        FusemoeError: bad input or destination, a full disk; `dst` is then left as it was and the
+            partial directory removed.
+        ConversionInterrupted: ^C; the partial directory is kept for `resume`.
     """
     started = time.perf_counter()
     src_path, dst_path = Path(src).absolute(), Path(dst).absolute()
     check_paths(src_path, dst_path, overwrite)
     source, plan = plan_for(src_path, family=family, max_shard_size=max_shard_size, dtype=dtype)
-    total, extras = write_plan(
-        source, plan, src, dst_path, overwrite=overwrite, workers=workers, durable=durable, progress=progress
+    written, extras, kept = write_plan(
+        source,
+        plan,
+        src,
+        dst_path,
+        overwrite=overwrite,
+        resume=resume,
+        workers=workers,
+        durable=durable,
+        progress=progress,
     )
     return ConvertResult(
         destination=dst_path,
         plan=plan,
-        bytes_written=total,
+        bytes_written=written,
         seconds=time.perf_counter() - started,
         copied_files=extras,
         warnings=_warnings(source),
+        kept_shards=kept,
     )
 
 
@@ -151,44 +171,159 @@ def write_plan(
     workers: int | None,
     durable: bool,
     progress: Callable[[int, int], None] | None,
-) -> tuple[int, list[str]]:
-    """Execute `plan`: every shard into a hidden partial directory, then the index and the other
-    files of the source, then one rename into place. Returns (bytes written, files copied)."""
+    resume: bool = False,
+) -> tuple[int, list[str], int]:
+    """Execute `plan` under the destination lock: every shard into a hidden partial directory
+    (journaled, so `resume` can keep completed ones), then the index and the other files of the
+    source, then one rename into place. Returns (bytes written, files copied, shards kept)."""
     if workers is None:
         workers = min(4, os.cpu_count() or 1)
     if workers < 1:
         raise UsageError(f"workers must be at least 1, not {workers}")
-
-    partial = dst_path.parent / f".{dst_path.name}{PARTIAL_SUFFIX}"
-    if partial.exists():
-        if not overwrite:
-            raise DestinationError(f"{partial}: left by an interrupted conversion; remove it or pass --overwrite")
-        shutil.rmtree(partial)
     extras = _extra_files(source)
-    _check_free_space(dst_path.parent, plan, source.root, extras)
+    partial = partial_path(dst_path)
     dst_path.parent.mkdir(parents=True, exist_ok=True)
-    partial.mkdir()
+    with DestinationLock(dst_path):
+        if partial.exists() and not (resume or overwrite):
+            raise DestinationError(
+                f"{partial}: left by an interrupted conversion; pass --resume to continue it, "
+                "--overwrite to start over, or remove it"
+            )
+        fingerprint = plan_fingerprint(source, plan)
+        kept = _prepare_partial(partial, plan, fingerprint, resume=resume, durable=durable)
+        kept_names = {record.filename for record in kept}
+        todo = [s for s in plan.shards if s.filename not in kept_names]
+        try:
+            _check_free_space(dst_path.parent, todo, source.root, extras)
+        except DestinationError:
+            if not kept:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
+        journal = None
+        try:
+            journal = Journal.start(partial, fingerprint, kept, durable=durable)
+            try:
+                written = _write_shards(partial, plan, todo, journal, workers, durable, progress)
+                _write_index(partial / INDEX_NAME, plan, src, durable=durable)
+                _copy_extras(source.root, partial, extras, durable=durable)
+            finally:
+                journal.close()
+            pause_point("install")
+            if durable:
+                _fsync_dir(partial)
+            _install(partial, dst_path)
+            # Removed only after the rename: a kill just before it must leave a resumable directory.
+            (dst_path / JOURNAL_NAME).unlink()
+            if durable:
+                _fsync_dir(dst_path)
+        except KeyboardInterrupt as e:
+            if journal is None:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise
+            raise ConversionInterrupted(
+                f"{partial} keeps the completed shards; rerun with --resume to continue, or remove it"
+            ) from e
+        except OSError as e:
+            shutil.rmtree(partial, ignore_errors=True)
+            if e.errno in DISK_FULL:
+                raise disk_full_error(Path(e.filename or partial), e) from e
+            raise
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+    return written, extras, len(kept)
+
+
+def partial_path(dst: Path) -> Path:
+    """The hidden sibling a conversion into `dst` writes into before renaming it to `dst`."""
+    return dst.parent / f".{dst.name}{PARTIAL_SUFFIX}"
+
+
+def _prepare_partial(
+    partial: Path, plan: ConversionPlan, fingerprint: str, *, resume: bool, durable: bool
+) -> list[ShardRecord]:
+    """An empty partial directory, or with `resume` one holding only the shards known complete."""
+    if not partial.exists():
+        partial.mkdir()
+        return []
+    if not resume:
+        shutil.rmtree(partial)
+        partial.mkdir()
+        return []
+    if partial.is_symlink() or not partial.is_dir():
+        raise DestinationError(f"{partial}: is not a directory; remove it")
+    kept = completed_shards(partial, plan, fingerprint)
+    keep = {record.filename for record in kept} | {JOURNAL_NAME}
+    for entry in partial.iterdir():
+        if entry.name in keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    if durable:
+        # Kept shards may come from a run without fsync; the new journal will vouch for them.
+        for record in kept:
+            fd = os.open(partial / record.filename, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    return kept
+
+
+def _write_shards(
+    partial: Path,
+    plan: ConversionPlan,
+    todo: list[ShardPlan],
+    journal: Journal,
+    workers: int,
+    durable: bool,
+    progress: Callable[[int, int], None] | None,
+) -> int:
+    """Write `todo` with `workers` threads, recording each in `journal`; the bytes written.
+
+    On the first error or ^C the other writers are told to stop and queued shards are dropped, so
+    the error surfaces promptly instead of after every shard is written.
+    """
     total = sum(s.file_size for s in plan.shards)
+    todo_bytes = sum(s.file_size for s in todo)
     report = (lambda n: progress(n, total)) if progress else None
+    if report is not None and total > todo_bytes:
+        report(total - todo_bytes)
+    stop = threading.Event()
+
+    def write_and_record(shard: ShardPlan) -> None:
+        path = partial / shard.filename
+        write_shard(path, shard, durable=durable, progress=report, stop=stop)
+        journal.record(path)
+        pause_point("shard-done", stop)
+
+    pool = ThreadPoolExecutor(max_workers=workers)
     try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            jobs = [
-                pool.submit(write_shard, partial / s.filename, s, durable=durable, progress=report) for s in plan.shards
-            ]
-            for job in jobs:
-                job.result()
-        _write_index(partial / INDEX_NAME, plan, src, durable=durable)
-        for relative in extras:
-            target = partial / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source.root / relative, target)
-        if durable:
-            _fsync_dir(partial)
-        _install(partial, dst_path)
+        for job in [pool.submit(write_and_record, shard) for shard in todo]:
+            job.result()
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
         raise
-    return total, extras
+    pool.shutdown()
+    return todo_bytes
+
+
+def _copy_extras(root: Path, partial: Path, extras: list[str], *, durable: bool) -> None:
+    for relative in extras:
+        target = partial / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(root / relative, target)
+        if durable:
+            fd = os.open(target, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if target.parent != partial:
+                _fsync_dir(target.parent)
 
 
 def check_paths(src: Path, dst: Path, overwrite: bool) -> None:
@@ -212,18 +347,26 @@ def _extra_files(source: SourceCheckpoint) -> list[str]:
         for name in filenames:
             if name.startswith(".") or _WEIGHT_FILE.search(name):
                 continue
-            extras.append(os.path.relpath(os.path.join(folder, name), source.root))
+            path = os.path.join(folder, name)
+            if not os.path.isfile(path):
+                # A FIFO would block the copy and a device would never end; a dangling link has nothing.
+                raise CheckpointError(f"{path}: not a regular file; remove it from the source or replace it")
+            extras.append(os.path.relpath(path, source.root))
     return sorted(extras, key=natural_key)
 
 
-def _check_free_space(parent: Path, plan: ConversionPlan, root: Path, extras: list[str]) -> None:
+def _check_free_space(parent: Path, shards: list[ShardPlan], root: Path, extras: list[str]) -> None:
+    """Refuse to start when the shards still to write and the extra files cannot fit."""
     probe = parent
     while not probe.exists():
         probe = probe.parent
-    needed = sum(s.file_size for s in plan.shards) + sum((root / e).stat().st_size for e in extras)
+    needed = sum(s.file_size for s in shards) + sum((root / e).stat().st_size for e in extras)
     free = shutil.disk_usage(probe).free
     if needed > free:
-        raise DestinationError(f"{parent}: needs {format_size(needed)} but only {format_size(free)} is free")
+        raise DestinationError(
+            f"{parent}: the conversion needs {format_size(needed)} ({needed} bytes) but only "
+            f"{format_size(free)} ({free} bytes) is free"
+        )
 
 
 def _write_index(path: Path, plan: ConversionPlan, src: str | os.PathLike, *, durable: bool) -> None:

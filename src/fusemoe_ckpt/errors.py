@@ -21,3 +21,10 @@ class DestinationError(FusemoeError):
 
 class UsageError(FusemoeError):
     """An option has a value that cannot work."""
+
+
+class ConversionInterrupted(KeyboardInterrupt):
+    """^C during a conversion; the message says where the completed shards were kept.
+
+    A KeyboardInterrupt still, so code that stops on ^C keeps stopping.
+    """

@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import stat
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CheckpointError
+from .files import open_regular
 
 # Same cap as the safetensors library: a header larger than this is refused before it is read.
 MAX_HEADER_BYTES = 100_000_000
@@ -96,16 +96,11 @@ def read_header(path: Path) -> ShardHeader:
     Raises:
         CheckpointError: the file is missing, not a regular file, or its header is malformed.
     """
-    try:
-        st = os.stat(path)
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{path}: shard file not found") from e
-    if not stat.S_ISREG(st.st_mode):
-        raise CheckpointError(f"{path}: not a regular file")
+    fd, st = open_regular(path, what="shard file")
     file_size = st.st_size
-    if file_size < 8:
-        raise CheckpointError(f"{path}: truncated: {file_size} bytes, shorter than the 8-byte header length")
-    with open(path, "rb") as f:
+    with os.fdopen(fd, "rb") as f:
+        if file_size < 8:
+            raise CheckpointError(f"{path}: truncated: {file_size} bytes, shorter than the 8-byte header length")
         (header_len,) = struct.unpack("<Q", f.read(8))
         if header_len > MAX_HEADER_BYTES:
             raise CheckpointError(f"{path}: header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit")
@@ -114,6 +109,8 @@ def read_header(path: Path) -> ShardHeader:
                 f"{path}: truncated: header length {header_len} runs past the end of the {file_size}-byte file"
             )
         raw = f.read(header_len)
+    if len(raw) != header_len:
+        raise CheckpointError(f"{path}: truncated while reading: header of {header_len} bytes, read {len(raw)}")
     try:
         parsed = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
     except _DuplicateKey as e:
@@ -128,7 +125,10 @@ def read_header(path: Path) -> ShardHeader:
 
 
 def _validate_entries(path: Path, parsed: dict, data_len: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    metadata = parsed.pop("__metadata__", None) or {}
+    # null is how serde writes "no metadata"; any other non-object (false, 0, "") is malformed.
+    metadata = parsed.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from .errors import CheckpointError
+from .files import read_text
 from .safetensors_format import ShardHeader, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -78,8 +79,8 @@ def open_checkpoint(src: str | os.PathLike) -> SourceCheckpoint:
 
 def read_index(index_path: Path) -> tuple[dict[str, str], dict]:
     try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+        index = json.loads(read_text(index_path))
+    except ValueError as e:
         raise CheckpointError(f"{index_path}: not valid JSON: {e}") from e
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(
@@ -140,8 +141,8 @@ def _read_config(root: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+        config = json.loads(read_text(path))
+    except ValueError as e:
         raise CheckpointError(f"{path}: not valid JSON: {e}") from e
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: not a JSON object")

@@ -101,7 +101,7 @@ def unfuse(
     source = open_checkpoint(src_path)
     chosen = resolve_family(source, family)
     plan = plan_unfuse(source, chosen, max_shard_size=parse_size(max_shard_size))
-    total, _ = write_plan(
+    total, _, _ = write_plan(
         source, plan, src, dst_path, overwrite=overwrite, workers=workers, durable=durable, progress=progress
     )
     return UnfuseResult(dst_path, plan, total, time.perf_counter() - started)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 
-from .errors import CheckpointError, FusemoeError
+from .errors import CheckpointError, DestinationError, FusemoeError
+from .files import open_regular
+from .hooks import pause_point
 from .plan import Piece, ShardPlan
 from .streams import piece_chunks
 
@@ -18,8 +21,14 @@ COPY_CHUNK = 64 * 1024 * 1024
 FALLBACK_BUFFER = 8 * 1024 * 1024
 # copy_file_range reports these when it cannot copy between two given files; read/write takes over.
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM, errno.EBADF}
+# Errors that mean the destination is full or may not grow: reported as such, naming the file.
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 Progress = Callable[[int], None]
+
+
+class WriteStopped(Exception):
+    """Raised inside a shard writer when the conversion was told to stop (another shard failed, or ^C)."""
 
 
 class WriterState(Enum):
@@ -31,10 +40,13 @@ class WriterState(Enum):
 class ShardWriter:
     """Open, copy pieces in order, finalize. The file must end exactly at the planned size."""
 
-    def __init__(self, path: Path, shard: ShardPlan, *, durable: bool = True) -> None:
+    def __init__(
+        self, path: Path, shard: ShardPlan, *, durable: bool = True, stop: threading.Event | None = None
+    ) -> None:
         self.path = path
         self.shard = shard
         self.durable = durable
+        self.stop = stop
         self.state = WriterState.NEW
         self._fd = -1
         self._position = 0
@@ -61,6 +73,8 @@ class ShardWriter:
             return
         offset, remaining = piece.offset, piece.length
         while remaining:
+            if self.stop is not None and self.stop.is_set():
+                raise WriteStopped(self.path)
             count = min(remaining, COPY_CHUNK)
             moved = self._copy_chunk(src_fd, offset, count)
             if moved == 0:
@@ -100,7 +114,7 @@ class ShardWriter:
 
     def _source_fd(self, path: Path) -> int:
         if path not in self._sources:
-            self._sources[path] = os.open(path, os.O_RDONLY)
+            self._sources[path] = open_regular(path, what="shard file")[0]
         return self._sources[path]
 
     def _pwrite_all(self, data: bytes, at: int) -> None:
@@ -123,9 +137,22 @@ class ShardWriter:
         return len(data)
 
 
-def write_shard(path: Path, shard: ShardPlan, *, durable: bool, progress: Progress | None) -> None:
-    """Write `shard` to `path` from start to finish, closing every file on the way out."""
-    writer = ShardWriter(path, shard, durable=durable)
+def write_shard(
+    path: Path,
+    shard: ShardPlan,
+    *,
+    durable: bool,
+    progress: Progress | None,
+    stop: threading.Event | None = None,
+) -> None:
+    """Write `shard` to `path` from start to finish, closing every file on the way out.
+
+    Raises:
+        DestinationError: the disk is full, a quota is reached or the file may not grow (EFBIG);
+            the message names the file.
+        WriteStopped: `stop` was set while copying.
+    """
+    writer = ShardWriter(path, shard, durable=durable, stop=stop)
     try:
         writer.open()
         if progress is not None:
@@ -133,6 +160,17 @@ def write_shard(path: Path, shard: ShardPlan, *, durable: bool, progress: Progre
         for tensor in shard.tensors:
             for piece in tensor.pieces:
                 writer.copy(piece, progress)
+                pause_point("piece", stop)
         writer.finalize()
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise disk_full_error(path, e) from e
+        raise
     finally:
         writer.close()
+
+
+def disk_full_error(path: Path, error: OSError) -> DestinationError:
+    """The one-line error for a write refused for lack of space or a file size limit."""
+    name = errno.errorcode.get(error.errno, str(error.errno))
+    return DestinationError(f"{path}: cannot write: {error.strerror} ({name})")
