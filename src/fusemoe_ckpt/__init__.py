@@ -3,12 +3,24 @@
 from importlib.metadata import version as _version
 
 from .converter import ConvertResult, convert, plan_for, resolve_family
-from .errors import CheckpointError, DestinationError, FamilyError, FusemoeError, UsageError
+from .errors import CheckpointError, DestinationError, FamilyError, FusemoeError, HubError, UsageError
 from .families import FAMILIES, Family, family_by_name, family_for_config
 from .plan import ConversionPlan, plan_conversion
 from .source import SourceCheckpoint, open_checkpoint
 
 __version__ = _version("fusemoe-ckpt")
+
+# The Hub functions import huggingface_hub: loaded on first use, so a local convert does not pay for it.
+_HUB_NAMES = ("download_checkpoint", "push_to_hub")
+
+
+def __getattr__(name: str):
+    if name in _HUB_NAMES:
+        from . import hub
+
+        return getattr(hub, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "FAMILIES",
@@ -19,14 +31,17 @@ __all__ = [
     "Family",
     "FamilyError",
     "FusemoeError",
+    "HubError",
     "SourceCheckpoint",
     "UsageError",
     "__version__",
     "convert",
+    "download_checkpoint",
     "family_by_name",
     "family_for_config",
     "open_checkpoint",
     "plan_conversion",
     "plan_for",
+    "push_to_hub",
     "resolve_family",
 ]

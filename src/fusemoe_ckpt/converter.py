@@ -21,8 +21,11 @@ from .source import INDEX_NAME, SourceCheckpoint, open_checkpoint
 from .writer import write_shard
 
 # Weight files of any format, and their indexes: never copied beside the converted shards.
-_WEIGHT_FILE = re.compile(r"\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx|onnx_data|npz)(\.index\.json)?$")
+WEIGHT_EXTENSIONS = ("safetensors", "bin", "pt", "pth", "ckpt", "h5", "msgpack", "gguf", "onnx", "onnx_data", "npz")
+_WEIGHT_FILE = re.compile(rf"\.({'|'.join(WEIGHT_EXTENSIONS)})(\.index\.json)?$")
 PARTIAL_SUFFIX = ".fusemoe-partial"
+# `org/name` as the Hub spells it; tried only when no local path of that name exists.
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 
 
 @dataclass
@@ -35,6 +38,7 @@ class ConvertResult:
     seconds: float
     copied_files: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    source: str = ""
 
     @property
     def nothing_to_fuse(self) -> bool:
@@ -95,8 +99,13 @@ def convert(
     workers: int | None = None,
     durable: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    revision: str | None = None,
+    download_progress: bool = True,
 ) -> ConvertResult:
     """Write the fused checkpoint of `src` to `dst`.
+
+    `src` is a local directory or, when no such path exists, a Hub repo id (`org/name`), downloaded
+    into the Hugging Face cache first (only the index, its shards and the non-weight files).
 
     Args:
         family: a family name; by default chosen from config.json.
@@ -105,12 +114,25 @@ def convert(
         workers: shards written at once (threads); default min(4, CPU count).
         durable: fsync every file and directory before the final rename.
         progress: called as progress(bytes_just_written, total_bytes), from worker threads.
+        revision: branch, tag or commit of a Hub repo id `src`.
+        download_progress: show huggingface_hub's progress bars while downloading `src`.
 
     Raises:
-        FusemoeError: bad input or destination; `dst` is then left as it was.
+        FusemoeError: bad input or destination; `dst` is then left as it was. HubError when a repo id
+            cannot be downloaded.
     """
     started = time.perf_counter()
     src_path, dst_path = Path(src).absolute(), Path(dst).absolute()
+    provenance = {"fusemoe_ckpt_source": str(src)}
+    if is_hub_source(src):
+        from .hub import download_checkpoint  # huggingface_hub is imported only for Hub sources
+
+        _check_destination(dst_path, overwrite)  # before a download that may take hours
+        hub_source = download_checkpoint(str(src), revision=revision, progress=download_progress)
+        src_path = hub_source.path
+        provenance = {"fusemoe_ckpt_source": hub_source.repo_id, "fusemoe_ckpt_source_revision": hub_source.commit}
+    elif revision is not None:
+        raise UsageError(f"{src}: a revision applies to a Hub repo id, and this is a local path")
     _check_paths(src_path, dst_path, overwrite)
     source, plan = plan_for(src_path, family=family, max_shard_size=max_shard_size)
     if workers is None:
@@ -136,7 +158,7 @@ def convert(
             ]
             for job in jobs:
                 job.result()
-        _write_index(partial / INDEX_NAME, plan, src, durable=durable)
+        _write_index(partial / INDEX_NAME, plan, provenance, durable=durable)
         for relative in extras:
             target = partial / relative
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -154,6 +176,19 @@ def convert(
         seconds=time.perf_counter() - started,
         copied_files=extras,
         warnings=_warnings(source),
+        source=provenance["fusemoe_ckpt_source"],
+    )
+
+
+def is_hub_source(src: str | os.PathLike) -> bool:
+    """True when `src` names no existing local path but reads as a Hub repo id (`org/name`)."""
+    text = os.fspath(src)
+    return (
+        not Path(text).exists()
+        and _REPO_ID.fullmatch(text) is not None
+        and ".." not in text
+        and "--" not in text
+        and not text.endswith(".")
     )
 
 
@@ -163,6 +198,10 @@ def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
         raise DestinationError(f"{dst}: destination is inside the source {src}")
     if real_src.is_relative_to(real_dst):
         raise DestinationError(f"{dst}: destination contains the source {src}")
+    _check_destination(dst, overwrite)
+
+
+def _check_destination(dst: Path, overwrite: bool) -> None:
     if dst.exists() and not dst.is_dir():
         raise DestinationError(f"{dst}: exists and is not a directory")
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
@@ -191,14 +230,16 @@ def _check_free_space(parent: Path, plan: ConversionPlan, root: Path, extras: li
         raise DestinationError(f"{parent}: needs {format_size(needed)} but only {format_size(free)} is free")
 
 
-def _write_index(path: Path, plan: ConversionPlan, src: str | os.PathLike, *, durable: bool) -> None:
+def _write_index(path: Path, plan: ConversionPlan, provenance: dict[str, str], *, durable: bool) -> None:
     index = {
         "metadata": {
             "total_size": plan.total_size,
             "total_parameters": plan.total_parameters,
             "fusemoe_ckpt_version": version("fusemoe-ckpt"),
             "fusemoe_ckpt_family": plan.family.name,
-            "fusemoe_ckpt_source": str(src),
+            **provenance,
+            "fusemoe_ckpt_fused_layers": len(plan.fused_modules),
+            "fusemoe_ckpt_experts": plan.num_experts,
         },
         "weight_map": dict(sorted(plan.tensor_to_filename.items(), key=lambda kv: natural_key(kv[0]))),
     }

@@ -21,3 +21,7 @@ class DestinationError(FusemoeError):
 
 class UsageError(FusemoeError):
     """An option has a value that cannot work."""
+
+
+class HubError(FusemoeError):
+    """The Hugging Face Hub could not be reached, or refused a repo, revision or upload."""
