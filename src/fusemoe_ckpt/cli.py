@@ -44,25 +44,36 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 @cli.command()
-@click.argument("src", type=click.Path(file_okay=False))
+@click.argument("src")
 @click.argument("dst", type=click.Path(file_okay=False))
+@click.option("--revision", help="Branch, tag or commit of a Hub repo id SRC [default: main].")
 @click.option("--family", help="Family rule to use instead of the one config.json names.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists and is not empty.")
 @click.option("--workers", type=int, default=None, help="Shards written at once [default: min(4, CPUs)].")
 @click.option("--no-fsync", is_flag=True, help="Skip flushing files to disk before the final rename.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars and no summary.")
+@click.option("--push-to-hub", "push_to", metavar="REPO_ID", help="Then push DST to this Hub repo, with a model card.")
+@click.option("--private", is_flag=True, help="Create the --push-to-hub repo as private.")
 def convert(
     src: str,
     dst: str,
+    revision: str | None,
     family: str | None,
     max_shard_size: str,
     overwrite: bool,
     workers: int | None,
     no_fsync: bool,
     quiet: bool,
+    push_to: str | None,
+    private: bool,
 ) -> None:
-    """Fuse the per-expert tensors of checkpoint SRC into a new checkpoint at DST."""
+    """Fuse the per-expert tensors of checkpoint SRC into a new checkpoint at DST.
+
+    SRC is a local directory or, when no such path exists, a Hub repo id (org/name).
+    """
+    if private and push_to is None:
+        raise click.UsageError("--private applies to the repo --push-to-hub creates; pass --push-to-hub REPO_ID")
     bar = _ProgressBar(enabled=not quiet and sys.stderr.isatty())
     try:
         result = convert_checkpoint(
@@ -74,17 +85,44 @@ def convert(
             workers=workers,
             durable=not no_fsync,
             progress=bar.update,
+            revision=revision,
+            download_progress=not quiet,
         )
     finally:
         bar.close()
     for warning in result.warnings:
         click.echo(f"Warning: {warning}", err=True)
-    if quiet:
-        return
-    if result.nothing_to_fuse:
-        name = result.plan.family.name
-        click.echo(f"Nothing to fuse: no per-expert tensors for family {name}; copied through.")
-    click.echo(result.summary())
+    if not quiet:
+        if result.nothing_to_fuse:
+            name = result.plan.family.name
+            click.echo(f"Nothing to fuse: no per-expert tensors for family {name}; copied through.")
+        click.echo(result.summary())
+    if push_to is not None:
+        _push(dst, push_to, private=private or None, revision=None, commit_message=None, quiet=quiet)
+
+
+@cli.command()
+@click.argument("dst", type=click.Path(exists=True, file_okay=False))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo as private (an existing repo keeps its visibility).")
+@click.option("--revision", help="Branch to push to, created if missing [default: main].")
+@click.option("--commit-message", help="Message of the commit [default: names the source and the tool].")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars and no summary.")
+def push(dst: str, repo_id: str, private: bool, revision: str | None, commit_message: str | None, quiet: bool) -> None:
+    """Upload converted checkpoint DST to Hub repo REPO_ID, with a model card."""
+    _push(dst, repo_id, private=private or None, revision=revision, commit_message=commit_message, quiet=quiet)
+
+
+def _push(
+    dst: str, repo_id: str, *, private: bool | None, revision: str | None, commit_message: str | None, quiet: bool
+) -> None:
+    from .hub import push_to_hub  # huggingface_hub is imported only when the Hub is used
+
+    result = push_to_hub(
+        dst, repo_id, private=private, revision=revision, commit_message=commit_message, progress=not quiet
+    )
+    if not quiet:
+        click.echo(result.summary())
 
 
 @cli.command()
