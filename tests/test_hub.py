@@ -251,6 +251,16 @@ def test_offline_run_resolves_the_repo_id_from_the_cache(hub, source_repo, tmp_p
     )
 
 
+def test_destination_problems_are_found_before_downloading(hub, source_repo, tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    (tmp_path / ".left.fusemoe-partial").mkdir()
+    for dst in ("full", "left"):
+        result = CliRunner().invoke(cli, ["convert", "-q", source_repo, str(tmp_path / dst)])
+        assert result.exit_code == 1 and "--overwrite" in result.stderr
+    assert hub.requests == []
+
+
 def test_a_second_convert_downloads_nothing_again(hub, source_repo, tmp_path):
     for name in ("one", "two"):
         assert CliRunner().invoke(cli, ["convert", "-q", source_repo, str(tmp_path / name)]).exit_code == 0

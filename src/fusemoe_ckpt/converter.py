@@ -128,6 +128,7 @@ def convert(
         from .hub import download_checkpoint  # huggingface_hub is imported only for Hub sources
 
         _check_destination(dst_path, overwrite)  # before a download that may take hours
+        _check_no_partial(_partial_path(dst_path), overwrite)
         hub_source = download_checkpoint(str(src), revision=revision, progress=download_progress)
         src_path = hub_source.path
         provenance = {"fusemoe_ckpt_source": hub_source.repo_id, "fusemoe_ckpt_source_revision": hub_source.commit}
@@ -140,10 +141,9 @@ def convert(
     if workers < 1:
         raise UsageError(f"workers must be at least 1, not {workers}")
 
-    partial = dst_path.parent / f".{dst_path.name}{PARTIAL_SUFFIX}"
+    partial = _partial_path(dst_path)
+    _check_no_partial(partial, overwrite)
     if partial.exists():
-        if not overwrite:
-            raise DestinationError(f"{partial}: left by an interrupted conversion; remove it or pass --overwrite")
         shutil.rmtree(partial)
     extras = _extra_files(source)
     _check_free_space(dst_path.parent, plan, source.root, extras)
@@ -199,6 +199,15 @@ def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
     if real_src.is_relative_to(real_dst):
         raise DestinationError(f"{dst}: destination contains the source {src}")
     _check_destination(dst, overwrite)
+
+
+def _partial_path(dst: Path) -> Path:
+    return dst.parent / f".{dst.name}{PARTIAL_SUFFIX}"
+
+
+def _check_no_partial(partial: Path, overwrite: bool) -> None:
+    if partial.exists() and not overwrite:
+        raise DestinationError(f"{partial}: left by an interrupted conversion; remove it or pass --overwrite")
 
 
 def _check_destination(dst: Path, overwrite: bool) -> None:

@@ -85,7 +85,8 @@ def download_checkpoint(repo_id: str, *, revision: str | None = None, progress: 
         )
         commit = folder.name  # the cache keeps each snapshot under its commit hash
         shards = _shard_names(folder)
-        snapshot_download(repo_id, revision=commit, allow_patterns=[glob.escape(name) for name in shards])
+        if shards:
+            snapshot_download(repo_id, revision=commit, allow_patterns=[glob.escape(name) for name in shards])
     return HubCheckpoint(repo_id=repo_id, revision=revision or constants.DEFAULT_REVISION, commit=commit, path=folder)
 
 
