@@ -9,6 +9,7 @@ from .errors import (
     DestinationError,
     FamilyError,
     FusemoeError,
+    HubError,
     UsageError,
 )
 from .families import FAMILIES, Family, family_by_name, family_for_config
@@ -20,6 +21,18 @@ from .verify import VerificationError, VerifyResult, verify
 
 __version__ = _version("fusemoe-ckpt")
 
+# The Hub functions import huggingface_hub: loaded on first use, so a local convert does not pay for it.
+_HUB_NAMES = ("download_checkpoint", "push_to_hub")
+
+
+def __getattr__(name: str):
+    if name in _HUB_NAMES:
+        from . import hub
+
+        return getattr(hub, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "FAMILIES",
     "CheckpointError",
@@ -30,6 +43,7 @@ __all__ = [
     "Family",
     "FamilyError",
     "FusemoeError",
+    "HubError",
     "Inspection",
     "SourceCheckpoint",
     "UnfuseResult",
@@ -38,6 +52,7 @@ __all__ = [
     "VerifyResult",
     "__version__",
     "convert",
+    "download_checkpoint",
     "family_by_name",
     "family_for_config",
     "inspect_checkpoint",
@@ -45,6 +60,7 @@ __all__ = [
     "plan_conversion",
     "plan_for",
     "plan_unfuse",
+    "push_to_hub",
     "resolve_family",
     "unfuse",
     "verify",

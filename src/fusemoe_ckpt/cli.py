@@ -52,8 +52,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 @cli.command()
-@click.argument("src", type=click.Path(file_okay=False))
+@click.argument("src")
 @click.argument("dst", type=click.Path(file_okay=False))
+@click.option("--revision", help="Branch, tag or commit of a Hub repo id SRC [default: main].")
 @click.option("--family", help="Family rule to use instead of the one config.json names.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists and is not empty.")
@@ -68,10 +69,13 @@ def cli(ctx: click.Context, debug: bool) -> None:
     help="Cast floating tensors to this dtype while converting (loads torch).",
 )
 @click.option("--verify", "then_verify", is_flag=True, help="Run verify on DST right after converting.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars and no summary.")
+@click.option("--push-to-hub", "push_to", metavar="REPO_ID", help="Then push DST to this Hub repo, with a model card.")
+@click.option("--private", is_flag=True, help="Create the --push-to-hub repo as private.")
 def convert(
     src: str,
     dst: str,
+    revision: str | None,
     family: str | None,
     max_shard_size: str,
     overwrite: bool,
@@ -81,8 +85,15 @@ def convert(
     dtype: str | None,
     then_verify: bool,
     quiet: bool,
+    push_to: str | None,
+    private: bool,
 ) -> None:
-    """Fuse the per-expert tensors of checkpoint SRC into a new checkpoint at DST."""
+    """Fuse the per-expert tensors of checkpoint SRC into a new checkpoint at DST.
+
+    SRC is a local directory or, when no such path exists, a Hub repo id (org/name).
+    """
+    if private and push_to is None:
+        raise click.UsageError("--private applies to the repo --push-to-hub creates; pass --push-to-hub REPO_ID")
     if hasattr(signal, "SIGXFSZ"):
         # Past a file size limit (ulimit -f) the write must fail with EFBIG, not kill the process.
         # CPython's startup ignores SIGXFSZ already; an embedding interpreter may not.
@@ -100,18 +111,23 @@ def convert(
             durable=not no_fsync,
             dtype=dtype,
             progress=bar.update,
+            revision=revision,
+            download_progress=not quiet,
         )
     finally:
         bar.close()
     for warning in result.warnings:
         click.echo(f"Warning: {warning}", err=True)
-    if result.nothing_to_fuse and not quiet:
-        name = result.plan.family.name
-        click.echo(f"Nothing to fuse: no per-expert tensors for family {name}; copied through.")
     if not quiet:
+        if result.nothing_to_fuse:
+            name = result.plan.family.name
+            click.echo(f"Nothing to fuse: no per-expert tensors for family {name}; copied through.")
         click.echo(result.summary())
     if then_verify:
-        _report(verify_checkpoint(src, result.destination, family=result.plan.family.name, dtype=dtype), quiet=quiet)
+        checked = verify_checkpoint(result.source_dir, result.destination, family=result.plan.family.name, dtype=dtype)
+        _report(checked, quiet=quiet)
+    if push_to is not None:
+        _push(dst, push_to, private=private or None, revision=None, commit_message=None, quiet=quiet)
 
 
 @cli.command()
@@ -196,6 +212,30 @@ def inspect(
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
         click.echo("\n".join(report.lines()))
+
+
+@cli.command()
+@click.argument("dst", type=click.Path(exists=True, file_okay=False))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo as private (an existing repo keeps its visibility).")
+@click.option("--revision", help="Branch to push to, created if missing [default: main].")
+@click.option("--commit-message", help="Message of the commit [default: names the source and the tool].")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars and no summary.")
+def push(dst: str, repo_id: str, private: bool, revision: str | None, commit_message: str | None, quiet: bool) -> None:
+    """Upload converted checkpoint DST to Hub repo REPO_ID, with a model card."""
+    _push(dst, repo_id, private=private or None, revision=revision, commit_message=commit_message, quiet=quiet)
+
+
+def _push(
+    dst: str, repo_id: str, *, private: bool | None, revision: str | None, commit_message: str | None, quiet: bool
+) -> None:
+    from .hub import push_to_hub  # huggingface_hub is imported only when the Hub is used
+
+    result = push_to_hub(
+        dst, repo_id, private=private, revision=revision, commit_message=commit_message, progress=not quiet
+    )
+    if not quiet:
+        click.echo(result.summary())
 
 
 @cli.command()

@@ -26,8 +26,11 @@ from .source import INDEX_NAME, SourceCheckpoint, open_checkpoint
 from .writer import DISK_FULL, disk_full_error, write_shard
 
 # Weight files of any format, and their indexes: never copied beside the converted shards.
-_WEIGHT_FILE = re.compile(r"\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx|onnx_data|npz)(\.index\.json)?$")
+WEIGHT_EXTENSIONS = ("safetensors", "bin", "pt", "pth", "ckpt", "h5", "msgpack", "gguf", "onnx", "onnx_data", "npz")
+_WEIGHT_FILE = re.compile(rf"\.({'|'.join(WEIGHT_EXTENSIONS)})(\.index\.json)?$")
 PARTIAL_SUFFIX = ".fusemoe-partial"
+# `org/name` as the Hub spells it; tried only when no local path of that name exists.
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 
 
 @dataclass
@@ -41,6 +44,8 @@ class ConvertResult:
     copied_files: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     kept_shards: int = 0
+    source: str = ""
+    source_dir: Path | None = None
 
     @property
     def nothing_to_fuse(self) -> bool:
@@ -115,6 +120,8 @@ def convert(
     durable: bool = True,
     dtype: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    revision: str | None = None,
+    download_progress: bool = True,
 ) -> ConvertResult:
     """Write the fused checkpoint of `src` to `dst`.
 
@@ -129,20 +136,34 @@ def convert(
         dtype: "bfloat16", "float16" or "float32": cast floating tensors to it while copying (the
             only path that imports torch); integer, boolean and FP8 tensors are copied untouched.
         progress: called as progress(bytes_just_written, total_bytes), from worker threads.
+        revision: branch, tag or commit of a Hub repo id `src`.
+        download_progress: show huggingface_hub's progress bars while downloading `src`.
 
     Raises:
         FusemoeError: bad input or destination, a full disk; `dst` is then left as it was and the
-            partial directory removed.
+            partial directory removed. HubError when a repo id cannot be downloaded.
         ConversionInterrupted: ^C; the partial directory is kept for `resume`.
     """
     started = time.perf_counter()
     src_path, dst_path = Path(src).absolute(), Path(dst).absolute()
+    provenance = {"fusemoe_ckpt_source": str(src)}
+    if is_hub_source(src):
+        from .hub import download_checkpoint  # huggingface_hub is imported only for Hub sources
+
+        # Before a download that may take hours.
+        _check_destination(dst_path, overwrite)
+        _check_no_partial(partial_path(dst_path), resume=resume, overwrite=overwrite)
+        hub_source = download_checkpoint(str(src), revision=revision, progress=download_progress)
+        src_path = hub_source.path
+        provenance = {"fusemoe_ckpt_source": hub_source.repo_id, "fusemoe_ckpt_source_revision": hub_source.commit}
+    elif revision is not None:
+        raise UsageError(f"{src}: a revision applies to a Hub repo id, and this is a local path")
     check_paths(src_path, dst_path, overwrite)
     source, plan = plan_for(src_path, family=family, max_shard_size=max_shard_size, dtype=dtype)
     written, extras, kept = write_plan(
         source,
         plan,
-        src,
+        provenance,
         dst_path,
         overwrite=overwrite,
         resume=resume,
@@ -158,13 +179,15 @@ def convert(
         copied_files=extras,
         warnings=_warnings(source),
         kept_shards=kept,
+        source=provenance["fusemoe_ckpt_source"],
+        source_dir=src_path,
     )
 
 
 def write_plan(
     source: SourceCheckpoint,
     plan: ConversionPlan,
-    src: str | os.PathLike,
+    provenance: dict[str, str],
     dst_path: Path,
     *,
     overwrite: bool,
@@ -184,11 +207,7 @@ def write_plan(
     partial = partial_path(dst_path)
     dst_path.parent.mkdir(parents=True, exist_ok=True)
     with DestinationLock(dst_path):
-        if partial.exists() and not (resume or overwrite):
-            raise DestinationError(
-                f"{partial}: left by an interrupted conversion; pass --resume to continue it, "
-                "--overwrite to start over, or remove it"
-            )
+        _check_no_partial(partial, resume=resume, overwrite=overwrite)
         fingerprint = plan_fingerprint(source, plan)
         kept = _prepare_partial(partial, plan, fingerprint, resume=resume, durable=durable)
         kept_names = {record.filename for record in kept}
@@ -204,7 +223,7 @@ def write_plan(
             journal = Journal.start(partial, fingerprint, kept, durable=durable)
             try:
                 written = _write_shards(partial, plan, todo, journal, workers, durable, progress)
-                _write_index(partial / INDEX_NAME, plan, src, durable=durable)
+                _write_index(partial / INDEX_NAME, plan, provenance, durable=durable)
                 _copy_extras(source.root, partial, extras, durable=durable)
             finally:
                 journal.close()
@@ -237,6 +256,26 @@ def write_plan(
 def partial_path(dst: Path) -> Path:
     """The hidden sibling a conversion into `dst` writes into before renaming it to `dst`."""
     return dst.parent / f".{dst.name}{PARTIAL_SUFFIX}"
+
+
+def _check_no_partial(partial: Path, *, resume: bool, overwrite: bool) -> None:
+    if partial.exists() and not (resume or overwrite):
+        raise DestinationError(
+            f"{partial}: left by an interrupted conversion; pass --resume to continue it, "
+            "--overwrite to start over, or remove it"
+        )
+
+
+def is_hub_source(src: str | os.PathLike) -> bool:
+    """True when `src` names no existing local path but reads as a Hub repo id (`org/name`)."""
+    text = os.fspath(src)
+    return (
+        not Path(text).exists()
+        and _REPO_ID.fullmatch(text) is not None
+        and ".." not in text
+        and "--" not in text
+        and not text.endswith(".")
+    )
 
 
 def _prepare_partial(
@@ -333,6 +372,10 @@ def check_paths(src: Path, dst: Path, overwrite: bool) -> None:
         raise DestinationError(f"{dst}: destination is inside the source {src}")
     if real_src.is_relative_to(real_dst):
         raise DestinationError(f"{dst}: destination contains the source {src}")
+    _check_destination(dst, overwrite)
+
+
+def _check_destination(dst: Path, overwrite: bool) -> None:
     if dst.exists() and not dst.is_dir():
         raise DestinationError(f"{dst}: exists and is not a directory")
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
@@ -369,14 +412,16 @@ def _check_free_space(parent: Path, shards: list[ShardPlan], root: Path, extras:
         )
 
 
-def _write_index(path: Path, plan: ConversionPlan, src: str | os.PathLike, *, durable: bool) -> None:
+def _write_index(path: Path, plan: ConversionPlan, provenance: dict[str, str], *, durable: bool) -> None:
     index = {
         "metadata": {
             "total_size": plan.total_size,
             "total_parameters": plan.total_parameters,
             "fusemoe_ckpt_version": version("fusemoe-ckpt"),
             "fusemoe_ckpt_family": plan.family.name,
-            "fusemoe_ckpt_source": str(src),
+            **provenance,
+            "fusemoe_ckpt_fused_layers": len(plan.fused_modules),
+            "fusemoe_ckpt_experts": plan.num_experts,
             **({"fusemoe_ckpt_dtype": plan.dtype} if plan.dtype else {}),
         },
         "weight_map": dict(sorted(plan.tensor_to_filename.items(), key=lambda kv: natural_key(kv[0]))),

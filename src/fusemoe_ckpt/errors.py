@@ -23,6 +23,10 @@ class UsageError(FusemoeError):
     """An option has a value that cannot work."""
 
 
+class HubError(FusemoeError):
+    """The Hugging Face Hub could not be reached, or refused a repo, revision or upload."""
+
+
 class ConversionInterrupted(KeyboardInterrupt):
     """^C during a conversion; the message says where the completed shards were kept.
 

@@ -102,7 +102,14 @@ def unfuse(
     chosen = resolve_family(source, family)
     plan = plan_unfuse(source, chosen, max_shard_size=parse_size(max_shard_size))
     total, _, _ = write_plan(
-        source, plan, src, dst_path, overwrite=overwrite, workers=workers, durable=durable, progress=progress
+        source,
+        plan,
+        {"fusemoe_ckpt_source": str(src)},
+        dst_path,
+        overwrite=overwrite,
+        workers=workers,
+        durable=durable,
+        progress=progress,
     )
     return UnfuseResult(dst_path, plan, total, time.perf_counter() - started)
 
