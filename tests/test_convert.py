@@ -276,3 +276,48 @@ def test_refused_model_types_name_the_operation(qwen_checkpoint, tmp_path, model
     with pytest.raises(FamilyError, match=rf"model_type '{model_type}' is not supported: its transformers rule needs"):
         convert(qwen_checkpoint, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_one_shard_copied_by_several_threads_is_identical(qwen_checkpoint, tmp_path):
+    """Spare workers copy parts of one shard at once; the file is the same byte for byte."""
+    convert(qwen_checkpoint, tmp_path / "one", workers=1)
+    result = convert(qwen_checkpoint, tmp_path / "four", workers=4)
+    assert len(result.plan.shards) == 1
+    for name in sorted(p.name for p in (tmp_path / "one").iterdir()):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "four" / name).read_bytes(), name
+
+
+def test_split_evenly_keeps_every_piece_once_in_order():
+    from fusemoe_ckpt.operations import Piece
+    from fusemoe_ckpt.writer import split_evenly
+
+    placed = [(Piece(Path("f"), 10 * i, length), 100 * i) for i, length in enumerate([5, 1, 1, 1, 8, 2, 2])]
+    for parts in range(1, 9):
+        runs = split_evenly(placed, parts)
+        assert [item for run in runs for item in run] == placed
+        assert 1 <= len(runs) <= parts
+    assert [len(run) for run in split_evenly(placed, 2)] == [4, 3]
+
+
+def test_shard_data_starts_on_the_page_offset_of_its_sources(tmp_path):
+    """The header is padded so copied bytes keep their offset within a page: the kernel moves pages."""
+    tensors = expert_tensors(layers=1, experts=2)
+    src = write_checkpoint(tmp_path / "src", tensors, single_file=True, config=QWEN3_CONFIG)
+    result = convert(src, tmp_path / "out")
+    shard = result.plan.shards[0]
+    at = len(shard.header)
+    aligned = 0
+    for tensor in shard.tensors:
+        for piece in tensor.pieces:
+            aligned += piece.length * ((piece.offset - at) % 4096 == 0)
+            at += piece.length
+    weights = {}
+    at = 0
+    for tensor in shard.tensors:
+        for piece in tensor.pieces:
+            residue = (piece.offset - at) % 4096
+            weights[residue] = weights.get(residue, 0) + piece.length
+            at += piece.length
+    assert aligned == max(n for r, n in weights.items() if r % 8 == 0)
+    assert len(shard.header) % 8 == 0
+    assert torch.equal(load_checkpoint(tmp_path / "out")["model.norm.weight"], tensors["model.norm.weight"])

@@ -61,7 +61,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option(
     "--resume", is_flag=True, help="Keep the shards an interrupted convert into DST completed; redo the rest."
 )
-@click.option("--workers", type=int, default=None, help="Shards written at once [default: min(4, CPUs)].")
+@click.option("--workers", type=int, default=None, help="Copy threads [default: min(4, CPUs)].")
 @click.option("--no-fsync", is_flag=True, help="Skip flushing files to disk before the final rename.")
 @click.option(
     "--dtype",

@@ -131,7 +131,8 @@ def convert(
         overwrite: replace a non-empty `dst`, and discard a partial directory unless `resume`.
         resume: keep the shards an interrupted conversion of the same plan completed; without a
             partial directory, start afresh.
-        workers: shards written at once (threads); default min(4, CPU count).
+        workers: copy threads; default min(4, CPU count). Shards are written at once, and with fewer
+            shards than workers, parts of one shard too.
         durable: fsync every file and directory before recording a shard and before the final rename.
         dtype: "bfloat16", "float16" or "float32": cast floating tensors to it while copying (the
             only path that imports torch); integer, boolean and FP8 tensors are copied untouched.
@@ -331,10 +332,12 @@ def _write_shards(
     if report is not None and total > todo_bytes:
         report(total - todo_bytes)
     stop = threading.Event()
+    # Fewer shards than workers: the spare threads copy parts of the same shard.
+    threads = max(1, workers // max(1, len(todo)))
 
     def write_and_record(shard: ShardPlan) -> None:
         path = partial / shard.filename
-        write_shard(path, shard, durable=durable, progress=report, stop=stop)
+        write_shard(path, shard, durable=durable, progress=report, stop=stop, threads=threads)
         journal.record(path)
         pause_point("shard-done", stop)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 
 from .cast import cast_of
@@ -16,7 +16,7 @@ from .errors import CheckpointError, FamilyError
 from .families import Family
 from .operations import FusedGroup, OutputTensor, Piece, Slots, concatenate, fuse_experts, transpose_experts
 from .patterns import Converter, ExpertMerge, TransposeExperts, map_key
-from .safetensors_format import TensorInfo, encode_header
+from .safetensors_format import HEADER_ALIGNMENT, PAGE_SIZE, TensorInfo, encode_header
 from .source import SourceCheckpoint, SourceTensor
 
 SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
@@ -286,4 +286,20 @@ def _shard_header(tensors: list[OutputTensor]) -> bytes:
     for tensor in tensors:
         infos.append(TensorInfo(tensor.name, tensor.dtype, tensor.shape, position, position + tensor.nbytes))
         position += tensor.nbytes
-    return encode_header(infos, {"format": "pt"})
+    return encode_header(infos, {"format": "pt"}, data_start_residue=_page_residue(tensors))
+
+
+def _page_residue(tensors: list[OutputTensor]) -> int:
+    """Where, modulo a page, the shard's data should start so that the most copied bytes keep their
+    source's offset within a page: those the kernel copies as whole pages."""
+    weights: Counter[int] = Counter()
+    position = 0
+    for tensor in tensors:
+        if all(p.transpose is None and p.cast is None for p in tensor.pieces):
+            at = position
+            for piece in tensor.pieces:
+                weights[(piece.offset - at) % PAGE_SIZE] += piece.length
+                at += piece.length
+        position += tensor.nbytes
+    aligned = {residue: n for residue, n in weights.items() if residue % HEADER_ALIGNMENT == 0}
+    return max(aligned, key=lambda residue: (aligned[residue], -residue)) if aligned else 0

@@ -21,6 +21,9 @@ from .files import open_regular
 MAX_HEADER_BYTES = 100_000_000
 # Header and data start are aligned to this many bytes, as safetensors itself writes them.
 HEADER_ALIGNMENT = 8
+# The kernel copies file bytes page by page; a copy whose source and destination offsets differ by a
+# whole number of pages moves pages, any other copy shifts every byte (twice as slow here).
+PAGE_SIZE = 4096
 
 DTYPE_SIZES: dict[str, int] = {
     "BOOL": 1,
@@ -180,8 +183,11 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def encode_header(entries: Iterable[TensorInfo], metadata: dict[str, str]) -> bytes:
-    """Length prefix plus JSON header, space-padded so the data buffer starts 8-byte aligned."""
+def encode_header(
+    entries: Iterable[TensorInfo], metadata: dict[str, str], *, data_start_residue: int | None = None
+) -> bytes:
+    """Length prefix plus JSON header, space-padded so the data buffer starts 8-byte aligned, and with
+    `data_start_residue` (a multiple of 8) at that offset modulo PAGE_SIZE."""
     header: dict[str, object] = {"__metadata__": dict(metadata)}
     for info in entries:
         header[info.name] = {
@@ -190,5 +196,8 @@ def encode_header(entries: Iterable[TensorInfo], metadata: dict[str, str]) -> by
             "data_offsets": [info.start, info.end],
         }
     body = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    body += b" " * (-len(body) % HEADER_ALIGNMENT)
+    if data_start_residue is None:
+        body += b" " * (-len(body) % HEADER_ALIGNMENT)
+    else:
+        body += b" " * ((data_start_residue - 8 - len(body)) % PAGE_SIZE)
     return struct.pack("<Q", len(body)) + body

@@ -6,6 +6,7 @@ import errno
 import os
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
 from pathlib import Path
 
@@ -38,7 +39,11 @@ class WriterState(Enum):
 
 
 class ShardWriter:
-    """Open, copy pieces in order, finalize. The file must end exactly at the planned size."""
+    """Open, copy pieces to their planned offsets, finalize. The file must end at the planned size.
+
+    Pieces are copied at explicit offsets, so several threads may copy different pieces of one shard
+    at once; the writer counts what they wrote.
+    """
 
     def __init__(
         self, path: Path, shard: ShardPlan, *, durable: bool = True, stop: threading.Event | None = None
@@ -49,7 +54,8 @@ class ShardWriter:
         self.stop = stop
         self.state = WriterState.NEW
         self._fd = -1
-        self._position = 0
+        self._written = 0
+        self._lock = threading.Lock()
         self._sources: dict[Path, int] = {}
         self._kernel_copy = True
 
@@ -57,42 +63,43 @@ class ShardWriter:
         self._expect(WriterState.NEW, "open")
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self.state = WriterState.OPEN
+        for tensor in self.shard.tensors:
+            for piece in tensor.pieces:
+                self._source_fd(piece.file)
         self._pwrite_all(self.shard.header, 0)
-        self._position = len(self.shard.header)
+        self._count(len(self.shard.header))
 
-    def copy(self, piece: Piece, progress: Progress | None = None) -> None:
+    def copy(self, piece: Piece, at: int, progress: Progress | None = None) -> None:
+        """Write `piece` at output offset `at`."""
         self._expect(WriterState.OPEN, "copy")
-        src_fd = self._source_fd(piece.file)
+        src_fd = self._sources[piece.file]
         if piece.transpose is not None or piece.cast is not None:
             # Bytes that change on the way pass through our memory, one bounded chunk at a time.
             for data in piece_chunks(src_fd, piece):
-                self._pwrite_all(data, self._position)
-                self._position += len(data)
-                if progress is not None:
-                    progress(len(data))
+                self._pwrite_all(data, at)
+                at += len(data)
+                self._count(len(data), progress)
             return
         offset, remaining = piece.offset, piece.length
         while remaining:
             if self.stop is not None and self.stop.is_set():
                 raise WriteStopped(self.path)
-            count = min(remaining, COPY_CHUNK)
-            moved = self._copy_chunk(src_fd, offset, count)
+            moved = self._copy_chunk(src_fd, offset, min(remaining, COPY_CHUNK), at)
             if moved == 0:
                 raise CheckpointError(
                     f"{piece.file}: ended at byte {offset}, before the {piece.length}-byte range at "
                     f"{piece.offset} its header promises (file changed or truncated during conversion)"
                 )
             offset += moved
+            at += moved
             remaining -= moved
-            self._position += moved
-            if progress is not None:
-                progress(moved)
+            self._count(moved, progress)
 
     def finalize(self) -> None:
         self._expect(WriterState.OPEN, "finalize")
         try:
-            if self._position != self.shard.file_size:
-                raise FusemoeError(f"{self.path}: wrote {self._position} bytes, planned {self.shard.file_size}")
+            if self._written != self.shard.file_size:
+                raise FusemoeError(f"{self.path}: wrote {self._written} bytes, planned {self.shard.file_size}")
             if self.durable:
                 os.fsync(self._fd)
         finally:
@@ -107,6 +114,12 @@ class ShardWriter:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+    def _count(self, n: int, progress: Progress | None = None) -> None:
+        with self._lock:
+            self._written += n
+        if progress is not None:
+            progress(n)
 
     def _expect(self, state: WriterState, action: str) -> None:
         if self.state is not state:
@@ -124,17 +137,42 @@ class ShardWriter:
             view = view[written:]
             at += written
 
-    def _copy_chunk(self, src_fd: int, offset: int, count: int) -> int:
+    def _copy_chunk(self, src_fd: int, offset: int, count: int, at: int) -> int:
         if self._kernel_copy:
             try:
-                return os.copy_file_range(src_fd, self._fd, count, offset, self._position)
+                return os.copy_file_range(src_fd, self._fd, count, offset, at)
             except OSError as e:
                 if e.errno not in _NO_KERNEL_COPY:
                     raise
                 self._kernel_copy = False
         data = os.pread(src_fd, min(count, FALLBACK_BUFFER), offset)
-        self._pwrite_all(data, self._position)
+        self._pwrite_all(data, at)
         return len(data)
+
+
+def placed_pieces(shard: ShardPlan) -> list[tuple[Piece, int]]:
+    """Every piece of `shard` with the file offset it is written at, in file order."""
+    placed, at = [], len(shard.header)
+    for tensor in shard.tensors:
+        for piece in tensor.pieces:
+            placed.append((piece, at))
+            at += piece.out_length
+    return placed
+
+
+def split_evenly(placed: list[tuple[Piece, int]], parts: int) -> list[list[tuple[Piece, int]]]:
+    """`placed` cut into at most `parts` runs of consecutive pieces holding about equal bytes."""
+    total = sum(piece.out_length for piece, _ in placed)
+    runs: list[list[tuple[Piece, int]]] = [[]]
+    done = 0
+    for item in placed:
+        size = item[0].out_length
+        # A new run starts where the boundary falls nearer this piece's start than its end.
+        if runs[-1] and len(runs) < parts and done + size / 2 >= total * len(runs) / parts:
+            runs.append([])
+        runs[-1].append(item)
+        done += size
+    return [run for run in runs if run]
 
 
 def write_shard(
@@ -144,23 +182,42 @@ def write_shard(
     durable: bool,
     progress: Progress | None,
     stop: threading.Event | None = None,
+    threads: int = 1,
 ) -> None:
     """Write `shard` to `path` from start to finish, closing every file on the way out.
+
+    With `threads` > 1, runs of the shard's pieces are copied at once: one kernel copy runs on one
+    core, so a shard copies faster than `cp` copies a file when cores are free.
 
     Raises:
         DestinationError: the disk is full, a quota is reached or the file may not grow (EFBIG);
             the message names the file.
         WriteStopped: `stop` was set while copying.
     """
-    writer = ShardWriter(path, shard, durable=durable, stop=stop)
+    writer = ShardWriter(path, shard, durable=durable, stop=stop or threading.Event())
+
+    def copy_run(run: list[tuple[Piece, int]]) -> None:
+        for piece, at in run:
+            writer.copy(piece, at, progress)
+            pause_point("piece", writer.stop)
+
     try:
         writer.open()
         if progress is not None:
             progress(len(shard.header))
-        for tensor in shard.tensors:
-            for piece in tensor.pieces:
-                writer.copy(piece, progress)
-                pause_point("piece", stop)
+        runs = split_evenly(placed_pieces(shard), threads)
+        if len(runs) <= 1:
+            for run in runs:
+                copy_run(run)
+        else:
+            with ThreadPoolExecutor(max_workers=len(runs)) as pool:
+                jobs = [pool.submit(copy_run, run) for run in runs]
+                try:
+                    for job in jobs:
+                        job.result()
+                except BaseException:
+                    writer.stop.set()
+                    raise
         writer.finalize()
     except OSError as e:
         if e.errno in DISK_FULL:
