@@ -269,13 +269,12 @@ def _check_no_partial(partial: Path, *, resume: bool, overwrite: bool) -> None:
 def is_hub_source(src: str | os.PathLike) -> bool:
     """True when `src` names no existing local path but reads as a Hub repo id (`org/name`)."""
     text = os.fspath(src)
-    return (
-        not Path(text).exists()
-        and _REPO_ID.fullmatch(text) is not None
-        and ".." not in text
-        and "--" not in text
-        and not text.endswith(".")
-    )
+    return not Path(text).exists() and looks_like_repo_id(text)
+
+
+def looks_like_repo_id(text: str) -> bool:
+    """True when `text` is spelled as the Hub spells a repo id (`org/name`)."""
+    return _REPO_ID.fullmatch(text) is not None and ".." not in text and "--" not in text and not text.endswith(".")
 
 
 def _prepare_partial(
