@@ -263,9 +263,10 @@ def _push(
 def batch(
     manifest: str, jobs: int, shard: str | None, shard_by: str, report: str | None, check_bytes: bool, dry_run: bool
 ) -> None:
-    """Convert every entry of MANIFEST (JSON Lines), each in its own process, with a report.
+    """Convert every entry of MANIFEST (JSON Lines), each in its own process.
 
     Finished entries are skipped and interrupted ones resumed, so rerunning does only what is left.
+    A table of the entries (status, seconds, size, error) ends the output; exit 1 if any failed.
     """
     chosen = resolve_shard(shard)
     if dry_run:

@@ -99,8 +99,8 @@ def load_manifest(path: str | os.PathLike) -> list[Entry]:
 def _parse_entry(line: str, base: Path, where: str, number: int) -> Entry:
     try:
         data = json.loads(line)
-    except ValueError as e:
-        raise ManifestError(f"{where}: not valid JSON: {e}") from None
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{where}: not valid JSON: {e.msg} at column {e.colno}") from None
     if not isinstance(data, dict):
         raise ManifestError(f'{where}: not a JSON object; write {{"src": ..., "dst": ...}}')
     for name in data:
