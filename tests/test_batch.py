@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -378,3 +379,15 @@ def test_manifest_errors_name_the_line_and_field_and_run_nothing(tmp_path, lines
     expected = message.format(m=manifest)
     assert error.startswith(expected) if expected.endswith(": ") else error == expected
     assert sorted(p.name for p in tmp_path.iterdir()) == ["zoo.jsonl"]
+
+
+def test_cluster_examples_run_batch_and_agree_on_the_count():
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    sbatch = (examples / "slurm_batch.sbatch").read_text()
+    assert "#SBATCH --array=" in sbatch and "fusemoe-ckpt batch " in sbatch
+    assert subprocess.run(["bash", "-n", str(examples / "slurm_batch.sbatch")]).returncode == 0
+    job = (examples / "k8s_indexed_job.yaml").read_text()
+    assert "completionMode: Indexed" in job and "fusemoe-ckpt batch " in job
+    completions = re.search(r"^  completions: (\d+)$", job, re.MULTILINE).group(1)
+    count = re.search(r'name: FUSEMOE_SHARD_COUNT\n\s+value: "(\d+)"', job).group(1)
+    assert completions == count
