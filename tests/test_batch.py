@@ -391,3 +391,35 @@ def test_cluster_examples_run_batch_and_agree_on_the_count():
     completions = re.search(r"^  completions: (\d+)$", job, re.MULTILINE).group(1)
     count = re.search(r'name: FUSEMOE_SHARD_COUNT\n\s+value: "(\d+)"', job).group(1)
     assert completions == count
+
+
+def test_interrupted_batch_stops_its_entries_and_says_how_to_resume(tmp_path):
+    """^C to the batch alone (not at a terminal, so not to its entry processes): the running entry is
+    interrupted keeping its partial output, the rest is not started, the report says so, exit 130."""
+    root = tmp_path / "zoo"
+    for name in ("a", "b"):
+        write_checkpoint(root / name, expert_tensors(layers=3), config=QWEN3_CONFIG)
+    entries = [{"src": n, "dst": f"out/{n}", "max_shard_size": 600, "workers": 1} for n in ("a", "b")]
+    manifest = write_manifest(root / "zoo.jsonl", entries)
+    flag, report = tmp_path / "paused", tmp_path / "report.json"
+    env = os.environ | {PAUSE_VARIABLE: f"shard-done:1:{flag}"}
+    command = [sys.executable, "-m", "fusemoe_ckpt", "batch", str(manifest), "--report", str(report)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(flag, process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert stderr.splitlines()[-1] == (
+        "Error: interrupted; batch stopped, 1 of 2 entries not run; run the same command again to resume"
+    )
+    a, b = entries_of(report)["a"], entries_of(report)["b"]
+    partial = root / "out" / ".a.fusemoe-partial"
+    assert (a["status"], a["error"]) == (
+        "failed",
+        f"interrupted; {partial} keeps what was completed; run the batch again to resume",
+    )
+    assert b["status"] == "pending"
+    assert partial.is_dir() and not (root / "out" / "b").exists()
+    flag.unlink()
+    assert batch(manifest, "--report", report).exit_code == 0
+    assert [e["kept_shards"] > 0 for e in entries_of(report).values()] == [True, False]

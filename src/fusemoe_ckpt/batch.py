@@ -193,7 +193,7 @@ def run_batch(
                 write_report()
             left = result.counts()["pending"]
             raise KeyboardInterrupt(
-                f"batch stopped with {left} entries not run; run the same command again to resume"
+                f"batch stopped, {left} of {len(result.results)} entries not run; run the same command again to resume"
             ) from None
         pool.shutdown()
     with lock:

@@ -171,8 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         outcome = run_entry(entry, check_bytes="--verify" in args[2:])
         code = 0
-    except KeyboardInterrupt as e:
-        detail = str(e) or f"rerun to resume; {partial_path(entry.dst)} may keep completed shards"
+    except KeyboardInterrupt:
+        # Not convert's own advice (--resume): the batch resumes by itself when run again.
+        detail = f"{partial_path(entry.dst)} keeps what was completed; run the batch again to resume"
         outcome, code = {"status": "failed", "error": f"interrupted; {detail}"}, 130
     except Exception as e:  # noqa: BLE001 - one entry's error of any kind is recorded, not raised
         outcome, code = {"status": "failed", "error": one_line(e)}, 1
