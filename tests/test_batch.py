@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -136,6 +137,20 @@ def test_rerun_skips_finished_entries_and_retries_the_failed_one(zoo, tmp_path):
     assert third.exit_code == 0, third.output
     assert set(statuses(report).values()) == {"skipped", "converted"}
     assert statuses(report)["out/broken"] == "converted"
+
+
+def test_a_finished_entry_whose_source_was_removed_is_still_skipped(zoo, tmp_path):
+    """Zoo owners delete the per-expert originals once converted: DST's own record then decides.
+    (Written `./models/qwen`: a missing `models/qwen` would read as a Hub repo id.)"""
+    manifest = write_manifest(zoo, [{"src": "./models/qwen", "dst": "out/qwen"}])
+    assert batch(manifest).exit_code == 0
+    shutil.rmtree(zoo.parent / "models" / "qwen")
+    report = tmp_path / "report.json"
+    assert batch(manifest, "--report", report).exit_code == 0
+    assert statuses(report) == {"out/qwen": "skipped"}
+    # Without the source, its bytes cannot be compared: --verify says so rather than skipping.
+    assert batch(manifest, "--report", report, "--verify").exit_code == 1
+    assert "(the source is gone, so its bytes cannot be verified)" in entries_of(report)["qwen"]["error"]
 
 
 def test_a_dst_that_is_not_the_entrys_conversion_is_not_skipped(zoo, tmp_path):

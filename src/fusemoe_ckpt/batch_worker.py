@@ -81,9 +81,10 @@ def unfinished_reason(entry: Entry, *, check_bytes: bool = False) -> str | None:
     complete. What is checked is that it is *this entry's* conversion. For a local source: the
     plan is recomputed from the source headers and DST's index must map the planned keys to the
     planned shards, each with the planned size and header (dtypes, shapes, offsets), the family
-    and dtype as planned. For a Hub source, without downloading: the index records the same repo
-    (and commit, when the entry pins one), family and dtype, and every shard's header holds the
-    keys the index maps to it. With `check_bytes`, verify compares every byte as well.
+    and dtype as planned. For a Hub source, without downloading (and for a local source since
+    removed): the index records the same source (and commit, when the entry pins one), family and
+    dtype, and every shard's header holds the keys the index maps to it. With `check_bytes`,
+    verify compares every byte as well.
 
     Raises:
         FusemoeError: the source cannot be read or planned.
@@ -97,10 +98,13 @@ def unfinished_reason(entry: Entry, *, check_bytes: bool = False) -> str | None:
     if "fusemoe_ckpt_family" not in metadata:
         return "not written by fusemoe-ckpt"
     recorded = (metadata.get("fusemoe_ckpt_family"), metadata.get("fusemoe_ckpt_dtype"))
-    if entry.hub:
-        reason = _hub_reason(entry, weight_map, metadata)
+    # A local source removed after its conversion (to free the space) leaves only what DST records.
+    if entry.hub or not Path(entry.src).exists():
+        reason = _recorded_reason(entry, weight_map, metadata)
         source = None
         if reason is None and check_bytes:
+            if not entry.hub:
+                return "the source is gone, so its bytes cannot be verified"
             from .hub import download_checkpoint
 
             source = download_checkpoint(entry.src, revision=entry.revision, progress=False).path
@@ -131,7 +135,7 @@ def _plan_reason(entry: Entry, plan, weight_map: dict[str, str], recorded: tuple
     return None
 
 
-def _hub_reason(entry: Entry, weight_map: dict[str, str], metadata: dict) -> str | None:
+def _recorded_reason(entry: Entry, weight_map: dict[str, str], metadata: dict) -> str | None:
     source = metadata.get("fusemoe_ckpt_source")
     if source != entry.src:
         return f"converted from {source}"

@@ -272,7 +272,7 @@ def batch(
     if dry_run:
         entries, selected = plan_batch(manifest, shard=chosen, shard_by=shard_by)
         for entry in selected:
-            click.echo(f"{entry.line:>5}  {entry.src} -> {entry.dst}")
+            click.echo(f"{entry.line:>5}  {entry.src}{' (Hub)' if entry.hub else ''} -> {entry.dst}")
         click.echo(f"{len(selected)} of {len(entries)} entries in shard {chosen} ({chosen.origin}, by {shard_by})")
         return
 
