@@ -90,7 +90,7 @@ def unfinished_reason(entry: Entry, *, check_bytes: bool = False) -> str | None:
         FusemoeError: the source cannot be read or planned.
     """
     if not entry.dst.is_dir():
-        return "no output yet"
+        return "it is not a directory" if entry.dst.exists() else "no output yet"
     try:
         weight_map, metadata = read_index(entry.dst / INDEX_NAME)
     except CheckpointError:
