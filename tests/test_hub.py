@@ -311,3 +311,28 @@ def test_a_local_convert_never_imports_huggingface_hub(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     subprocess.run([sys.executable, "-c", script], check=True, env=env)
     assert (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+def test_batch_converts_and_pushes_a_hub_entry_then_skips_it_without_downloading(hub, source_repo, tmp_path):
+    """A repo id src in a manifest (entry processes reach the Hub through the same HF_* settings):
+    converted and pushed once; a re-run skips it from the index metadata alone, fetching no source
+    file again, and pushes again with nothing to change."""
+    manifest = tmp_path / "zoo.jsonl"
+    entry = {"src": source_repo, "dst": "out/tiny", "push_to_hub": "me/tiny-fused", "private": True}
+    manifest.write_text(json.dumps(entry) + "\n")
+    report = tmp_path / "report.json"
+    result = CliRunner().invoke(cli, ["batch", str(manifest), "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    (first,) = json.loads(report.read_text())["entries"]
+    assert (first["status"], first["src"], first["dst"]) == ("converted", source_repo, str(tmp_path / "out" / "tiny"))
+    assert first["pushed_to"].endswith("/me/tiny-fused")
+    fused = _tree(tmp_path / "out" / "tiny")
+    assert {name: data for name, data in hub.files("me/tiny-fused").items() if name != ".gitattributes"} == fused
+    fetched = len(hub.fetched())
+
+    result = CliRunner().invoke(cli, ["batch", str(manifest), "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    (second,) = json.loads(report.read_text())["entries"]
+    assert (second["status"], second["pushed_to"]) == ("skipped", first["pushed_to"])
+    assert len(hub.fetched()) == fetched
+    assert _tree(tmp_path / "out" / "tiny") == fused

@@ -190,6 +190,18 @@ def test_resume_refuses_a_partial_directory_of_another_plan(src, tmp_path, chang
     )
 
 
+def test_resume_with_overwrite_starts_over_a_partial_directory_of_another_plan(src, tmp_path):
+    """--resume --overwrite resumes when it can and otherwise starts over, as the refusal advises."""
+    dst = tmp_path / "dst"
+    kill_at(src, dst, "shard-done", 2)
+    summary = resume(src, dst, "--max-shard-size", "700", "--overwrite")
+    assert "kept from the interrupted run" not in summary
+    assert not partial_of(dst).exists()
+    reference = tmp_path / "ref700"
+    CliRunner().invoke(cli, ["convert", "-q", str(src), str(reference), *OPTIONS, "--max-shard-size", "700"])
+    assert files_of(dst) == files_of(reference)
+
+
 def test_resume_redoes_shards_changed_or_torn_since(src, reference, tmp_path):
     """A recorded shard rewritten or truncated after the crash, a journal line cut short, a stray file:
     the shard is redone, the stray file dropped, and the output is still exact."""

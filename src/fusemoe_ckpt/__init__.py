@@ -2,6 +2,7 @@
 
 from importlib.metadata import version as _version
 
+from .batch import BatchError, BatchResult, EntryResult, run_batch
 from .converter import ConvertResult, convert, plan_for, resolve_family
 from .errors import (
     CheckpointError,
@@ -10,11 +11,14 @@ from .errors import (
     FamilyError,
     FusemoeError,
     HubError,
+    ManifestError,
     UsageError,
 )
 from .families import FAMILIES, Family, family_by_name, family_for_config
 from .inspection import Inspection, inspect_checkpoint
+from .manifest import Entry, load_manifest
 from .plan import ConversionPlan, plan_conversion
+from .sharding import Shard, resolve_shard, select
 from .source import SourceCheckpoint, open_checkpoint
 from .unfuse import UnfuseResult, plan_unfuse, unfuse
 from .verify import VerificationError, VerifyResult, verify
@@ -35,16 +39,22 @@ def __getattr__(name: str):
 
 __all__ = [
     "FAMILIES",
+    "BatchError",
+    "BatchResult",
     "CheckpointError",
     "ConversionInterrupted",
     "ConversionPlan",
     "ConvertResult",
     "DestinationError",
+    "Entry",
+    "EntryResult",
     "Family",
     "FamilyError",
     "FusemoeError",
     "HubError",
     "Inspection",
+    "ManifestError",
+    "Shard",
     "SourceCheckpoint",
     "UnfuseResult",
     "UsageError",
@@ -56,12 +66,16 @@ __all__ = [
     "family_by_name",
     "family_for_config",
     "inspect_checkpoint",
+    "load_manifest",
     "open_checkpoint",
     "plan_conversion",
     "plan_for",
     "plan_unfuse",
     "push_to_hub",
     "resolve_family",
+    "resolve_shard",
+    "run_batch",
+    "select",
     "unfuse",
     "verify",
 ]

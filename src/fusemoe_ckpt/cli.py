@@ -11,12 +11,14 @@ import traceback
 import click
 
 from . import __version__
+from .batch import EntryResult, plan_batch, run_batch
 from .cast import OUTPUT_DTYPES
 from .converter import convert as convert_checkpoint
-from .errors import FusemoeError
+from .errors import one_line
 from .example import write_example
 from .families import FAMILIES, REFUSED
 from .inspection import inspect_checkpoint
+from .sharding import SHARD_BY, resolve_shard
 from .unfuse import unfuse as unfuse_checkpoint
 from .verify import VerifyResult
 from .verify import verify as verify_checkpoint
@@ -37,8 +39,7 @@ class _Group(click.Group):
         except Exception as e:  # noqa: BLE001 - the one place errors become a message
             if ctx.obj and ctx.obj.get("debug"):
                 traceback.print_exc()
-            message = str(e) if isinstance(e, FusemoeError) else f"{type(e).__name__}: {e}"
-            click.echo(f"Error: {message}", err=True)
+            click.echo(f"Error: {one_line(e)}", err=True)
             sys.exit(1)
 
 
@@ -236,6 +237,60 @@ def _push(
     )
     if not quiet:
         click.echo(result.summary())
+
+
+@cli.command()
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True, help="Entries run at once.")
+@click.option(
+    "--shard",
+    metavar="I/N",
+    help="Run only shard I of N [default: from SLURM_ARRAY_TASK_ID/_COUNT, or JOB_COMPLETION_INDEX and "
+    "FUSEMOE_SHARD_COUNT; else all].",
+)
+@click.option(
+    "--shard-by",
+    type=click.Choice(SHARD_BY),
+    default="dst",
+    show_default=True,
+    help="dst: a hash of dst, stable when the manifest changes; index: position in the manifest, exactly balanced.",
+)
+@click.option("--report", type=click.Path(dir_okay=False), help="Also write the report as JSON to this file.")
+@click.option(
+    "--verify", "check_bytes", is_flag=True, help="Compare every byte: after each convert, and before each skip."
+)
+@click.option("--dry-run", is_flag=True, help="List the entries this shard would run, and run nothing.")
+def batch(
+    manifest: str, jobs: int, shard: str | None, shard_by: str, report: str | None, check_bytes: bool, dry_run: bool
+) -> None:
+    """Convert every entry of MANIFEST (JSON Lines), each in its own process.
+
+    Finished entries are skipped and interrupted ones resumed, so rerunning does only what is left.
+    A table of the entries (status, seconds, size, error) ends the output; exit 1 if any failed.
+    """
+    chosen = resolve_shard(shard)
+    if dry_run:
+        entries, selected = plan_batch(manifest, shard=chosen, shard_by=shard_by)
+        for entry in selected:
+            click.echo(f"{entry.line:>5}  {entry.src}{' (Hub)' if entry.hub else ''} -> {entry.dst}")
+        click.echo(f"{len(selected)} of {len(entries)} entries in shard {chosen} ({chosen.origin}, by {shard_by})")
+        return
+
+    def finished(outcome: EntryResult) -> None:
+        detail = f": {outcome.error}" if outcome.error else ""
+        click.echo(f"{outcome.status} {outcome.entry.dst_text} ({outcome.seconds:.1f} s){detail}", err=True)
+
+    result = run_batch(
+        manifest,
+        jobs=jobs,
+        shard=chosen,
+        shard_by=shard_by,
+        check_bytes=check_bytes,
+        report=report,
+        on_result=finished,
+    )
+    click.echo("\n".join(result.table()))
+    result.raise_if_failed()
 
 
 @cli.command()

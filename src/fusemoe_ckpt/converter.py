@@ -210,7 +210,7 @@ def write_plan(
     with DestinationLock(dst_path):
         _check_no_partial(partial, resume=resume, overwrite=overwrite)
         fingerprint = plan_fingerprint(source, plan)
-        kept = _prepare_partial(partial, plan, fingerprint, resume=resume, durable=durable)
+        kept = _prepare_partial(partial, plan, fingerprint, resume=resume, overwrite=overwrite, durable=durable)
         kept_names = {record.filename for record in kept}
         todo = [s for s in plan.shards if s.filename not in kept_names]
         try:
@@ -270,19 +270,22 @@ def _check_no_partial(partial: Path, *, resume: bool, overwrite: bool) -> None:
 def is_hub_source(src: str | os.PathLike) -> bool:
     """True when `src` names no existing local path but reads as a Hub repo id (`org/name`)."""
     text = os.fspath(src)
-    return (
-        not Path(text).exists()
-        and _REPO_ID.fullmatch(text) is not None
-        and ".." not in text
-        and "--" not in text
-        and not text.endswith(".")
-    )
+    return not Path(text).exists() and looks_like_repo_id(text)
+
+
+def looks_like_repo_id(text: str) -> bool:
+    """True when `text` is spelled as the Hub spells a repo id (`org/name`)."""
+    return _REPO_ID.fullmatch(text) is not None and ".." not in text and "--" not in text and not text.endswith(".")
 
 
 def _prepare_partial(
-    partial: Path, plan: ConversionPlan, fingerprint: str, *, resume: bool, durable: bool
+    partial: Path, plan: ConversionPlan, fingerprint: str, *, resume: bool, overwrite: bool, durable: bool
 ) -> list[ShardRecord]:
-    """An empty partial directory, or with `resume` one holding only the shards known complete."""
+    """An empty partial directory, or with `resume` one holding only the shards known complete.
+
+    With both `resume` and `overwrite`, a partial directory that cannot be resumed (another plan, no
+    journal) is started over instead of refused: resume where possible, else redo.
+    """
     if not partial.exists():
         partial.mkdir()
         return []
@@ -292,7 +295,14 @@ def _prepare_partial(
         return []
     if partial.is_symlink() or not partial.is_dir():
         raise DestinationError(f"{partial}: is not a directory; remove it")
-    kept = completed_shards(partial, plan, fingerprint)
+    try:
+        kept = completed_shards(partial, plan, fingerprint)
+    except DestinationError:
+        if not overwrite:
+            raise
+        shutil.rmtree(partial)
+        partial.mkdir()
+        return []
     keep = {record.filename for record in kept} | {JOURNAL_NAME}
     for entry in partial.iterdir():
         if entry.name in keep:

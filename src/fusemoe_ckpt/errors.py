@@ -23,6 +23,10 @@ class UsageError(FusemoeError):
     """An option has a value that cannot work."""
 
 
+class ManifestError(UsageError):
+    """A batch manifest is unreadable, or an entry has a missing, unknown or invalid field."""
+
+
 class HubError(FusemoeError):
     """The Hugging Face Hub could not be reached, or refused a repo, revision or upload."""
 
@@ -32,3 +36,8 @@ class ConversionInterrupted(KeyboardInterrupt):
 
     A KeyboardInterrupt still, so code that stops on ^C keeps stopping.
     """
+
+
+def one_line(error: BaseException) -> str:
+    """The message an error is shown with: ours as they are, others prefixed with their type."""
+    return str(error) if isinstance(error, FusemoeError) else f"{type(error).__name__}: {error}"

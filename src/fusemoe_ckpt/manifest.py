@@ -1,0 +1,161 @@
+"""The batch manifest: JSON Lines, one conversion per line (src, dst and convert's options).
+
+JSON Lines rather than TOML: `tomllib` is not in Python 3.10, which the project supports, and a
+new dependency is not worth it; a line per entry also gives every error a line number, and a zoo
+grows by appending a line. Blank lines and lines starting with `#` are skipped.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .cast import OUTPUT_DTYPES
+from .converter import looks_like_repo_id
+from .errors import FusemoeError, ManifestError
+from .families import FAMILIES_BY_NAME
+from .sizes import parse_size
+
+# Each field with what it takes, as the error messages say it.
+FIELDS: dict[str, str] = {
+    "src": "a local directory or a Hub repo id (org/name)",
+    "dst": "a local directory",
+    "family": "a family name (fusemoe-ckpt families)",
+    "max_shard_size": 'a size such as "5GB", or a number of bytes',
+    "dtype": f"one of {', '.join(OUTPUT_DTYPES)}",
+    "revision": "a branch, tag or commit of a Hub repo id src",
+    "push_to_hub": "a Hub repo id (org/name) to push DST to",
+    "private": "true or false",
+    "workers": "a whole number of at least 1",
+    "overwrite": "true or false",
+}
+# A src written like this is a local path even when it does not exist (yet), never a repo id.
+_LOCAL_PREFIXES = ("/", "./", "../", "~")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One conversion of the manifest, its paths resolved against the manifest's directory."""
+
+    line: int
+    src: str  # an absolute local path, or a Hub repo id when `hub`
+    dst: Path  # absolute
+    dst_text: str  # as the manifest writes it: what the report shows and what shards are drawn by
+    hub: bool = False
+    family: str | None = None
+    max_shard_size: str | int = "5GB"
+    dtype: str | None = None
+    revision: str | None = None
+    push_to_hub: str | None = None
+    private: bool = False
+    workers: int | None = None
+    overwrite: bool = False
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "dst": str(self.dst)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Entry:
+        return cls(**{**data, "dst": Path(data["dst"])})
+
+
+def load_manifest(path: str | os.PathLike) -> list[Entry]:
+    """Read and validate a whole manifest before anything runs.
+
+    Raises:
+        ManifestError: the file cannot be read, has no entries, or a line is not a valid entry
+            (the message names `file:line` and the field), or two entries share a dst.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ManifestError(f"{path}: cannot read the manifest: {reason}") from e
+    base = path.absolute().parent
+    entries: list[Entry] = []
+    seen: dict[Path, int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        entry = _parse_entry(stripped, base, f"{path}:{number}", number)
+        key = entry.dst.resolve()
+        if key in seen:
+            raise ManifestError(
+                f'{path}:{number}: field "dst": {entry.dst_text!r} is also the dst of line {seen[key]}; '
+                "every entry needs its own dst"
+            )
+        seen[key] = number
+        entries.append(entry)
+    if not entries:
+        raise ManifestError(f"{path}: no entries; write one JSON object per line with at least src and dst")
+    return entries
+
+
+def _parse_entry(line: str, base: Path, where: str, number: int) -> Entry:
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{where}: not valid JSON: {e.msg} at column {e.colno}") from None
+    if not isinstance(data, dict):
+        raise ManifestError(f'{where}: not a JSON object; write {{"src": ..., "dst": ...}}')
+    for name in data:
+        if name not in FIELDS:
+            close = difflib.get_close_matches(name, FIELDS, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ManifestError(f"{where}: unknown field {name!r}; {hint}known fields: {', '.join(FIELDS)}")
+    for name in ("src", "dst"):
+        if name not in data:
+            raise ManifestError(f'{where}: field "{name}" is missing ({FIELDS[name]})')
+
+    def bad(name: str, detail: str | None = None) -> ManifestError:
+        return ManifestError(f'{where}: field "{name}": {detail or f"{data[name]!r} is not {FIELDS[name]}"}')
+
+    for name in ("src", "dst", "family", "dtype", "revision", "push_to_hub"):
+        if name in data and not (isinstance(data[name], str) and data[name].strip()):
+            raise bad(name)
+    for name in ("private", "overwrite"):
+        if name in data and not isinstance(data[name], bool):
+            raise bad(name)
+    if "workers" in data and (type(data["workers"]) is not int or data["workers"] < 1):
+        raise bad("workers")
+    if "max_shard_size" in data:
+        value = data["max_shard_size"]
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise bad("max_shard_size")
+        try:
+            parse_size(value)
+        except FusemoeError as e:
+            raise bad("max_shard_size", str(e)) from None
+    if "family" in data and data["family"] not in FAMILIES_BY_NAME:
+        raise bad("family", f"unknown family {data['family']!r}; known families: {', '.join(sorted(FAMILIES_BY_NAME))}")
+    if "dtype" in data and data["dtype"] not in OUTPUT_DTYPES:
+        raise bad("dtype")
+    if "push_to_hub" in data and not looks_like_repo_id(data["push_to_hub"]):
+        raise bad("push_to_hub")
+    if data.get("private") and "push_to_hub" not in data:
+        raise bad("private", "applies to the repo push_to_hub creates; set push_to_hub too")
+
+    src, hub = _resolve_source(data["src"], base)
+    if "revision" in data and not hub:
+        raise bad("revision", f"applies to a Hub repo id, and src {data['src']!r} is a local path")
+    options = {name: data[name] for name in FIELDS if name in data and name not in ("src", "dst")}
+    return Entry(line=number, src=src, dst=_resolve(data["dst"], base), dst_text=data["dst"], hub=hub, **options)
+
+
+def _resolve(text: str, base: Path) -> Path:
+    """`text` as an absolute path, a relative one taken from the manifest's directory."""
+    return Path(os.path.normpath(base / Path(text).expanduser()))
+
+
+def _resolve_source(text: str, base: Path) -> tuple[str, bool]:
+    """(src, is a Hub repo id): a path that exists, or one written as a path, is local; else
+    an `org/name` is a repo id, as convert decides for its SRC (the local path always wins)."""
+    local = _resolve(text, base)
+    if local.exists() or text.startswith(_LOCAL_PREFIXES) or not looks_like_repo_id(text):
+        return str(local), False
+    return text, True
