@@ -20,7 +20,7 @@ from .source import SourceTensor
 HIDDEN_AXIS = {"gate_up_proj": 2, "up_proj": 2, "down_proj": 1}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Piece:
     """A run of `length` bytes from a source file; with `transpose` = (rows, cols), a row-major matrix
     that is written transposed; with `cast` = (source dtype, output dtype), elements converted."""
@@ -40,7 +40,7 @@ class Piece:
         return self.length // DTYPE_SIZES[source] * DTYPE_SIZES[output]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class OutputTensor:
     """One tensor of the output and the source pieces that make it, in order."""
 
@@ -54,7 +54,7 @@ class OutputTensor:
         return sum(piece.out_length for piece in self.pieces)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FusedGroup:
     """An output tensor built by a converter from `source_keys`."""
 

@@ -46,7 +46,7 @@ DTYPE_SIZES: dict[str, int] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorInfo:
     """One tensor entry of a safetensors header; offsets are relative to the data buffer."""
 
@@ -61,7 +61,7 @@ class TensorInfo:
         return self.end - self.start
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ShardHeader:
     """The parsed header of one safetensors file."""
 
