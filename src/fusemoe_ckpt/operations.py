@@ -169,19 +169,28 @@ def concatenate(target: str, converter: Converter, slots: Slots, family: str) ->
     )
 
 
+def hidden_axis(tensor: SourceTensor, target: str, hidden_size: int | None) -> int:
+    """The axis of fused expert tensor `target` that transformers holds at hidden_size.
+
+    Raises:
+        FamilyError: not a 3-D fused expert tensor, or no hidden_size to tell its orientation.
+    """
+    kind = target.rpartition(".")[2]
+    if len(tensor.shape) != 3 or kind not in HIDDEN_AXIS:
+        raise FamilyError(f"{tensor.name}: expected a fused [experts, rows, cols] tensor, got {list(tensor.shape)}")
+    if hidden_size is None:
+        raise FamilyError(f"{tensor.name}: config.json gives no hidden_size to tell the orientation of fused experts")
+    return HIDDEN_AXIS[kind]
+
+
 def transpose_experts(
     target: str, slots: Slots, family: str, hidden_size: int | None
 ) -> tuple[OutputTensor, FusedGroup]:
     """A fused [E, a, b] tensor turned to [E, b, a] when its hidden axis is not where transformers
     holds it (as `Transpose(1, 2, check_dims=True)` does); each expert is a piece written transposed."""
     tensor = slots[0][None]
-    kind = target.rpartition(".")[2]
-    if len(tensor.shape) != 3 or kind not in HIDDEN_AXIS:
-        raise FamilyError(f"{tensor.name}: expected a fused [experts, rows, cols] tensor, got {list(tensor.shape)}")
-    if hidden_size is None:
-        raise FamilyError(f"{tensor.name}: config.json gives no hidden_size to tell the orientation of fused experts")
+    axis = hidden_axis(tensor, target, hidden_size)
     experts, rows, cols = tensor.shape
-    axis = HIDDEN_AXIS[kind]
     if tensor.shape[axis] == hidden_size:
         pieces: tuple[Piece, ...] = (_piece(tensor),)
         shape = tensor.shape

@@ -18,7 +18,7 @@ from pathlib import Path
 from .converter import check_paths, resolve_family, write_plan
 from .errors import FamilyError
 from .families import Family
-from .operations import HIDDEN_AXIS, FusedGroup, OutputTensor, Piece
+from .operations import FusedGroup, OutputTensor, Piece, hidden_axis
 from .patterns import Concatenate, Converter, ExpertMerge, Rename, TransposeExperts, map_key
 from .plan import ConversionPlan, config_hidden_size, lay_out, natural_key
 from .safetensors_format import DTYPE_SIZES
@@ -166,13 +166,8 @@ def _turn_back(tensor: SourceTensor, hidden_size: int | None) -> OutputTensor:
     """A fused expert tensor in transformers' orientation turned back to the stored one (hidden axis
     moved), exactly when convert would have turned the stored one: when the other axis is not also
     hidden_size."""
-    kind = tensor.name.rpartition(".")[2]
-    if len(tensor.shape) != 3 or kind not in HIDDEN_AXIS:
-        raise FamilyError(f"{tensor.name}: expected a fused [experts, rows, cols] tensor, got {list(tensor.shape)}")
-    if hidden_size is None:
-        raise FamilyError(f"{tensor.name}: config.json gives no hidden_size to tell the orientation of fused experts")
+    axis = hidden_axis(tensor, tensor.name, hidden_size)
     experts, rows, cols = tensor.shape
-    axis = HIDDEN_AXIS[kind]
     if tensor.shape[axis] != hidden_size:
         raise FamilyError(
             f"{tensor.name}: {list(tensor.shape)} is not in transformers' orientation (hidden_size {hidden_size} "
