@@ -165,7 +165,7 @@ def _report(result: VerifyResult, *, quiet: bool = False) -> None:
 @click.option("--family", help="Family rule to use instead of the one config.json names.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists and is not empty.")
-@click.option("--workers", type=int, default=None, help="Shards written at once [default: min(4, CPUs)].")
+@click.option("--workers", type=int, default=None, help="Copy threads [default: min(4, CPUs)].")
 @click.option("--no-fsync", is_flag=True, help="Skip flushing files to disk before the final rename.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 def unfuse(
