@@ -44,7 +44,9 @@ def read_text(path: Path) -> str:
     with os.fdopen(fd, "rb") as f:
         if st.st_size > MAX_TEXT_BYTES:
             raise CheckpointError(f"{path}: {st.st_size} bytes, more than the {MAX_TEXT_BYTES}-byte limit")
-        raw = f.read(MAX_TEXT_BYTES + 1)
+        # At most one byte past the size fstat saw (and never past the limit): read() allocates
+        # what it is asked for before it reads.
+        raw = f.read(min(st.st_size, MAX_TEXT_BYTES) + 1)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
