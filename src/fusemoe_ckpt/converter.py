@@ -44,7 +44,6 @@ class ConvertResult:
     copied_files: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     kept_shards: int = 0
-    source: str = ""
     source_dir: Path | None = None
 
     @property
@@ -180,7 +179,6 @@ def convert(
         copied_files=extras,
         warnings=_warnings(source),
         kept_shards=kept,
-        source=provenance["fusemoe_ckpt_source"],
         source_dir=src_path,
     )
 
