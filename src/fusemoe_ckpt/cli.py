@@ -99,8 +99,7 @@ def convert(
         # Past a file size limit (ulimit -f) the write must fail with EFBIG, not kill the process.
         # CPython's startup ignores SIGXFSZ already; an embedding interpreter may not.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    bar = _ProgressBar(enabled=not quiet and sys.stderr.isatty())
-    try:
+    with _ProgressBar("convert", quiet=quiet) as bar:
         result = convert_checkpoint(
             src,
             dst,
@@ -115,8 +114,6 @@ def convert(
             revision=revision,
             download_progress=not quiet,
         )
-    finally:
-        bar.close()
     for warning in result.warnings:
         click.echo(f"Warning: {warning}", err=True)
     if not quiet:
@@ -179,8 +176,7 @@ def unfuse(
     quiet: bool,
 ) -> None:
     """Split the fused experts of SRC back into per-expert tensors at DST."""
-    bar = _ProgressBar(enabled=not quiet and sys.stderr.isatty())
-    try:
+    with _ProgressBar("unfuse", quiet=quiet) as bar:
         result = unfuse_checkpoint(
             src,
             dst,
@@ -191,8 +187,6 @@ def unfuse(
             durable=not no_fsync,
             progress=bar.update,
         )
-    finally:
-        bar.close()
     if not quiet:
         click.echo(result.summary())
 
@@ -318,12 +312,20 @@ def example(directory: str) -> None:
 
 
 class _ProgressBar:
-    """A tqdm bar in bytes, created on the first update, when the total is known."""
+    """A tqdm bar in bytes, created on the first update, when the total is known; shown only on a
+    terminal and without --quiet. A context manager that closes the bar on the way out."""
 
-    def __init__(self, *, enabled: bool) -> None:
-        self.enabled = enabled
+    def __init__(self, desc: str, *, quiet: bool) -> None:
+        self.desc = desc
+        self.enabled = not quiet and sys.stderr.isatty()
         self._bar = None
         self._lock = threading.Lock()
+
+    def __enter__(self) -> _ProgressBar:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def update(self, done: int, total: int) -> None:
         if not self.enabled:
@@ -332,7 +334,7 @@ class _ProgressBar:
             if self._bar is None:
                 from tqdm import tqdm
 
-                self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="convert")
+                self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=self.desc)
             self._bar.update(done)
 
     def close(self) -> None:
