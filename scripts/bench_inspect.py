@@ -17,8 +17,8 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from fusemoe_ckpt.inspection import inspect_checkpoint
-from fusemoe_ckpt.safetensors_format import TensorInfo, encode_header
+from fusemoe_ckpt.commands.inspect import inspect_checkpoint
+from fusemoe_ckpt.reading.safetensors_format import TensorInfo, encode_header
 
 SHARDS, LAYERS, EXPERTS = 100, 48, 128
 

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fusemoe_ckpt.safetensors_format import TensorInfo, encode_header
+from fusemoe_ckpt.reading.safetensors_format import TensorInfo, encode_header
 
 LAYERS, EXPERTS, SHARDS, ROWS, COLS = 8, 64, 8, 512, 1024
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from fusemoe_ckpt.families import FAMILIES, REFUSED
+from fusemoe_ckpt.rules.families import FAMILIES, REFUSED
 
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- families:start -->", "<!-- families:end -->"

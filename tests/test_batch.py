@@ -17,11 +17,11 @@ import pytest
 from click.testing import CliRunner
 
 from fusemoe_ckpt import verify
+from fusemoe_ckpt.batch.cluster import parse_shard, select, shard_from_environment
+from fusemoe_ckpt.batch.manifest import load_manifest
 from fusemoe_ckpt.cli import cli
 from fusemoe_ckpt.hooks import PAUSE_VARIABLE
-from fusemoe_ckpt.lock import lock_path
-from fusemoe_ckpt.manifest import load_manifest
-from fusemoe_ckpt.sharding import parse_shard, select, shard_from_environment
+from fusemoe_ckpt.write.lock import lock_path
 
 from .conftest import MIXTRAL_CONFIG, QWEN3_CONFIG, expert_tensors, write_checkpoint
 from .test_bad_input import one_line_error, snapshot

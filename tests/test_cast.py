@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import fusemoe_ckpt.streams as streams
+import fusemoe_ckpt.write.streams as streams
 from fusemoe_ckpt import UsageError, convert
 from fusemoe_ckpt.cli import cli
 

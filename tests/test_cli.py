@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from fusemoe_ckpt import FAMILIES, __version__
 from fusemoe_ckpt.cli import cli
-from fusemoe_ckpt.families import REFUSED
+from fusemoe_ckpt.rules.families import REFUSED
 
 from .conftest import load_checkpoint
 

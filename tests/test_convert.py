@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from fusemoe_ckpt import FamilyError, convert
-from fusemoe_ckpt.families import REFUSED
+from fusemoe_ckpt.rules.families import REFUSED
 
 from .conftest import (
     HIDDEN,
@@ -202,7 +202,7 @@ def test_overwrite_replaces_destination_and_empty_destination_is_fine(qwen_check
 
 def test_failure_mid_write_leaves_no_destination(qwen_checkpoint, tmp_path, monkeypatch):
     """An error after some shards are written removes the partial output and creates no DST."""
-    import fusemoe_ckpt.converter as convert_module
+    import fusemoe_ckpt.commands.convert as convert_module
 
     def broken_index(*args, **kwargs):
         raise OSError("disk on fire")
@@ -288,8 +288,8 @@ def test_one_shard_copied_by_several_threads_is_identical(qwen_checkpoint, tmp_p
 
 
 def test_split_evenly_keeps_every_piece_once_in_order():
-    from fusemoe_ckpt.operations import Piece
-    from fusemoe_ckpt.writer import split_evenly
+    from fusemoe_ckpt.plan.operations import Piece
+    from fusemoe_ckpt.write.writer import split_evenly
 
     placed = [(Piece(Path("f"), 10 * i, length), 100 * i) for i, length in enumerate([5, 1, 1, 1, 8, 2, 2])]
     for parts in range(1, 9):

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import fusemoe_ckpt.converter as converter_module
-import fusemoe_ckpt.writer as writer_module
+import fusemoe_ckpt.commands.convert as converter_module
+import fusemoe_ckpt.write.writer as writer_module
 from fusemoe_ckpt.cli import cli
 from fusemoe_ckpt.sizes import format_size
 

@@ -18,7 +18,7 @@ from transformers.core_model_loading import (  # noqa: E402
     WeightRenaming,
 )
 
-from fusemoe_ckpt.families import FAMILIES, LEGACY_RENAMES, REFUSED, Family, family_for_config  # noqa: E402
+from fusemoe_ckpt.rules.families import FAMILIES, LEGACY_RENAMES, REFUSED, Family, family_for_config  # noqa: E402
 
 MAPPING = _build_checkpoint_conversion_mapping()
 

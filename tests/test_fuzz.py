@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from fusemoe_ckpt import FusemoeError, family_by_name, open_checkpoint, plan_conversion
 from fusemoe_ckpt.errors import CheckpointError
-from fusemoe_ckpt.safetensors_format import DTYPE_SIZES, TensorInfo, encode_header, read_header
+from fusemoe_ckpt.reading.safetensors_format import DTYPE_SIZES, TensorInfo, encode_header, read_header
 
 SETTINGS = settings(derandomize=True, max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DTYPES = sorted(DTYPE_SIZES)

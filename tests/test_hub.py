@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from fusemoe_ckpt import UsageError, convert
 from fusemoe_ckpt.cli import cli
-from fusemoe_ckpt.example import write_example
+from fusemoe_ckpt.commands.example import write_example
 
 from .fake_hub import FakeHub
 

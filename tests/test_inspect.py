@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from fusemoe_ckpt import convert
 from fusemoe_ckpt.cli import cli
-from fusemoe_ckpt.inspection import PLAN_BYTES_PER_TENSOR, inspect_checkpoint
+from fusemoe_ckpt.commands.inspect import PLAN_BYTES_PER_TENSOR, inspect_checkpoint
 
 from .conftest import HIDDEN, INTERMEDIATE, expert_tensors, write_checkpoint
 

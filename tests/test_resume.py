@@ -17,8 +17,8 @@ from click.testing import CliRunner
 
 from fusemoe_ckpt.cli import cli
 from fusemoe_ckpt.hooks import PAUSE_VARIABLE
-from fusemoe_ckpt.journal import JOURNAL_NAME
-from fusemoe_ckpt.lock import lock_path
+from fusemoe_ckpt.write.journal import JOURNAL_NAME
+from fusemoe_ckpt.write.lock import lock_path
 
 from .conftest import QWEN3_CONFIG, expert_tensors, write_checkpoint
 from .test_bad_input import one_line_error, partial_of, refuse, snapshot

@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from fusemoe_ckpt import convert  # noqa: E402
-from fusemoe_ckpt.unfuse import unfuse  # noqa: E402
-from fusemoe_ckpt.verify import verify  # noqa: E402
+from fusemoe_ckpt.commands.unfuse import unfuse  # noqa: E402
+from fusemoe_ckpt.commands.verify import verify  # noqa: E402
 
 from .conftest import load_checkpoint  # noqa: E402
 from .tiny_models import AUTO_CLASS, BASE, FULL_KWARGS, TINY_MODELS  # noqa: E402
@@ -148,7 +148,7 @@ def test_unfuse_gives_back_transformers_own_per_expert_save(family_case, tmp_pat
 def test_load_check_names_what_the_per_expert_layout_lacks(tmp_path):
     """The check that passes on every converted model fails on the original layout, key by key."""
     from fusemoe_ckpt import open_checkpoint
-    from fusemoe_ckpt.load_check import load_check_problems
+    from fusemoe_ckpt.commands.load_check import load_check_problems
 
     model = _tiny_model("qwen3_moe")
     model.save_pretrained(tmp_path / "original")
@@ -181,7 +181,7 @@ def test_builtin_example_loads_through_accelerate(tmp_path):
     import subprocess
     import sys
 
-    from fusemoe_ckpt.example import write_example
+    from fusemoe_ckpt.commands.example import write_example
 
     write_example(tmp_path / "tiny")
     convert(tmp_path / "tiny", tmp_path / "fused")

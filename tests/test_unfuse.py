@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from fusemoe_ckpt import FamilyError, convert
 from fusemoe_ckpt.cli import cli
-from fusemoe_ckpt.unfuse import unfuse
+from fusemoe_ckpt.commands.unfuse import unfuse
 
 from .conftest import MIXTRAL_CONFIG, QWEN3_CONFIG, expert_tensors, load_checkpoint, write_checkpoint
 

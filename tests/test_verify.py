@@ -12,11 +12,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import fusemoe_ckpt.converter as converter_module
+import fusemoe_ckpt.commands.convert as converter_module
 from fusemoe_ckpt import UsageError, convert
 from fusemoe_ckpt.cli import cli
-from fusemoe_ckpt.safetensors_format import read_header
-from fusemoe_ckpt.verify import verify
+from fusemoe_ckpt.commands.verify import verify
+from fusemoe_ckpt.reading.safetensors_format import read_header
 
 from .conftest import MIXTRAL_CONFIG, expert_tensors, write_checkpoint
 
@@ -172,7 +172,7 @@ def test_convert_verify_fails_when_the_output_is_damaged(qwen_checkpoint, tmp_pa
 
 def test_load_check_passes_and_names_what_the_model_lacks(tmp_path):
     pytest.importorskip("transformers")
-    from fusemoe_ckpt.example import write_example
+    from fusemoe_ckpt.commands.example import write_example
 
     write_example(tmp_path / "tiny")
     convert(tmp_path / "tiny", tmp_path / "fused")

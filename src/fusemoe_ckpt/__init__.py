@@ -2,8 +2,13 @@
 
 from importlib.metadata import version as _version
 
-from .batch import BatchError, BatchResult, EntryResult, run_batch
-from .converter import ConvertResult, convert, plan_for, resolve_family
+from .batch.cluster import Shard, resolve_shard, select
+from .batch.manifest import Entry, load_manifest
+from .batch.runner import BatchError, BatchResult, EntryResult, run_batch
+from .commands.convert import ConvertResult, convert, plan_for, resolve_family
+from .commands.inspect import Inspection, inspect_checkpoint
+from .commands.unfuse import UnfuseResult, plan_unfuse, unfuse
+from .commands.verify import VerificationError, VerifyResult, verify
 from .errors import (
     CheckpointError,
     ConversionInterrupted,
@@ -14,14 +19,9 @@ from .errors import (
     ManifestError,
     UsageError,
 )
-from .families import FAMILIES, Family, family_by_name, family_for_config
-from .inspection import Inspection, inspect_checkpoint
-from .manifest import Entry, load_manifest
-from .plan import ConversionPlan, plan_conversion
-from .sharding import Shard, resolve_shard, select
-from .source import SourceCheckpoint, open_checkpoint
-from .unfuse import UnfuseResult, plan_unfuse, unfuse
-from .verify import VerificationError, VerifyResult, verify
+from .plan.conversion import ConversionPlan, plan_conversion
+from .reading.source import SourceCheckpoint, open_checkpoint
+from .rules.families import FAMILIES, Family, family_by_name, family_for_config
 
 __version__ = _version("fusemoe-ckpt")
 
@@ -31,9 +31,9 @@ _HUB_NAMES = ("download_checkpoint", "push_to_hub")
 
 def __getattr__(name: str):
     if name in _HUB_NAMES:
-        from . import hub
+        from .hub import download
 
-        return getattr(hub, name)
+        return getattr(download, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -11,17 +11,17 @@ import traceback
 import click
 
 from . import __version__
-from .batch import EntryResult, plan_batch, run_batch
-from .cast import OUTPUT_DTYPES
-from .converter import convert as convert_checkpoint
+from .batch.cluster import SHARD_BY, resolve_shard
+from .batch.runner import EntryResult, plan_batch, run_batch
+from .commands.convert import convert as convert_checkpoint
+from .commands.example import write_example
+from .commands.inspect import inspect_checkpoint
+from .commands.unfuse import unfuse as unfuse_checkpoint
+from .commands.verify import VerifyResult
+from .commands.verify import verify as verify_checkpoint
 from .errors import one_line
-from .example import write_example
-from .families import FAMILIES, REFUSED
-from .inspection import inspect_checkpoint
-from .sharding import SHARD_BY, resolve_shard
-from .unfuse import unfuse as unfuse_checkpoint
-from .verify import VerifyResult
-from .verify import verify as verify_checkpoint
+from .plan.cast import OUTPUT_DTYPES
+from .rules.families import FAMILIES, REFUSED
 
 
 class _Group(click.Group):
@@ -224,7 +224,7 @@ def push(dst: str, repo_id: str, private: bool, revision: str | None, commit_mes
 def _push(
     dst: str, repo_id: str, *, private: bool | None, revision: str | None, commit_message: str | None, quiet: bool
 ) -> None:
-    from .hub import push_to_hub  # huggingface_hub is imported only when the Hub is used
+    from .hub.download import push_to_hub  # huggingface_hub is imported only when the Hub is used
 
     result = push_to_hub(
         dst, repo_id, private=private, revision=revision, commit_message=commit_message, progress=not quiet

@@ -13,11 +13,11 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .cast import OUTPUT_DTYPES
-from .converter import looks_like_repo_id
-from .errors import FusemoeError, ManifestError
-from .families import FAMILIES_BY_NAME
-from .sizes import parse_size
+from ..commands.convert import looks_like_repo_id
+from ..errors import FusemoeError, ManifestError
+from ..plan.cast import OUTPUT_DTYPES
+from ..rules.families import FAMILIES_BY_NAME
+from ..sizes import parse_size
 
 # Each field with what it takes, as the error messages say it.
 FIELDS: dict[str, str] = {

@@ -1,7 +1,7 @@
 """Convert a model zoo: every entry of a manifest in a process of its own, with a report.
 
 An entry's failure, crash or out-of-memory kill is recorded and the others go on. A finished entry
-is skipped on re-run and an interrupted one resumes (batch_worker.py decides which), so running the
+is skipped on re-run and an interrupted one resumes (worker.py decides which), so running the
 same command again after a failure, a time limit or a lost node does only what is left.
 """
 
@@ -20,10 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import FusemoeError, UsageError
+from ..errors import FusemoeError, UsageError
+from ..sizes import format_size
+from .cluster import ALL, Shard, select
 from .manifest import Entry, load_manifest
-from .sharding import ALL, Shard, select
-from .sizes import format_size
 
 REPORT_VERSION = 1
 STATUSES = ("converted", "skipped", "failed", "pending")
@@ -138,7 +138,7 @@ def run_batch(
     report: str | os.PathLike | None = None,
     on_result: Callable[[EntryResult], None] | None = None,
 ) -> BatchResult:
-    """Run the entries of `shard`, `jobs` at a time, each as `python -m fusemoe_ckpt.batch_worker`.
+    """Run the entries of `shard`, `jobs` at a time, each as `python -m fusemoe_ckpt.batch.worker`.
 
     Args:
         jobs: entries run at once (processes), each with its own `workers` threads.
@@ -206,7 +206,7 @@ def _run_in_process(
 ) -> None:
     entry = outcome.entry
     result_file = scratch / f"entry-{entry.line}.json"
-    command = [sys.executable, "-m", "fusemoe_ckpt.batch_worker", json.dumps(entry.to_json()), str(result_file)]
+    command = [sys.executable, "-m", "fusemoe_ckpt.batch.worker", json.dumps(entry.to_json()), str(result_file)]
     if check_bytes:
         command.append("--verify")
     started = time.perf_counter()
@@ -265,7 +265,7 @@ def _died(code: int, stderr: str) -> str:
 def _child_environment() -> dict[str, str]:
     """This environment, with this copy of fusemoe_ckpt first on the path, so the entry processes
     run the same code as the batch, installed or not."""
-    package_root = str(Path(__file__).resolve().parent.parent)
+    package_root = str(Path(__file__).resolve().parents[2])
     paths = [package_root, *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
 

@@ -1,6 +1,6 @@
 """One manifest entry, run in a process of its own by `fusemoe-ckpt batch`.
 
-`python -m fusemoe_ckpt.batch_worker ENTRY_JSON RESULT_FILE [--verify]`: skip the entry if DST
+`python -m fusemoe_ckpt.batch.worker ENTRY_JSON RESULT_FILE [--verify]`: skip the entry if DST
 already holds its finished conversion, else convert with resume, then push if asked; the outcome
 goes to RESULT_FILE as JSON. A crash, a kill or the OOM killer ends only this process: the batch
 sees no result file and records the exit status instead.
@@ -14,13 +14,13 @@ import signal
 import sys
 from pathlib import Path
 
-from .cast import output_dtype
-from .converter import convert, partial_path, plan_for
-from .errors import CheckpointError, DestinationError, one_line
+from ..commands.convert import convert, partial_path, plan_for
+from ..commands.verify import verify
+from ..errors import CheckpointError, DestinationError, one_line
+from ..plan.cast import output_dtype
+from ..reading.safetensors_format import read_header
+from ..reading.source import INDEX_NAME, read_index, resolve_inside
 from .manifest import Entry
-from .safetensors_format import read_header
-from .source import INDEX_NAME, read_index, resolve_inside
-from .verify import verify
 
 _COMMIT = 40  # hex digits of a full commit id: the only revision a finished Hub output can be checked against
 
@@ -64,7 +64,7 @@ def run_entry(entry: Entry, *, check_bytes: bool = False) -> dict:
             warnings=result.warnings,
         )
     if entry.push_to_hub is not None:
-        from .hub import push_to_hub  # huggingface_hub is imported only when the Hub is used
+        from ..hub.download import push_to_hub  # huggingface_hub is imported only when the Hub is used
 
         # Again after a skip too: a push that failed last time is retried, and upload_folder skips
         # the files the repo already has.
@@ -105,7 +105,7 @@ def unfinished_reason(entry: Entry, *, check_bytes: bool = False) -> str | None:
         if reason is None and check_bytes:
             if not entry.hub:
                 return "the source is gone, so its bytes cannot be verified"
-            from .hub import download_checkpoint
+            from ..hub.download import download_checkpoint
 
             source = download_checkpoint(entry.src, revision=entry.revision, progress=False).path
     else:

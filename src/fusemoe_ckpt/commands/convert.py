@@ -14,16 +14,16 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
-from .cast import output_dtype
-from .errors import CheckpointError, ConversionInterrupted, DestinationError, FamilyError, UsageError
-from .families import REFUSED, Family, families_matching, family_by_name, family_for_config
-from .hooks import pause_point
-from .journal import JOURNAL_NAME, Journal, ShardRecord, completed_shards, plan_fingerprint
-from .lock import DestinationLock
-from .plan import ConversionPlan, ShardPlan, natural_key, plan_conversion
-from .sizes import format_size, parse_size
-from .source import INDEX_NAME, SourceCheckpoint, open_checkpoint
-from .writer import DISK_FULL, disk_full_error, write_shard
+from ..errors import CheckpointError, ConversionInterrupted, DestinationError, FamilyError, UsageError
+from ..hooks import pause_point
+from ..plan.cast import output_dtype
+from ..plan.conversion import ConversionPlan, ShardPlan, natural_key, plan_conversion
+from ..reading.source import INDEX_NAME, SourceCheckpoint, open_checkpoint
+from ..rules.families import REFUSED, Family, families_matching, family_by_name, family_for_config
+from ..sizes import format_size, parse_size
+from ..write.journal import JOURNAL_NAME, Journal, ShardRecord, completed_shards, plan_fingerprint
+from ..write.lock import DestinationLock
+from ..write.writer import DISK_FULL, disk_full_error, write_shard
 
 # Weight files of any format, and their indexes: never copied beside the converted shards.
 WEIGHT_EXTENSIONS = ("safetensors", "bin", "pt", "pth", "ckpt", "h5", "msgpack", "gguf", "onnx", "onnx_data", "npz")
@@ -148,7 +148,7 @@ def convert(
     src_path, dst_path = Path(src).absolute(), Path(dst).absolute()
     provenance = {"fusemoe_ckpt_source": str(src)}
     if is_hub_source(src):
-        from .hub import download_checkpoint  # huggingface_hub is imported only for Hub sources
+        from ..hub.download import download_checkpoint  # huggingface_hub is imported only for Hub sources
 
         # Before a download that may take hours.
         _check_destination(dst_path, overwrite)

@@ -12,7 +12,7 @@ import struct
 from array import array
 from pathlib import Path
 
-from .safetensors_format import TensorInfo, encode_header
+from ..reading.safetensors_format import TensorInfo, encode_header
 
 CONFIG = {
     "architectures": ["Qwen3MoeForCausalLM"],

@@ -11,15 +11,15 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from .converter import plan_for
-from .families import Family
-from .operations import HIDDEN_AXIS, OutputTensor
-from .patterns import ExpertMerge, TransposeExperts
-from .plan import ConversionPlan, natural_key
-from .sizes import format_size, parse_size
-from .source import SourceCheckpoint
-from .streams import READ_CHUNK
-from .writer import FALLBACK_BUFFER
+from ..plan.conversion import ConversionPlan, natural_key
+from ..plan.operations import HIDDEN_AXIS, OutputTensor
+from ..reading.source import SourceCheckpoint
+from ..rules.families import Family
+from ..rules.patterns import ExpertMerge, TransposeExperts
+from ..sizes import format_size, parse_size
+from ..write.streams import READ_CHUNK
+from ..write.writer import FALLBACK_BUFFER
+from .convert import plan_for
 
 SCHEMA_VERSION = 1
 # Python memory of planning per source tensor (parsed headers, source entries, output tensors, pieces):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 def load_check_problems(dst: Path, shapes: dict[str, tuple[int, ...]]) -> list[tuple[str, str]]:

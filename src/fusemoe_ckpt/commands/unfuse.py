@@ -15,15 +15,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .converter import check_paths, resolve_family, write_plan
-from .errors import FamilyError
-from .families import Family
-from .operations import FusedGroup, OutputTensor, Piece, hidden_axis
-from .patterns import Concatenate, Converter, ExpertMerge, Rename, TransposeExperts, map_key
-from .plan import ConversionPlan, config_hidden_size, lay_out, natural_key
-from .safetensors_format import DTYPE_SIZES
-from .sizes import format_size, parse_size
-from .source import SourceCheckpoint, SourceTensor, open_checkpoint
+from ..errors import FamilyError
+from ..plan.conversion import ConversionPlan, config_hidden_size, lay_out, natural_key
+from ..plan.operations import FusedGroup, OutputTensor, Piece, hidden_axis
+from ..reading.safetensors_format import DTYPE_SIZES
+from ..reading.source import SourceCheckpoint, SourceTensor, open_checkpoint
+from ..rules.families import Family
+from ..rules.patterns import Concatenate, Converter, ExpertMerge, Rename, TransposeExperts, map_key
+from ..sizes import format_size, parse_size
+from .convert import check_paths, resolve_family, write_plan
 
 
 @dataclass

@@ -14,14 +14,14 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .converter import plan_for
-from .errors import CheckpointError, FusemoeError
-from .operations import OutputTensor
-from .plan import ConversionPlan, natural_key
-from .safetensors_format import ShardHeader, TensorInfo, read_header
-from .sizes import format_size
-from .source import INDEX_NAME, SINGLE_NAME, read_index, resolve_inside
-from .streams import piece_chunks, read_exact
+from ..errors import CheckpointError, FusemoeError
+from ..plan.conversion import ConversionPlan, natural_key
+from ..plan.operations import OutputTensor
+from ..reading.safetensors_format import ShardHeader, TensorInfo, read_header
+from ..reading.source import INDEX_NAME, SINGLE_NAME, read_index, resolve_inside
+from ..sizes import format_size
+from ..write.streams import piece_chunks, read_exact
+from .convert import plan_for
 
 
 class VerificationError(FusemoeError):

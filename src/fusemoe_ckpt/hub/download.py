@@ -28,10 +28,10 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
-from .converter import WEIGHT_EXTENSIONS
-from .errors import HubError, UsageError
+from ..commands.convert import WEIGHT_EXTENSIONS
+from ..errors import HubError, UsageError
+from ..reading.source import INDEX_NAME, SINGLE_NAME
 from .model_card import write_model_card
-from .source import INDEX_NAME, SINGLE_NAME
 
 # The files convert copies beside the shards: config, generation config, tokenizer files, chat
 # templates, the card, license and notice, remote code. Images and other assets are not fetched.

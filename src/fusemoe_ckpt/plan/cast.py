@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import warnings
 
-from .errors import UsageError
+from ..errors import UsageError
 
 # The dtypes `--dtype` accepts, as the safetensors header names them.
 OUTPUT_DTYPES: dict[str, str] = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}

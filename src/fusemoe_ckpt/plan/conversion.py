@@ -11,13 +11,13 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 
+from ..errors import CheckpointError, FamilyError
+from ..reading.safetensors_format import HEADER_ALIGNMENT, PAGE_SIZE, TensorInfo, encode_header
+from ..reading.source import SourceCheckpoint, SourceTensor
+from ..rules.families import Family
+from ..rules.patterns import Converter, ExpertMerge, TransposeExperts, map_key
 from .cast import cast_of
-from .errors import CheckpointError, FamilyError
-from .families import Family
 from .operations import FusedGroup, OutputTensor, Piece, Slots, concatenate, fuse_experts, transpose_experts
-from .patterns import Converter, ExpertMerge, TransposeExperts, map_key
-from .safetensors_format import HEADER_ALIGNMENT, PAGE_SIZE, TensorInfo, encode_header
-from .source import SourceCheckpoint, SourceTensor
 
 SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
 

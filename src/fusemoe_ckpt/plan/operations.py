@@ -11,10 +11,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import FamilyError
-from .patterns import Converter, ExpertMerge
-from .safetensors_format import DTYPE_SIZES
-from .source import SourceTensor
+from ..errors import FamilyError
+from ..reading.safetensors_format import DTYPE_SIZES
+from ..reading.source import SourceTensor
+from ..rules.patterns import Converter, ExpertMerge
 
 # The in-memory fused layout of transformers 5: which axis holds the hidden size.
 HIDDEN_AXIS = {"gate_up_proj": 2, "up_proj": 2, "down_proj": 1}

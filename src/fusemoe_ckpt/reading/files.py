@@ -6,7 +6,7 @@ import os
 import stat
 from pathlib import Path
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 # Largest index or config.json read into memory; a real one is a few megabytes at most.
 MAX_TEXT_BYTES = 100_000_000

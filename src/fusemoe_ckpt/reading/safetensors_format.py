@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .files import open_regular
 
 # Same cap as the safetensors library: a header larger than this is refused before it is read.

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .files import read_text
 from .safetensors_format import ShardHeader, TensorInfo, read_header
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import FamilyError
+from ..errors import FamilyError
 from .patterns import Concatenate, Converter, ExpertMerge, Rename, TransposeExperts, map_key
 
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
-from .errors import DestinationError
-from .plan import ConversionPlan, ShardPlan
-from .source import SourceCheckpoint
+from ..errors import DestinationError
+from ..plan.conversion import ConversionPlan, ShardPlan
+from ..reading.source import SourceCheckpoint
 
 JOURNAL_NAME = ".fusemoe-journal"
 JOURNAL_FORMAT = 1

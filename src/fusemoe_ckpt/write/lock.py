@@ -6,7 +6,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from .errors import DestinationError
+from ..errors import DestinationError
 
 LOCK_SUFFIX = ".fusemoe-lock"
 

@@ -11,10 +11,10 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from .cast import cast_bytes
-from .errors import CheckpointError
-from .operations import Piece
-from .safetensors_format import DTYPE_SIZES
+from ..errors import CheckpointError
+from ..plan.cast import cast_bytes
+from ..plan.operations import Piece
+from ..reading.safetensors_format import DTYPE_SIZES
 
 # Tensor bytes read at once by a cast or a comparison.
 READ_CHUNK = 8 * 1024 * 1024

@@ -10,10 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
 from pathlib import Path
 
-from .errors import CheckpointError, DestinationError, FusemoeError
-from .files import open_regular
-from .hooks import pause_point
-from .plan import Piece, ShardPlan
+from ..errors import CheckpointError, DestinationError, FusemoeError
+from ..hooks import pause_point
+from ..plan.conversion import Piece, ShardPlan
+from ..reading.files import open_regular
 from .streams import piece_chunks
 
 # Bytes moved per system call: large enough to be cheap, small enough for smooth progress.
