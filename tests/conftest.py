@@ -9,6 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+# Runs fusemoe-ckpt paused at a chosen point (a script, so tests start it as a process of its own).
+PAUSE_LAUNCHER = str(Path(__file__).with_name("pause_launcher.py"))
+
 HIDDEN = 4
 INTERMEDIATE = 3
 

@@ -20,10 +20,9 @@ from fusemoe_ckpt import verify
 from fusemoe_ckpt.batch.cluster import parse_shard, select, shard_from_environment
 from fusemoe_ckpt.batch.manifest import load_manifest
 from fusemoe_ckpt.cli import cli
-from fusemoe_ckpt.hooks import PAUSE_VARIABLE
 from fusemoe_ckpt.write.lock import lock_path
 
-from .conftest import MIXTRAL_CONFIG, QWEN3_CONFIG, expert_tensors, write_checkpoint
+from .conftest import MIXTRAL_CONFIG, PAUSE_LAUNCHER, QWEN3_CONFIG, expert_tensors, write_checkpoint
 from .test_bad_input import one_line_error, snapshot
 from .test_resume import files_of
 
@@ -231,9 +230,17 @@ def test_entries_killed_mid_run_are_recorded_and_resume_on_rerun(tmp_path):
     CliRunner().invoke(cli, ["convert", "-q", str(root / "a"), str(reference), "--max-shard-size", "600"])
     flag = tmp_path / "paused"
     report = tmp_path / "report.json"
-    env = os.environ | {PAUSE_VARIABLE: f"shard-done:1:{flag}"}
-    command = [sys.executable, "-m", "fusemoe_ckpt", "batch", str(manifest), "--report", str(report)]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [
+        sys.executable,
+        PAUSE_LAUNCHER,
+        f"shard-done:1:{flag}",
+        "cli",
+        "batch",
+        str(manifest),
+        "--report",
+        str(report),
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for name in ("a", "b"):  # one entry at a time (--jobs 1), in manifest order
         wait_for(flag, process)
         flag.unlink()
@@ -417,9 +424,17 @@ def test_interrupted_batch_stops_its_entries_and_says_how_to_resume(tmp_path):
     entries = [{"src": n, "dst": f"out/{n}", "max_shard_size": 600, "workers": 1} for n in ("a", "b")]
     manifest = write_manifest(root / "zoo.jsonl", entries)
     flag, report = tmp_path / "paused", tmp_path / "report.json"
-    env = os.environ | {PAUSE_VARIABLE: f"shard-done:1:{flag}"}
-    command = [sys.executable, "-m", "fusemoe_ckpt", "batch", str(manifest), "--report", str(report)]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [
+        sys.executable,
+        PAUSE_LAUNCHER,
+        f"shard-done:1:{flag}",
+        "cli",
+        "batch",
+        str(manifest),
+        "--report",
+        str(report),
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(flag, process)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)

@@ -202,12 +202,12 @@ def test_overwrite_replaces_destination_and_empty_destination_is_fine(qwen_check
 
 def test_failure_mid_write_leaves_no_destination(qwen_checkpoint, tmp_path, monkeypatch):
     """An error after some shards are written removes the partial output and creates no DST."""
-    import fusemoe_ckpt.commands.convert as convert_module
+    import fusemoe_ckpt.write.output as output_module
 
     def broken_index(*args, **kwargs):
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(convert_module, "_write_index", broken_index)
+    monkeypatch.setattr(output_module, "write_index", broken_index)
     with pytest.raises(OSError, match="disk on fire"):
         convert(qwen_checkpoint, tmp_path / "out", max_shard_size=4 * EXPERT_BYTES)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import fusemoe_ckpt.commands.convert as converter_module
+import fusemoe_ckpt.write.destination as destination_module
+import fusemoe_ckpt.write.output as output_module
 import fusemoe_ckpt.write.writer as writer_module
 from fusemoe_ckpt.cli import cli
 from fusemoe_ckpt.sizes import format_size
@@ -117,7 +118,7 @@ def test_disk_full_writing_the_index(src, tmp_path, monkeypatch):
     def full(path, *args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(converter_module, "_write_index", full)
+    monkeypatch.setattr(output_module, "write_index", full)
     result = CliRunner().invoke(cli, ["convert", str(src), str(tmp_path / "dst")])
     index = tmp_path / ".dst.fusemoe-partial" / "model.safetensors.index.json"
     assert one_line_error(result) == f"{index}: cannot write: No space left on device (ENOSPC)"
@@ -133,7 +134,7 @@ def test_free_space_is_checked_before_writing(src, tmp_path, monkeypatch):
     shutil.rmtree(reference)
     free = needed - 1
     real_usage = shutil.disk_usage
-    monkeypatch.setattr(converter_module.shutil, "disk_usage", lambda path: real_usage(path)._replace(free=free))
+    monkeypatch.setattr(destination_module.shutil, "disk_usage", lambda path: real_usage(path)._replace(free=free))
     message = refuse(tmp_path, src, tmp_path / "dst")
     assert message == (
         f"{tmp_path}: the conversion needs {format_size(needed)} ({needed} bytes) but only "

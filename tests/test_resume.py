@@ -16,11 +16,10 @@ import pytest
 from click.testing import CliRunner
 
 from fusemoe_ckpt.cli import cli
-from fusemoe_ckpt.hooks import PAUSE_VARIABLE
 from fusemoe_ckpt.write.journal import JOURNAL_NAME
 from fusemoe_ckpt.write.lock import lock_path
 
-from .conftest import QWEN3_CONFIG, expert_tensors, write_checkpoint
+from .conftest import PAUSE_LAUNCHER, QWEN3_CONFIG, expert_tensors, write_checkpoint
 from .test_bad_input import one_line_error, partial_of, refuse, snapshot
 
 # Each layer's fused pair (4 experts x 2 x 48 + 4 x 48 bytes) gets a shard of its own: 8 shards or more.
@@ -51,8 +50,9 @@ def files_of(root: Path) -> dict[str, bytes]:
 def start_paused(src: Path, dst: Path, point: str, count: int, *options: str) -> subprocess.Popen:
     """Start `convert SRC DST` in a subprocess and wait until it pauses at `point` for the `count`-th time."""
     flag = dst.parent / f"paused-{point}-{count}"
-    env = os.environ | {PAUSE_VARIABLE: f"{point}:{count}:{flag}", "PYTHONDONTWRITEBYTECODE": "1"}
-    command = [sys.executable, "-m", "fusemoe_ckpt", "convert", "-q", str(src), str(dst), *OPTIONS, *options]
+    env = os.environ | {"PYTHONDONTWRITEBYTECODE": "1"}
+    pause = f"{point}:{count}:{flag}"
+    command = [sys.executable, PAUSE_LAUNCHER, pause, "cli", "convert", "-q", str(src), str(dst), *OPTIONS, *options]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
     while not flag.exists():

@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import fusemoe_ckpt.commands.convert as converter_module
+import fusemoe_ckpt.write.output as output_module
 from fusemoe_ckpt import UsageError, convert
 from fusemoe_ckpt.cli import cli
 from fusemoe_ckpt.commands.verify import verify
@@ -154,7 +154,7 @@ def test_convert_verify_passes(qwen_checkpoint, tmp_path):
 
 
 def test_convert_verify_fails_when_the_output_is_damaged(qwen_checkpoint, tmp_path, monkeypatch):
-    install = converter_module._install
+    install = output_module.install
 
     def install_then_damage(partial, dst):
         install(partial, dst)
@@ -163,7 +163,7 @@ def test_convert_verify_fails_when_the_output_is_damaged(qwen_checkpoint, tmp_pa
         data[-1] ^= 0xFF
         shard.write_bytes(bytes(data))
 
-    monkeypatch.setattr(converter_module, "_install", install_then_damage)
+    monkeypatch.setattr(output_module, "install", install_then_damage)
     result = CliRunner().invoke(cli, ["convert", "-q", "--verify", str(qwen_checkpoint), str(tmp_path / "out")])
     assert result.exit_code == 1
     assert result.output.splitlines()[0].startswith("model.norm.weight: bytes differ from the plan")

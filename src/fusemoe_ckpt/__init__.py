@@ -5,9 +5,9 @@ from importlib.metadata import version as _version
 from .batch.cluster import Shard, resolve_shard, select
 from .batch.manifest import Entry, load_manifest
 from .batch.runner import BatchError, BatchResult, EntryResult, run_batch
-from .commands.convert import ConvertResult, convert, plan_for, resolve_family
+from .commands.convert import ConvertResult, convert
 from .commands.inspect import Inspection, inspect_checkpoint
-from .commands.unfuse import UnfuseResult, plan_unfuse, unfuse
+from .commands.unfuse import UnfuseResult, unfuse
 from .commands.verify import VerificationError, VerifyResult, verify
 from .errors import (
     CheckpointError,
@@ -19,9 +19,12 @@ from .errors import (
     ManifestError,
     UsageError,
 )
-from .plan.conversion import ConversionPlan, plan_conversion
+from .plan.conversion import plan_conversion, plan_for
+from .plan.layout import ConversionPlan
+from .plan.unfusion import plan_unfuse
 from .reading.source import SourceCheckpoint, open_checkpoint
 from .rules.families import FAMILIES, Family, family_by_name, family_for_config
+from .rules.selection import resolve_family
 
 __version__ = _version("fusemoe-ckpt")
 
@@ -31,9 +34,9 @@ _HUB_NAMES = ("download_checkpoint", "push_to_hub")
 
 def __getattr__(name: str):
     if name in _HUB_NAMES:
-        from .hub import download
+        from .hub import download, push
 
-        return getattr(download, name)
+        return getattr(download if name == "download_checkpoint" else push, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

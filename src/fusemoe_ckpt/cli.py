@@ -224,7 +224,7 @@ def push(dst: str, repo_id: str, private: bool, revision: str | None, commit_mes
 def _push(
     dst: str, repo_id: str, *, private: bool | None, revision: str | None, commit_message: str | None, quiet: bool
 ) -> None:
-    from .hub.download import push_to_hub  # huggingface_hub is imported only when the Hub is used
+    from .hub.push import push_to_hub  # huggingface_hub is imported only when the Hub is used
 
     result = push_to_hub(
         dst, repo_id, private=private, revision=revision, commit_message=commit_message, progress=not quiet

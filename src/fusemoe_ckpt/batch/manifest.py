@@ -13,8 +13,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..commands.convert import looks_like_repo_id
 from ..errors import FusemoeError, ManifestError
+from ..hub.repo_id import looks_like_repo_id
 from ..plan.cast import OUTPUT_DTYPES
 from ..rules.families import FAMILIES_BY_NAME
 from ..sizes import parse_size

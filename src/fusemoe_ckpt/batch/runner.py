@@ -26,6 +26,8 @@ from .cluster import ALL, Shard, select
 from .manifest import Entry, load_manifest
 
 REPORT_VERSION = 1
+# What an entry's process runs, followed by the entry as JSON and the file its result goes to.
+WORKER_COMMAND = (sys.executable, "-m", "fusemoe_ckpt.batch.worker")
 STATUSES = ("converted", "skipped", "failed", "pending")
 
 
@@ -206,7 +208,7 @@ def _run_in_process(
 ) -> None:
     entry = outcome.entry
     result_file = scratch / f"entry-{entry.line}.json"
-    command = [sys.executable, "-m", "fusemoe_ckpt.batch.worker", json.dumps(entry.to_json()), str(result_file)]
+    command = [*WORKER_COMMAND, json.dumps(entry.to_json()), str(result_file)]
     if check_bytes:
         command.append("--verify")
     started = time.perf_counter()

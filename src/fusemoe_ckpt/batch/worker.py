@@ -14,12 +14,14 @@ import signal
 import sys
 from pathlib import Path
 
-from ..commands.convert import convert, partial_path, plan_for
+from ..commands.convert import convert
 from ..commands.verify import verify
 from ..errors import CheckpointError, DestinationError, one_line
 from ..plan.cast import output_dtype
+from ..plan.conversion import plan_for
 from ..reading.safetensors_format import read_header
 from ..reading.source import INDEX_NAME, read_index, resolve_inside
+from ..write.destination import partial_path
 from .manifest import Entry
 
 _COMMIT = 40  # hex digits of a full commit id: the only revision a finished Hub output can be checked against
@@ -64,7 +66,7 @@ def run_entry(entry: Entry, *, check_bytes: bool = False) -> dict:
             warnings=result.warnings,
         )
     if entry.push_to_hub is not None:
-        from ..hub.download import push_to_hub  # huggingface_hub is imported only when the Hub is used
+        from ..hub.push import push_to_hub  # huggingface_hub is imported only when the Hub is used
 
         # Again after a skip too: a push that failed last time is retried, and upload_folder skips
         # the files the repo already has.

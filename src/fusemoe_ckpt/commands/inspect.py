@@ -11,15 +11,17 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..plan.conversion import ConversionPlan, natural_key
-from ..plan.operations import HIDDEN_AXIS, OutputTensor
+from ..naming import natural_key
+from ..plan.conversion import plan_for
+from ..plan.layout import ConversionPlan
+from ..plan.operations import HIDDEN_AXIS
+from ..plan.pieces import OutputTensor
 from ..reading.source import SourceCheckpoint
 from ..rules.families import Family
 from ..rules.patterns import ExpertMerge, TransposeExperts
 from ..sizes import format_size, parse_size
 from ..write.streams import READ_CHUNK
 from ..write.writer import FALLBACK_BUFFER
-from .convert import plan_for
 
 SCHEMA_VERSION = 1
 # Python memory of planning per source tensor (parsed headers, source entries, output tensors, pieces):

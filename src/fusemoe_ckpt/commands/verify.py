@@ -15,13 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CheckpointError, FusemoeError
-from ..plan.conversion import ConversionPlan, natural_key
-from ..plan.operations import OutputTensor
+from ..naming import natural_key
+from ..plan.conversion import plan_for
+from ..plan.layout import ConversionPlan
+from ..plan.pieces import OutputTensor
+from ..reading.files import read_exact
 from ..reading.safetensors_format import ShardHeader, TensorInfo, read_header
 from ..reading.source import INDEX_NAME, SINGLE_NAME, read_index, resolve_inside
 from ..sizes import format_size
-from ..write.streams import piece_chunks, read_exact
-from .convert import plan_for
+from ..write.streams import piece_chunks
 
 
 class VerificationError(FusemoeError):

@@ -1,82 +1,44 @@
-"""Plan a conversion from headers alone: every output tensor, the byte ranges that fill it, its shard.
+"""Plan a conversion from headers alone: every output tensor and the byte ranges that fill it.
 
-The plan is pure data. Nothing here reads tensor bytes or writes files, so convert, dry runs and
-checks can all share it.
+The plan is pure data. Nothing here reads tensor bytes or writes files, so convert, inspect, verify
+and resume all share it. Where the tensors go is layout.py's business.
 """
 
 from __future__ import annotations
 
-import math
-import re
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field, replace
+import os
+from collections import defaultdict
+from dataclasses import replace
 
 from ..errors import CheckpointError, FamilyError
-from ..reading.safetensors_format import HEADER_ALIGNMENT, PAGE_SIZE, TensorInfo, encode_header
-from ..reading.source import SourceCheckpoint, SourceTensor
+from ..naming import natural_key
+from ..reading.source import SourceCheckpoint, SourceTensor, open_checkpoint
 from ..rules.families import Family
 from ..rules.patterns import Converter, ExpertMerge, TransposeExperts, map_key
-from .cast import cast_of
-from .operations import FusedGroup, OutputTensor, Piece, Slots, concatenate, fuse_experts, transpose_experts
-
-SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
-
-
-@dataclass
-class ShardPlan:
-    """One output shard: its file name, tensors in file order, and the header that describes them."""
-
-    filename: str
-    tensors: list[OutputTensor]
-    header: bytes = b""
-
-    @property
-    def data_size(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
-
-    @property
-    def file_size(self) -> int:
-        return len(self.header) + self.data_size
+from ..rules.selection import resolve_family
+from ..sizes import parse_size
+from .cast import cast_of, output_dtype
+from .layout import ConversionPlan, lay_out
+from .operations import Slots, concatenate, fuse_experts, transpose_experts
+from .pieces import FusedGroup, OutputTensor, Piece
 
 
-@dataclass
-class ConversionPlan:
-    """Everything convert will write, named by direction."""
+def plan_for(
+    src: str | os.PathLike,
+    *,
+    family: str | None = None,
+    max_shard_size: str | int = "5GB",
+    dtype: str | None = None,
+) -> tuple[SourceCheckpoint, ConversionPlan]:
+    """Open `src` and plan its conversion, touching no tensor bytes.
 
-    family: Family
-    shards: list[ShardPlan]
-    fused_groups: list[FusedGroup]
-    tensor_to_filename: dict[str, str] = field(default_factory=dict)
-    dtype: str | None = None  # the floating dtype tensors are cast to; None keeps every dtype
-
-    @property
-    def tensors(self) -> dict[str, OutputTensor]:
-        """Every output tensor by name."""
-        return {t.name: t for shard in self.shards for t in shard.tensors}
-
-    @property
-    def total_size(self) -> int:
-        return sum(shard.data_size for shard in self.shards)
-
-    @property
-    def total_parameters(self) -> int:
-        return sum(math.prod(t.shape) for shard in self.shards for t in shard.tensors)
-
-    @property
-    def fused_modules(self) -> list[str]:
-        """The expert modules that were fused, e.g. `model.layers.3.mlp.experts`."""
-        return sorted({g.target.rpartition(".")[0] for g in self.fused_groups}, key=natural_key)
-
-    @property
-    def num_experts(self) -> int:
-        """Experts fused, counted once per module (a gate_up/down pair of E experts counts E)."""
-        per_module = {g.target.rpartition(".")[0]: g.num_experts for g in self.fused_groups}
-        return sum(per_module.values())
-
-
-def natural_key(name: str) -> list:
-    """Sort key with numbers compared as numbers: layers.2 before layers.10."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+    Args:
+        dtype: "bfloat16", "float16" or "float32" to cast floating tensors to; None keeps them.
+    """
+    source = open_checkpoint(src)
+    chosen = resolve_family(source, family)
+    plan = plan_conversion(source, chosen, max_shard_size=parse_size(max_shard_size), dtype=output_dtype(dtype))
+    return source, plan
 
 
 def plan_conversion(
@@ -128,24 +90,6 @@ def plan_conversion(
 
     ordered = sorted((cast_tensor(t, dtype) for t in outputs.values()), key=lambda t: natural_key(t.name))
     return lay_out(family, ordered, fused_groups, max_shard_size, dtype=dtype)
-
-
-def lay_out(
-    family: Family,
-    tensors: list[OutputTensor],
-    groups: list[FusedGroup],
-    max_shard_size: int,
-    *,
-    dtype: str | None = None,
-) -> ConversionPlan:
-    """Put `tensors` (in file order) into shards, headers included."""
-    shards = _assign_shards(tensors, groups, max_shard_size)
-    plan = ConversionPlan(family=family, shards=shards, fused_groups=groups, dtype=dtype)
-    for shard in shards:
-        shard.header = _shard_header(shard.tensors)
-        for tensor in shard.tensors:
-            plan.tensor_to_filename[tensor.name] = shard.filename
-    return plan
 
 
 def cast_tensor(tensor: OutputTensor, dtype: str | None) -> OutputTensor:
@@ -247,59 +191,3 @@ def _refuse_leftover_experts(passthrough: dict[str, SourceTensor], groups: list[
                 f"{tensor.name}: per-expert tensor that family {family.name} does not fuse; "
                 "it would be left beside the fused experts (quantized checkpoints are not supported)"
             )
-
-
-def _assign_shards(tensors: list[OutputTensor], groups: list[FusedGroup], max_shard_size: int) -> list[ShardPlan]:
-    """Greedy sharding like huggingface_hub's splitter, keeping a module's fused tensors together
-    when they fit in one shard; a tensor larger than the limit gets a shard of its own."""
-    module_of = {g.target: g.target.rpartition(".")[0] for g in groups}
-    units: list[list[OutputTensor]] = []
-    for tensor in tensors:
-        module = module_of.get(tensor.name)
-        if module is not None and units and module_of.get(units[-1][0].name) == module:
-            units[-1].append(tensor)
-        else:
-            units.append([tensor])
-
-    bins: list[list[OutputTensor]] = [[]]
-    current = 0
-    for unit in units:
-        size = sum(t.nbytes for t in unit)
-        pieces = [unit] if size <= max_shard_size else [[t] for t in unit]
-        for part in pieces:
-            part_size = sum(t.nbytes for t in part)
-            if bins[-1] and current + part_size > max_shard_size:
-                bins.append([])
-                current = 0
-            bins[-1].extend(part)
-            current += part_size
-    count = len(bins)
-    return [
-        ShardPlan(filename=SHARD_NAME.format(index=i + 1, count=count), tensors=contents)
-        for i, contents in enumerate(bins)
-    ]
-
-
-def _shard_header(tensors: list[OutputTensor]) -> bytes:
-    infos = []
-    position = 0
-    for tensor in tensors:
-        infos.append(TensorInfo(tensor.name, tensor.dtype, tensor.shape, position, position + tensor.nbytes))
-        position += tensor.nbytes
-    return encode_header(infos, {"format": "pt"}, data_start_residue=_page_residue(tensors))
-
-
-def _page_residue(tensors: list[OutputTensor]) -> int:
-    """Where, modulo a page, the shard's data should start so that the most copied bytes keep their
-    source's offset within a page: those the kernel copies as whole pages."""
-    weights: Counter[int] = Counter()
-    position = 0
-    for tensor in tensors:
-        if all(p.transpose is None and p.cast is None for p in tensor.pieces):
-            at = position
-            for piece in tensor.pieces:
-                weights[(piece.offset - at) % PAGE_SIZE] += piece.length
-                at += piece.length
-        position += tensor.nbytes
-    aligned = {residue: n for residue, n in weights.items() if residue % HEADER_ALIGNMENT == 0}
-    return max(aligned, key=lambda residue: (aligned[residue], -residue)) if aligned else 0

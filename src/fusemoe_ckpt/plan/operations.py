@@ -7,61 +7,15 @@ with the ordered pieces that fill it. Only transposition changes bytes; the othe
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass
-from pathlib import Path
 
 from ..errors import FamilyError
 from ..reading.safetensors_format import DTYPE_SIZES
 from ..reading.source import SourceTensor
 from ..rules.patterns import Converter, ExpertMerge
+from .pieces import FusedGroup, OutputTensor, Piece, coalesce
 
 # The in-memory fused layout of transformers 5: which axis holds the hidden size.
 HIDDEN_AXIS = {"gate_up_proj": 2, "up_proj": 2, "down_proj": 1}
-
-
-@dataclass(frozen=True, slots=True)
-class Piece:
-    """A run of `length` bytes from a source file; with `transpose` = (rows, cols), a row-major matrix
-    that is written transposed; with `cast` = (source dtype, output dtype), elements converted."""
-
-    file: Path
-    offset: int
-    length: int
-    transpose: tuple[int, int] | None = None
-    cast: tuple[str, str] | None = None
-
-    @property
-    def out_length(self) -> int:
-        """Bytes this piece puts in the output: `length`, unless a cast changes the element size."""
-        if self.cast is None:
-            return self.length
-        source, output = self.cast
-        return self.length // DTYPE_SIZES[source] * DTYPE_SIZES[output]
-
-
-@dataclass(frozen=True, slots=True)
-class OutputTensor:
-    """One tensor of the output and the source pieces that make it, in order."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    pieces: tuple[Piece, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(piece.out_length for piece in self.pieces)
-
-
-@dataclass(frozen=True, slots=True)
-class FusedGroup:
-    """An output tensor built by a converter from `source_keys`."""
-
-    target: str
-    operation: str
-    num_experts: int
-    source_keys: tuple[str, ...]
 
 
 # slot -> expert id (None for tensors that are not per expert) -> tensor
@@ -129,27 +83,6 @@ def fuse_experts(
 def _sibling_key(key: str, expert: int, other: int) -> str:
     """`key` with its expert index changed from `expert` to `other`."""
     return re.sub(rf"experts\.{expert}\.", f"experts.{other}.", key, count=1)
-
-
-def coalesce(pieces: Iterable[Piece]) -> list[Piece]:
-    """Merge pieces that continue each other in the same file into one longer copy."""
-    merged: list[Piece] = []
-    for piece in pieces:
-        if piece.length == 0:
-            continue
-        last = merged[-1] if merged else None
-        if (
-            last
-            and last.transpose is None
-            and piece.transpose is None
-            and last.cast == piece.cast
-            and last.file == piece.file
-            and last.offset + last.length == piece.offset
-        ):
-            merged[-1] = Piece(last.file, last.offset, last.length + piece.length, cast=last.cast)
-        else:
-            merged.append(piece)
-    return merged
 
 
 def concatenate(target: str, converter: Converter, slots: Slots, family: str) -> tuple[OutputTensor, FusedGroup]:

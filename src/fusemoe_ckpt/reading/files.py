@@ -51,3 +51,17 @@ def read_text(path: Path) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{path}: not valid UTF-8: {e}") from e
+
+
+def read_exact(fd: int, offset: int, length: int, file: Path) -> bytearray:
+    """`length` bytes at `offset`, or CheckpointError naming `file` when it ends before them."""
+    data = bytearray(length)
+    filled = 0
+    while filled < length:
+        got = os.preadv(fd, [memoryview(data)[filled:]], offset + filled)
+        if got == 0:
+            raise CheckpointError(
+                f"{file}: ended at byte {offset + filled}, inside a {length}-byte range at {offset} its header promises"
+            )
+        filled += got
+    return data

@@ -1,0 +1,1 @@
+"""The family rules: transformers' key-pattern semantics, the family table, choosing a family."""

@@ -18,7 +18,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from ..errors import DestinationError
-from ..plan.conversion import ConversionPlan, ShardPlan
+from ..plan.layout import ConversionPlan, ShardPlan
 from ..reading.source import SourceCheckpoint
 
 JOURNAL_NAME = ".fusemoe-journal"

@@ -7,13 +7,11 @@ one expert matrix twice (as read and as turned).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from pathlib import Path
 
-from ..errors import CheckpointError
 from ..plan.cast import cast_bytes
-from ..plan.operations import Piece
+from ..plan.pieces import Piece
+from ..reading.files import read_exact
 from ..reading.safetensors_format import DTYPE_SIZES
 
 # Tensor bytes read at once by a cast or a comparison.
@@ -21,20 +19,6 @@ READ_CHUNK = 8 * 1024 * 1024
 
 # memoryview formats of each element size, for moving whole elements when transposing.
 _ELEMENT_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
-
-
-def read_exact(fd: int, offset: int, length: int, file: Path) -> bytearray:
-    """`length` bytes at `offset`, or CheckpointError naming `file` when it ends before them."""
-    data = bytearray(length)
-    filled = 0
-    while filled < length:
-        got = os.preadv(fd, [memoryview(data)[filled:]], offset + filled)
-        if got == 0:
-            raise CheckpointError(
-                f"{file}: ended at byte {offset + filled}, inside a {length}-byte range at {offset} its header promises"
-            )
-        filled += got
-    return data
 
 
 def piece_chunks(fd: int, piece: Piece, *, chunk: int | None = None) -> Iterator[bytes | bytearray]:

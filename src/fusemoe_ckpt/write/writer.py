@@ -11,8 +11,8 @@ from enum import Enum
 from pathlib import Path
 
 from ..errors import CheckpointError, DestinationError, FusemoeError
-from ..hooks import pause_point
-from ..plan.conversion import Piece, ShardPlan
+from ..plan.layout import ShardPlan
+from ..plan.pieces import Piece
 from ..reading.files import open_regular
 from .streams import piece_chunks
 
@@ -199,7 +199,6 @@ def write_shard(
     def copy_run(run: list[tuple[Piece, int]]) -> None:
         for piece, at in run:
             writer.copy(piece, at, progress)
-            pause_point("piece", writer.stop)
 
     try:
         writer.open()

@@ -1,0 +1,36 @@
+"""Choose the family rule of a source checkpoint: `--family`, else the one config.json names."""
+
+from __future__ import annotations
+
+from ..errors import FamilyError
+from ..reading.source import SourceCheckpoint
+from .families import REFUSED, Family, families_matching, family_by_name, family_for_config
+
+
+def resolve_family(source: SourceCheckpoint, name: str | None) -> Family:
+    """`--family` if given, else the family config.json names.
+
+    Raises:
+        FamilyError: config.json names no known model type; the message lists the families whose
+            expert patterns match the checkpoint's keys.
+    """
+    if name is not None:
+        return family_by_name(name)
+    config = source.config or {}
+    model_type = config.get("model_type")
+    if model_type in REFUSED:
+        raise FamilyError(
+            f"{source.root}: model_type {model_type!r} is not supported: its transformers rule needs "
+            f"{REFUSED[model_type]}"
+        )
+    family = family_for_config(source.config)
+    if family is not None:
+        return family
+    matching = families_matching(source.tensors)
+    hint = (
+        f"families whose expert keys match this checkpoint: {', '.join(matching)}"
+        if matching
+        else "no family's expert keys match this checkpoint"
+    )
+    what = f"model_type {model_type!r} has no family rule" if source.config else "no config.json to choose a family"
+    raise FamilyError(f"{source.root}: {what}; pass --family NAME ({hint})")

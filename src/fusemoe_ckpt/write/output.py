@@ -1,0 +1,175 @@
+"""Execute a plan into a destination: every shard, the index and the side files, then one rename.
+
+Under the destination lock, shards are written into the hidden partial directory and journaled as
+they complete, so `resume` can keep them; the partial directory becomes DST only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import version
+from pathlib import Path
+
+from ..errors import ConversionInterrupted, DestinationError, UsageError
+from ..naming import natural_key
+from ..plan.layout import ConversionPlan, ShardPlan
+from ..reading.side_files import side_files
+from ..reading.source import INDEX_NAME, SourceCheckpoint
+from .destination import (
+    check_free_space,
+    check_no_partial,
+    fsync_path,
+    install,
+    partial_path,
+    prepare_partial,
+)
+from .journal import JOURNAL_NAME, Journal, plan_fingerprint
+from .lock import DestinationLock
+from .writer import DISK_FULL, disk_full_error, write_shard
+
+
+def write_plan(
+    source: SourceCheckpoint,
+    plan: ConversionPlan,
+    provenance: dict[str, str],
+    dst_path: Path,
+    *,
+    overwrite: bool,
+    workers: int | None,
+    durable: bool,
+    progress: Callable[[int, int], None] | None,
+    resume: bool = False,
+) -> tuple[int, list[str], int]:
+    """Execute `plan` under the destination lock: every shard into a hidden partial directory
+    (journaled, so `resume` can keep completed ones), then the index and the other files of the
+    source, then one rename into place. Returns (bytes written, files copied, shards kept)."""
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1)
+    if workers < 1:
+        raise UsageError(f"workers must be at least 1, not {workers}")
+    extras = side_files(source)
+    partial = partial_path(dst_path)
+    dst_path.parent.mkdir(parents=True, exist_ok=True)
+    with DestinationLock(dst_path):
+        check_no_partial(partial, resume=resume, overwrite=overwrite)
+        fingerprint = plan_fingerprint(source, plan)
+        kept = prepare_partial(partial, plan, fingerprint, resume=resume, overwrite=overwrite, durable=durable)
+        kept_names = {record.filename for record in kept}
+        todo = [s for s in plan.shards if s.filename not in kept_names]
+        try:
+            check_free_space(dst_path.parent, todo, sum((source.root / e).stat().st_size for e in extras))
+        except DestinationError:
+            if not kept:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
+        journal = None
+        try:
+            journal = Journal.start(partial, fingerprint, kept, durable=durable)
+            try:
+                written = _write_shards(partial, plan, todo, journal, workers, durable, progress)
+                write_index(partial / INDEX_NAME, plan, provenance, durable=durable)
+                _copy_side_files(source.root, partial, extras, durable=durable)
+            finally:
+                journal.close()
+            if durable:
+                fsync_path(partial)
+            install(partial, dst_path)
+            # Removed only after the rename: a kill just before it must leave a resumable directory.
+            (dst_path / JOURNAL_NAME).unlink()
+            if durable:
+                fsync_path(dst_path)
+        except KeyboardInterrupt as e:
+            if journal is None:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise
+            raise ConversionInterrupted(
+                f"{partial} keeps the completed shards; rerun with --resume to continue, or remove it"
+            ) from e
+        except OSError as e:
+            shutil.rmtree(partial, ignore_errors=True)
+            if e.errno in DISK_FULL:
+                raise disk_full_error(Path(e.filename or partial), e) from e
+            raise
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+    return written, extras, len(kept)
+
+
+def _write_shards(
+    partial: Path,
+    plan: ConversionPlan,
+    todo: list[ShardPlan],
+    journal: Journal,
+    workers: int,
+    durable: bool,
+    progress: Callable[[int, int], None] | None,
+) -> int:
+    """Write `todo` with `workers` threads, recording each in `journal`; the bytes written.
+
+    On the first error or ^C the other writers are told to stop and queued shards are dropped, so
+    the error surfaces promptly instead of after every shard is written.
+    """
+    total = sum(s.file_size for s in plan.shards)
+    todo_bytes = sum(s.file_size for s in todo)
+    report = (lambda n: progress(n, total)) if progress else None
+    if report is not None and total > todo_bytes:
+        report(total - todo_bytes)
+    stop = threading.Event()
+    # Fewer shards than workers: the spare threads copy parts of the same shard.
+    threads = max(1, workers // max(1, len(todo)))
+
+    def write_and_record(shard: ShardPlan) -> None:
+        path = partial / shard.filename
+        write_shard(path, shard, durable=durable, progress=report, stop=stop, threads=threads)
+        journal.record(path)
+
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        for job in [pool.submit(write_and_record, shard) for shard in todo]:
+            job.result()
+    except BaseException:
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return todo_bytes
+
+
+def write_index(path: Path, plan: ConversionPlan, provenance: dict[str, str], *, durable: bool) -> None:
+    """The safetensors index of `plan`, with the metadata that records how it was made."""
+    index = {
+        "metadata": {
+            "total_size": plan.total_size,
+            "total_parameters": plan.total_parameters,
+            "fusemoe_ckpt_version": version("fusemoe-ckpt"),
+            "fusemoe_ckpt_family": plan.family.name,
+            **provenance,
+            "fusemoe_ckpt_fused_layers": len(plan.fused_modules),
+            "fusemoe_ckpt_experts": plan.num_experts,
+            **({"fusemoe_ckpt_dtype": plan.dtype} if plan.dtype else {}),
+        },
+        "weight_map": dict(sorted(plan.tensor_to_filename.items(), key=lambda kv: natural_key(kv[0]))),
+    }
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=2)
+        f.write("\n")
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _copy_side_files(root: Path, partial: Path, extras: list[str], *, durable: bool) -> None:
+    for relative in extras:
+        target = partial / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(root / relative, target)
+        if durable:
+            fsync_path(target)
+            if target.parent != partial:
+                fsync_path(target.parent)
