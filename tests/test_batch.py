@@ -362,7 +362,7 @@ def test_shard_by_dst_is_stable_when_the_manifest_changes(tmp_path):
         (
             [{"src": "a", "dst": "b", "dtpye": "bfloat16"}],
             "{m}:1: unknown field 'dtpye'; did you mean 'dtype'? known fields: src, dst, family, max_shard_size, "
-            "dtype, revision, push_to_hub, private, workers, overwrite",
+            "dtype, dequantize, revision, push_to_hub, private, workers, overwrite",
         ),
         (["", {"src": "a"}], '{m}:2: field "dst" is missing (a local directory)'),
         ([{"src": "a", "dst": ""}], "{m}:1: field \"dst\": '' is not a local directory"),

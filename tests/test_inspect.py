@@ -33,6 +33,7 @@ SCHEMA = {
     "fuse_bytes": int,
     "passthrough_bytes": int,
     "renamed_tensors": int,
+    "quantization": (dict, type(None)),
     "moe_modules": list,
     "output": dict,
     "peak_memory": dict,
@@ -45,6 +46,7 @@ MODULE_SCHEMA = {
     "hidden_size": int,
     "dtype": str,
     "bytes": int,
+    "quantization": (dict, type(None)),
 }
 OUTPUT_SCHEMA = {"dtype": (str, type(None)), "max_shard_size": int, "tensors": int, "total_bytes": int, "shards": list}
 SHARD_SCHEMA = {"filename": str, "tensors": int, "bytes": int}
@@ -101,6 +103,7 @@ def test_per_expert_checkpoint_is_described(qwen_checkpoint):
             "hidden_size": HIDDEN,
             "dtype": "F32",
             "bytes": 4 * 3 * EXPERT_BYTES,
+            "quantization": None,
         }
         for layer in range(2)
     ]
@@ -144,6 +147,7 @@ def test_already_fused_and_transposed_states(qwen_checkpoint, tmp_path):
             "hidden_size": 4,
             "dtype": "F32",
             "bytes": (2 * 4 * 6 + 2 * 3 * 4) * 4,
+            "quantization": None,
         }
     ]
 

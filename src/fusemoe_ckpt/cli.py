@@ -69,6 +69,11 @@ def cli(ctx: click.Context, debug: bool) -> None:
     type=click.Choice(sorted(OUTPUT_DTYPES)),
     help="Cast floating tensors to this dtype while converting (loads torch).",
 )
+@click.option(
+    "--dequantize",
+    is_flag=True,
+    help="Write FP8 weights dequantized by their scales (to --dtype, else config.json's dtype), for CPUs.",
+)
 @click.option("--verify", "then_verify", is_flag=True, help="Run verify on DST right after converting.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars and no summary.")
 @click.option("--push-to-hub", "push_to", metavar="REPO_ID", help="Then push DST to this Hub repo, with a model card.")
@@ -84,6 +89,7 @@ def convert(
     workers: int | None,
     no_fsync: bool,
     dtype: str | None,
+    dequantize: bool,
     then_verify: bool,
     quiet: bool,
     push_to: str | None,
@@ -110,6 +116,7 @@ def convert(
             workers=workers,
             durable=not no_fsync,
             dtype=dtype,
+            dequantize=dequantize,
             progress=bar.update,
             revision=revision,
             download_progress=not quiet,
@@ -198,11 +205,20 @@ def unfuse(
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
 @click.option("--dtype", type=click.Choice(sorted(OUTPUT_DTYPES)), help="Plan a cast to this dtype.")
 @click.option("--workers", type=int, default=None, help="Workers convert would use [default: min(4, CPUs)].")
+@click.option("--dequantize", is_flag=True, help="Plan FP8 weights dequantized, as convert --dequantize does.")
 def inspect(
-    src: str, as_json: bool, family: str | None, max_shard_size: str, dtype: str | None, workers: int | None
+    src: str,
+    as_json: bool,
+    family: str | None,
+    max_shard_size: str,
+    dtype: str | None,
+    workers: int | None,
+    dequantize: bool,
 ) -> None:
     """Show what convert would do to SRC, from its headers alone."""
-    report = inspect_checkpoint(src, family=family, max_shard_size=max_shard_size, dtype=dtype, workers=workers)
+    report = inspect_checkpoint(
+        src, family=family, max_shard_size=max_shard_size, dtype=dtype, workers=workers, dequantize=dequantize
+    )
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:

@@ -26,6 +26,7 @@ FIELDS: dict[str, str] = {
     "family": "a family name (fusemoe-ckpt families)",
     "max_shard_size": 'a size such as "5GB", or a number of bytes',
     "dtype": f"one of {', '.join(OUTPUT_DTYPES)}",
+    "dequantize": "true or false",
     "revision": "a branch, tag or commit of a Hub repo id src",
     "push_to_hub": "a Hub repo id (org/name) to push DST to",
     "private": "true or false",
@@ -48,6 +49,7 @@ class Entry:
     family: str | None = None
     max_shard_size: str | int = "5GB"
     dtype: str | None = None
+    dequantize: bool = False
     revision: str | None = None
     push_to_hub: str | None = None
     private: bool = False
@@ -118,7 +120,7 @@ def _parse_entry(line: str, base: Path, where: str, number: int) -> Entry:
     for name in ("src", "dst", "family", "dtype", "revision", "push_to_hub"):
         if name in data and not (isinstance(data[name], str) and data[name].strip()):
             raise bad(name)
-    for name in ("private", "overwrite"):
+    for name in ("private", "overwrite", "dequantize"):
         if name in data and not isinstance(data[name], bool):
             raise bad(name)
     if "workers" in data and (type(data["workers"]) is not int or data["workers"] < 1):

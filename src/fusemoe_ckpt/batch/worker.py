@@ -53,6 +53,7 @@ def run_entry(entry: Entry, *, check_bytes: bool = False) -> dict:
             resume=True,
             workers=entry.workers,
             dtype=entry.dtype,
+            dequantize=entry.dequantize,
             revision=entry.revision,
             download_progress=False,
         )
@@ -99,7 +100,11 @@ def unfinished_reason(entry: Entry, *, check_bytes: bool = False) -> str | None:
         return f"no readable {INDEX_NAME}"
     if "fusemoe_ckpt_family" not in metadata:
         return "not written by fusemoe-ckpt"
-    recorded = (metadata.get("fusemoe_ckpt_family"), metadata.get("fusemoe_ckpt_dtype"))
+    recorded = (
+        metadata.get("fusemoe_ckpt_family"),
+        metadata.get("fusemoe_ckpt_dtype"),
+        metadata.get("fusemoe_ckpt_dequantized") is True,
+    )
     # A local source removed after its conversion (to free the space) leaves only what DST records.
     if entry.hub or not Path(entry.src).exists():
         reason = _recorded_reason(entry, weight_map, metadata)
@@ -111,7 +116,13 @@ def unfinished_reason(entry: Entry, *, check_bytes: bool = False) -> str | None:
 
             source = download_checkpoint(entry.src, revision=entry.revision, progress=False).path
     else:
-        _, plan = plan_for(entry.src, family=entry.family, max_shard_size=entry.max_shard_size, dtype=entry.dtype)
+        _, plan = plan_for(
+            entry.src,
+            family=entry.family,
+            max_shard_size=entry.max_shard_size,
+            dtype=entry.dtype,
+            dequantize=entry.dequantize,
+        )
         reason = _plan_reason(entry, plan, weight_map, recorded)
         source = entry.src
     if reason is None and check_bytes:
@@ -122,8 +133,9 @@ def unfinished_reason(entry: Entry, *, check_bytes: bool = False) -> str | None:
 
 
 def _plan_reason(entry: Entry, plan, weight_map: dict[str, str], recorded: tuple) -> str | None:
-    if recorded != (plan.family.name, plan.dtype):
-        return f"family/dtype {recorded[0]}/{recorded[1]} recorded, {plan.family.name}/{plan.dtype} planned"
+    if recorded != (plan.family.name, plan.dtype, plan.dequantized):
+        planned = f"{plan.family.name}/{plan.dtype}/{plan.dequantized}"
+        return f"family/dtype/dequantized {'/'.join(map(str, recorded))} recorded, {planned} planned"
     if weight_map != plan.tensor_to_filename:
         return "its index maps other keys or shards than planned"
     for shard in plan.shards:
@@ -148,6 +160,8 @@ def _recorded_reason(entry: Entry, weight_map: dict[str, str], metadata: dict) -
         return f"converted with family {metadata.get('fusemoe_ckpt_family')}"
     if metadata.get("fusemoe_ckpt_dtype") != output_dtype(entry.dtype):
         return f"converted with dtype {metadata.get('fusemoe_ckpt_dtype')}"
+    if (metadata.get("fusemoe_ckpt_dequantized") is True) != entry.dequantize:
+        return "converted with --dequantize" if entry.dequantize is False else "converted without --dequantize"
     index_path = entry.dst / INDEX_NAME
     for shard in sorted(set(weight_map.values())):
         try:

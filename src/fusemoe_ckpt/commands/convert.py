@@ -39,10 +39,19 @@ class ConvertResult:
         rate = self.bytes_written / self.seconds / 1e9 if self.seconds > 0 else float("inf")
         kept = f" ({self.kept_shards} kept from the interrupted run)" if self.kept_shards else ""
         return (
-            f"{len(self.plan.fused_modules)} layers fused, {self.plan.num_experts} experts, "
+            f"{len(self.plan.fused_modules)} layers fused, {self.plan.num_experts} experts{self._quantized()}, "
             f"{format_size(self.bytes_written)} written in {len(self.plan.shards)} shards{kept}, "
             f"{self.seconds:.1f} s, {rate:.2f} GB/s -> {self.destination}"
         )
+
+    def _quantized(self) -> str:
+        plan = self.plan
+        if plan.quantization is None:
+            return ""
+        if not plan.dequantized:
+            return f", {plan.quantization.method} weights and scales fused"
+        dropped = f" ({len(plan.dropped)} activation scales dropped)" if plan.dropped else ""
+        return f", {plan.quantization.method} dequantized{dropped}"
 
 
 def convert(
@@ -56,6 +65,7 @@ def convert(
     workers: int | None = None,
     durable: bool = True,
     dtype: str | None = None,
+    dequantize: bool = False,
     progress: Callable[[int, int], None] | None = None,
     revision: str | None = None,
     download_progress: bool = True,
@@ -73,6 +83,8 @@ def convert(
         durable: fsync every file and directory before recording a shard and before the final rename.
         dtype: "bfloat16", "float16" or "float32": cast floating tensors to it while copying (the
             only path that imports torch); integer, boolean and FP8 tensors are copied untouched.
+        dequantize: write quantized (FP8) weights dequantized by their scales, to `dtype` or else
+            config.json's dtype, and config.json without its quantization_config.
         progress: called as progress(bytes_just_written, total_bytes), from worker threads.
         revision: branch, tag or commit of a Hub repo id `src`.
         download_progress: show huggingface_hub's progress bars while downloading `src`.
@@ -97,7 +109,7 @@ def convert(
     elif revision is not None:
         raise UsageError(f"{src}: a revision applies to a Hub repo id, and this is a local path")
     check_paths(src_path, dst_path, overwrite)
-    source, plan = plan_for(src_path, family=family, max_shard_size=max_shard_size, dtype=dtype)
+    source, plan = plan_for(src_path, family=family, max_shard_size=max_shard_size, dtype=dtype, dequantize=dequantize)
     written, extras, kept = write_plan(
         source,
         plan,

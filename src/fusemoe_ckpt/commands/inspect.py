@@ -16,9 +16,11 @@ from ..plan.conversion import plan_for
 from ..plan.layout import ConversionPlan
 from ..plan.operations import HIDDEN_AXIS
 from ..plan.pieces import OutputTensor
+from ..reading.quantization import SCALE_SUFFIX
 from ..reading.source import SourceCheckpoint
 from ..rules.families import Family
 from ..rules.patterns import ExpertMerge, TransposeExperts
+from ..rules.quantized import is_scale_twin
 from ..sizes import format_size, parse_size
 from ..write.streams import READ_CHUNK
 from ..write.writer import FALLBACK_BUFFER
@@ -41,6 +43,8 @@ class MoeModule:
     hidden_size: int
     dtype: str
     nbytes: int
+    # {"dtype", "scale_dtype", "block", "dequantized"} of quantized experts, else None
+    quantization: dict | None = None
 
 
 @dataclass
@@ -107,6 +111,7 @@ class Inspection:
             "fuse_bytes": self.fuse_bytes,
             "passthrough_bytes": total - self.fuse_bytes,
             "renamed_tensors": self.renamed_tensors,
+            "quantization": _described(self.plan),
             "moe_modules": [
                 {
                     "module": m.module,
@@ -116,6 +121,7 @@ class Inspection:
                     "hidden_size": m.hidden_size,
                     "dtype": m.dtype,
                     "bytes": m.nbytes,
+                    "quantization": m.quantization,
                 }
                 for m in self.modules
             ],
@@ -149,9 +155,14 @@ class Inspection:
             + (f", {data['renamed_tensors']} tensors renamed" if data["renamed_tensors"] else ""),
             f"MoE modules: {len(self.modules)}",
         ]
+        if data["quantization"]:
+            q = data["quantization"]
+            block = f"block {q['block'][0]}x{q['block'][1]}" if q["block"] else "per-tensor/per-channel scales"
+            fate = "dequantized" if q["dequantize"] else "kept, scales fused beside the weights"
+            lines.append(f"quantization: {q['method']}, {block}, scale_fmt {q['scale_fmt']}: {fate}")
         lines += [
-            f"  {m.module}: {m.state}, E={m.experts} I={m.intermediate_size} H={m.hidden_size} {m.dtype}, "
-            f"{format_size(m.nbytes)}"
+            f"  {m.module}: {m.state}, E={m.experts} I={m.intermediate_size} H={m.hidden_size} {m.dtype}"
+            f"{_scales_note(m.quantization)}, {format_size(m.nbytes)}"
             for m in self.modules
         ]
         output = data["output"]
@@ -170,6 +181,27 @@ class Inspection:
         return lines
 
 
+def _described(plan: ConversionPlan) -> dict | None:
+    q = plan.quantization
+    if q is None:
+        return None
+    return {
+        "method": q.method,
+        "block": list(q.block) if q.block else None,
+        "scale_fmt": q.scale_fmt,
+        "activation_scheme": q.activation_scheme,
+        "dequantize": plan.dequantized,
+        "dropped_tensors": len(plan.dropped),
+    }
+
+
+def _scales_note(quantization: dict | None) -> str:
+    if quantization is None:
+        return ""
+    block = "x".join(map(str, quantization["block"]))
+    return f" with {quantization['scale_dtype']} scales per {block} block"
+
+
 def inspect_checkpoint(
     src: str | os.PathLike,
     *,
@@ -177,9 +209,10 @@ def inspect_checkpoint(
     max_shard_size: str | int = "5GB",
     dtype: str | None = None,
     workers: int | None = None,
+    dequantize: bool = False,
 ) -> Inspection:
     """Plan the conversion of `src` and describe it; reads headers only."""
-    source, plan = plan_for(src, family=family, max_shard_size=max_shard_size, dtype=dtype)
+    source, plan = plan_for(src, family=family, max_shard_size=max_shard_size, dtype=dtype, dequantize=dequantize)
     return Inspection(
         source=source,
         plan=plan,
@@ -205,7 +238,8 @@ def _fuse_bytes(source: SourceCheckpoint, plan: ConversionPlan) -> int:
 def _moe_modules(plan: ConversionPlan) -> list[MoeModule]:
     by_module: dict[str, list[tuple[OutputTensor, int, str]]] = defaultdict(list)
     operation = {g.target: g.operation for g in plan.fused_groups}
-    for tensor in plan.tensors.values():
+    outputs = plan.tensors
+    for tensor in outputs.values():
         sources = _expert_sources(plan.family, tensor.name)
         if sources and len(tensor.shape) == 3:
             state = {"merge_experts": "per_expert", "transpose_experts": "fused"}.get(
@@ -229,14 +263,36 @@ def _moe_modules(plan: ConversionPlan) -> list[MoeModule]:
                 hidden_size=tensor.shape[axis],
                 dtype=first.cast[0] if first is not None and first.cast else tensor.dtype,
                 nbytes=sum(p.length for t, _, _ in entries for p in t.pieces),
+                quantization=_quantization(tensor, outputs),
             )
         )
     return modules
 
 
+def _quantization(tensor: OutputTensor, outputs: dict[str, OutputTensor]) -> dict | None:
+    """How a module's experts are quantized: fused with their scales, or planned dequantized."""
+    scales = tensor.pieces[0].scales if tensor.pieces else None
+    if scales is not None:
+        return {
+            "dtype": scales.quantized_dtype,
+            "scale_dtype": scales.dtype,
+            "block": list(scales.block),
+            "dequantized": True,
+        }
+    fused_scales = outputs.get(tensor.name + SCALE_SUFFIX)
+    if fused_scales is None:
+        return None
+    _, rows, cols = tensor.shape
+    _, grid_rows, grid_cols = fused_scales.shape
+    block = [-(-rows // grid_rows), -(-cols // grid_cols)]
+    return {"dtype": tensor.dtype, "scale_dtype": fused_scales.dtype, "block": block, "dequantized": False}
+
+
 def _expert_sources(family: Family, name: str) -> int:
     """How many per-expert sources the converter that outputs `name` has (2 for gate_up), or 0."""
     for converter in family.converters:
+        if is_scale_twin(converter):
+            continue
         if isinstance(converter, ExpertMerge | TransposeExperts) and converter.match_output(name):
             return len(converter.sources) if isinstance(converter, ExpertMerge) else _transposed_sources(name)
     return 0

@@ -109,7 +109,8 @@ def verify(
     recorded = _recorded_metadata(dst_path)
     family = family or recorded.get("fusemoe_ckpt_family")
     dtype = dtype or recorded.get("fusemoe_ckpt_dtype")
-    _, plan = plan_for(src_path, family=family, dtype=dtype)
+    dequantized = recorded.get("fusemoe_ckpt_dequantized") is True
+    _, plan = plan_for(src_path, family=family, dtype=dtype, dequantize=dequantized)
 
     problems: dict[str, list[str]] = defaultdict(list)
     stored = _read_destination(dst_path, problems)

@@ -10,17 +10,26 @@ import os
 from collections import defaultdict
 from dataclasses import replace
 
-from ..errors import CheckpointError, FamilyError
+from ..errors import CheckpointError, FamilyError, UsageError
 from ..naming import natural_key
+from ..reading.quantization import quantization_of
 from ..reading.source import SourceCheckpoint, SourceTensor, open_checkpoint
 from ..rules.families import Family
 from ..rules.patterns import Converter, ExpertMerge, TransposeExperts, map_key
+from ..rules.quantized import for_quantization
 from ..rules.selection import resolve_family
 from ..sizes import parse_size
 from .cast import cast_of, output_dtype
 from .layout import ConversionPlan, lay_out
 from .operations import Slots, concatenate, fuse_experts, transpose_experts
-from .pieces import FusedGroup, OutputTensor, Piece
+from .pieces import FusedGroup, OutputTensor, piece_of
+from .quantization import (
+    check_fused_scales,
+    dequantized_dtype,
+    dequantized_view,
+    paired_scales,
+    refuse_expert_activation_scales,
+)
 
 
 def plan_for(
@@ -29,36 +38,61 @@ def plan_for(
     family: str | None = None,
     max_shard_size: str | int = "5GB",
     dtype: str | None = None,
+    dequantize: bool = False,
 ) -> tuple[SourceCheckpoint, ConversionPlan]:
     """Open `src` and plan its conversion, touching no tensor bytes.
 
     Args:
         dtype: "bfloat16", "float16" or "float32" to cast floating tensors to; None keeps them.
+        dequantize: plan quantized weights dequantized (to `dtype`, else config.json's dtype).
     """
     source = open_checkpoint(src)
     chosen = resolve_family(source, family)
-    plan = plan_conversion(source, chosen, max_shard_size=parse_size(max_shard_size), dtype=output_dtype(dtype))
+    plan = plan_conversion(
+        source, chosen, max_shard_size=parse_size(max_shard_size), dtype=output_dtype(dtype), dequantize=dequantize
+    )
     return source, plan
 
 
 def plan_conversion(
-    source: SourceCheckpoint, family: Family, *, max_shard_size: int, dtype: str | None = None
+    source: SourceCheckpoint,
+    family: Family,
+    *,
+    max_shard_size: int,
+    dtype: str | None = None,
+    dequantize: bool = False,
 ) -> ConversionPlan:
     """Map every source tensor through `family`, fuse the experts, and lay out the output shards.
 
-    With `dtype` (a safetensors dtype such as "BF16"), floating tensors are planned cast to it.
+    With `dtype` (a safetensors dtype such as "BF16"), floating tensors are planned cast to it. A
+    quantized checkpoint keeps its quantization (scales fused beside the weights, as transformers'
+    quantizer fuses them), or with `dequantize` every quantized weight becomes floating.
 
     Raises:
         FamilyError: an expert group is incomplete or inconsistent.
-        CheckpointError: two source tensors would land on the same output key.
+        CheckpointError: two source tensors would land on the same output key; a quantization that
+            is unsupported or inconsistent.
+        UsageError: `dequantize` of a checkpoint that is not quantized.
     """
+    quantization = quantization_of(source.config, source.root / "config.json")
+    tensors, dropped, config = source.tensors, [], None
+    if dequantize:
+        if quantization is None:
+            raise UsageError(f"{source.root}: --dequantize: config.json declares no quantization_config")
+        output = dequantized_dtype(source.config, dtype)
+        tensors, dropped = dequantized_view(source, paired_scales(source, quantization), output)
+        config = {k: v for k, v in source.config.items() if k != "quantization_config"}
+    elif quantization is not None:
+        paired_scales(source, quantization)
+        refuse_expert_activation_scales(source)
+        family = for_quantization(family, quantization)
     renames = family.all_renames()
     passthrough: dict[str, SourceTensor] = {}
     groups: dict[str, Slots] = defaultdict(lambda: defaultdict(dict))
     converter_of: dict[str, Converter] = {}
 
-    for key in sorted(source.tensors, key=natural_key):
-        tensor = source.tensors[key]
+    for key in sorted(tensors, key=natural_key):
+        tensor = tensors[key]
         mapping = map_key(key, renames, family.converters)
         if mapping.converter is None:
             _claim(passthrough, mapping.target, tensor)
@@ -72,8 +106,7 @@ def plan_conversion(
         converter_of[mapping.target] = mapping.converter
 
     outputs: dict[str, OutputTensor] = {
-        name: OutputTensor(name, t.dtype, t.shape, (Piece(t.file, t.offset, t.nbytes),))
-        for name, t in passthrough.items()
+        name: OutputTensor(name, t.dtype, t.shape, (piece_of(t),)) for name, t in passthrough.items()
     }
     _refuse_missing_merges(groups, converter_of, family)
     num_experts = _expected_experts(groups, converter_of, source.config)
@@ -87,9 +120,13 @@ def plan_conversion(
         outputs[target] = tensor
         fused_groups.append(group)
     _refuse_leftover_experts(passthrough, fused_groups, family)
+    if quantization is not None and not dequantize:
+        check_fused_scales(outputs, fused_groups, quantization, source)
 
     ordered = sorted((cast_tensor(t, dtype) for t in outputs.values()), key=lambda t: natural_key(t.name))
-    return lay_out(family, ordered, fused_groups, max_shard_size, dtype=dtype)
+    plan = lay_out(family, ordered, fused_groups, max_shard_size, dtype=dtype)
+    plan.quantization, plan.dequantized, plan.dropped, plan.config = quantization, dequantize, dropped, config
+    return plan
 
 
 def cast_tensor(tensor: OutputTensor, dtype: str | None) -> OutputTensor:
@@ -189,5 +226,5 @@ def _refuse_leftover_experts(passthrough: dict[str, SourceTensor], groups: list[
         if rest and rest.split(".")[0].isdigit() and prefix in modules:
             raise FamilyError(
                 f"{tensor.name}: per-expert tensor that family {family.name} does not fuse; "
-                "it would be left beside the fused experts (quantized checkpoints are not supported)"
+                "it would be left beside the fused experts"
             )

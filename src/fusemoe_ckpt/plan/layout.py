@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ..naming import natural_key
+from ..reading.quantization import Quantization
 from ..reading.safetensors_format import HEADER_ALIGNMENT, PAGE_SIZE, TensorInfo, encode_header
 from ..rules.families import Family
 from .pieces import FusedGroup, OutputTensor
@@ -44,6 +45,10 @@ class ConversionPlan:
     fused_groups: list[FusedGroup]
     tensor_to_filename: dict[str, str] = field(default_factory=dict)
     dtype: str | None = None  # the floating dtype tensors are cast to; None keeps every dtype
+    quantization: Quantization | None = None  # of the source, as config.json declares it
+    dequantized: bool = False  # quantized weights planned dequantized, their scales consumed
+    dropped: list[str] = field(default_factory=list)  # source keys deliberately not written
+    config: dict | None = None  # the config.json to write instead of copying the source's
 
     @property
     def tensors(self) -> dict[str, OutputTensor]:

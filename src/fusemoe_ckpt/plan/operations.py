@@ -12,7 +12,7 @@ from ..errors import FamilyError
 from ..reading.safetensors_format import DTYPE_SIZES
 from ..reading.source import SourceTensor
 from ..rules.patterns import Converter, ExpertMerge
-from .pieces import FusedGroup, OutputTensor, Piece, coalesce
+from .pieces import FusedGroup, OutputTensor, Piece, coalesce, piece_of
 
 # The in-memory fused layout of transformers 5: which axis holds the hidden size.
 HIDDEN_AXIS = {"gate_up_proj": 2, "up_proj": 2, "down_proj": 1}
@@ -20,10 +20,6 @@ HIDDEN_AXIS = {"gate_up_proj": 2, "up_proj": 2, "down_proj": 1}
 
 # slot -> expert id (None for tensors that are not per expert) -> tensor
 Slots = dict[int, dict[int | None, SourceTensor]]
-
-
-def _piece(tensor: SourceTensor) -> Piece:
-    return Piece(tensor.file, tensor.offset, tensor.nbytes)
 
 
 def _require_slots(target: str, converter: Converter, slots: Slots, family: str) -> None:
@@ -70,7 +66,7 @@ def fuse_experts(
                 )
     _check_concatenable([slots[slot][0] for slot in range(len(merge.sources))])
     ordered_slots = [slots[slot] for slot in range(len(merge.sources))]
-    pieces = coalesce(_piece(experts[e]) for e in range(num_experts) for experts in ordered_slots)
+    pieces = coalesce(piece_of(experts[e]) for e in range(num_experts) for experts in ordered_slots)
     rows = sum(experts[0].shape[0] for experts in ordered_slots)
     shape = (num_experts, rows, *first.shape[1:])
     keys = tuple(experts[e].name for e in range(num_experts) for experts in ordered_slots)
@@ -97,7 +93,7 @@ def concatenate(target: str, converter: Converter, slots: Slots, family: str) ->
     _check_concatenable(tensors)
     shape = (sum(t.shape[0] for t in tensors), *tensors[0].shape[1:])
     return (
-        OutputTensor(target, tensors[0].dtype, shape, tuple(coalesce(_piece(t) for t in tensors))),
+        OutputTensor(target, tensors[0].dtype, shape, tuple(coalesce(piece_of(t) for t in tensors))),
         FusedGroup(target, "concatenate", 0, tuple(t.name for t in tensors)),
     )
 
@@ -125,7 +121,7 @@ def transpose_experts(
     axis = hidden_axis(tensor, target, hidden_size)
     experts, rows, cols = tensor.shape
     if tensor.shape[axis] == hidden_size:
-        pieces: tuple[Piece, ...] = (_piece(tensor),)
+        pieces: tuple[Piece, ...] = (piece_of(tensor),)
         shape = tensor.shape
     elif tensor.shape[3 - axis] == hidden_size:
         size = rows * cols * DTYPE_SIZES[tensor.dtype]

@@ -7,19 +7,23 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..reading.quantization import Scales
 from ..reading.safetensors_format import DTYPE_SIZES
+from ..reading.source import SourceTensor
 
 
 @dataclass(frozen=True, slots=True)
 class Piece:
     """A run of `length` bytes from a source file; with `transpose` = (rows, cols), a row-major matrix
-    that is written transposed; with `cast` = (source dtype, output dtype), elements converted."""
+    that is written transposed; with `cast` = (source dtype, output dtype), elements converted; with
+    `scales` too, a quantized matrix dequantized by its scales into the output dtype."""
 
     file: Path
     offset: int
     length: int
     transpose: tuple[int, int] | None = None
     cast: tuple[str, str] | None = None
+    scales: Scales | None = None
 
     @property
     def out_length(self) -> int:
@@ -54,6 +58,14 @@ class FusedGroup:
     source_keys: tuple[str, ...]
 
 
+def piece_of(tensor: SourceTensor) -> Piece:
+    """All of `tensor`'s bytes as one piece (dequantized, if the plan says so)."""
+    if tensor.scales is None:
+        return Piece(tensor.file, tensor.offset, tensor.nbytes)
+    cast = (tensor.scales.quantized_dtype, tensor.dtype)
+    return Piece(tensor.file, tensor.offset, tensor.nbytes, cast=cast, scales=tensor.scales)
+
+
 def coalesce(pieces: Iterable[Piece]) -> list[Piece]:
     """Merge pieces that continue each other in the same file into one longer copy."""
     merged: list[Piece] = []
@@ -65,6 +77,8 @@ def coalesce(pieces: Iterable[Piece]) -> list[Piece]:
             last
             and last.transpose is None
             and piece.transpose is None
+            and last.scales is None
+            and piece.scales is None
             and last.cast == piece.cast
             and last.file == piece.file
             and last.offset + last.length == piece.offset

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from ..errors import FamilyError
 from ..naming import natural_key
+from ..reading.quantization import quantization_of
 from ..reading.safetensors_format import DTYPE_SIZES
-from ..reading.source import SourceCheckpoint, SourceTensor
+from ..reading.source import CONFIG_NAME, SourceCheckpoint, SourceTensor
 from ..rules.families import Family
 from ..rules.patterns import Concatenate, Converter, ExpertMerge, Rename, TransposeExperts, map_key
+from ..rules.quantized import for_quantization
 from .conversion import config_hidden_size
 from .layout import ConversionPlan, lay_out
 from .operations import hidden_axis
@@ -29,6 +31,7 @@ def plan_unfuse(source: SourceCheckpoint, family: Family, *, max_shard_size: int
         FamilyError: a tensor is still per expert, a fused shape cannot be split, or a reversed
             name would not convert back to the key it came from.
     """
+    family = for_quantization(family, quantization_of(source.config, source.root / CONFIG_NAME))
     reverse_renames = tuple(r.reversed() for r in reversed(family.renames) if not r.prefix_change)
     hidden_size = config_hidden_size(source.config)
     outputs: dict[str, OutputTensor] = {}

@@ -9,10 +9,12 @@ from pathlib import Path, PurePosixPath
 
 from ..errors import CheckpointError
 from .files import read_text
+from .quantization import Scales
 from .safetensors_format import ShardHeader, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +27,8 @@ class SourceTensor:
     file: Path
     offset: int
     nbytes: int
+    # Set on a quantized weight planned dequantized: `dtype` is then the dtype it becomes.
+    scales: Scales | None = None
 
 
 @dataclass
@@ -137,7 +141,7 @@ def _check_index_matches(
 
 
 def _read_config(root: Path) -> dict | None:
-    path = root / "config.json"
+    path = root / CONFIG_NAME
     if not path.exists():
         return None
     try:

@@ -19,7 +19,7 @@ from ..errors import ConversionInterrupted, DestinationError, UsageError
 from ..naming import natural_key
 from ..plan.layout import ConversionPlan, ShardPlan
 from ..reading.side_files import side_files
-from ..reading.source import INDEX_NAME, SourceCheckpoint
+from ..reading.source import CONFIG_NAME, INDEX_NAME, SourceCheckpoint
 from .destination import (
     check_free_space,
     check_no_partial,
@@ -73,7 +73,7 @@ def write_plan(
             try:
                 written = _write_shards(partial, plan, todo, journal, workers, durable, progress)
                 write_index(partial / INDEX_NAME, plan, provenance, durable=durable)
-                _copy_side_files(source.root, partial, extras, durable=durable)
+                _copy_side_files(source.root, partial, extras, plan.config, durable=durable)
             finally:
                 journal.close()
             if durable:
@@ -153,6 +153,7 @@ def write_index(path: Path, plan: ConversionPlan, provenance: dict[str, str], *,
             "fusemoe_ckpt_fused_layers": len(plan.fused_modules),
             "fusemoe_ckpt_experts": plan.num_experts,
             **({"fusemoe_ckpt_dtype": plan.dtype} if plan.dtype else {}),
+            **({"fusemoe_ckpt_dequantized": True} if plan.dequantized else {}),
         },
         "weight_map": dict(sorted(plan.tensor_to_filename.items(), key=lambda kv: natural_key(kv[0]))),
     }
@@ -164,11 +165,15 @@ def write_index(path: Path, plan: ConversionPlan, provenance: dict[str, str], *,
             os.fsync(f.fileno())
 
 
-def _copy_side_files(root: Path, partial: Path, extras: list[str], *, durable: bool) -> None:
+def _copy_side_files(root: Path, partial: Path, extras: list[str], config: dict | None, *, durable: bool) -> None:
+    """Copy the side files; config.json is written from `config` instead where the plan changes it."""
     for relative in extras:
         target = partial / relative
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(root / relative, target)
+        if relative == CONFIG_NAME and config is not None:
+            target.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        else:
+            shutil.copyfile(root / relative, target)
         if durable:
             fsync_path(target)
             if target.parent != partial:

@@ -7,11 +7,12 @@ one expert matrix twice (as read and as turned).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 from ..plan.cast import cast_bytes
 from ..plan.pieces import Piece
-from ..reading.files import read_exact
+from ..reading.files import open_regular, read_exact
 from ..reading.safetensors_format import DTYPE_SIZES
 
 # Tensor bytes read at once by a cast or a comparison.
@@ -25,6 +26,9 @@ def piece_chunks(fd: int, piece: Piece, *, chunk: int | None = None) -> Iterator
     """The output bytes of `piece`, read from `fd` (its open file) in order, each chunk at most
     `chunk` (default READ_CHUNK) bytes of source, except a transposed matrix, which is turned whole."""
     chunk = chunk or READ_CHUNK
+    if piece.scales is not None:
+        yield from _dequantized_chunks(fd, piece, chunk)
+        return
     if piece.transpose is not None:
         turned = _transposed(read_exact(fd, piece.offset, piece.length, piece.file), piece.transpose)
         if piece.cast is None:
@@ -58,3 +62,21 @@ def _transposed(data: bytearray, shape: tuple[int, int]) -> bytearray:
     for col in range(cols):
         target[col * rows : (col + 1) * rows] = source[col::cols]
     return out
+
+
+def _dequantized_chunks(fd: int, piece: Piece, chunk: int) -> Iterator[bytes]:
+    """The quantized matrix of `piece`, whole rows at a time (at most `chunk` // 4 source bytes, the
+    float32 work being four times that), dequantized by its scales into the output dtype."""
+    from ..plan.dequantize import dequantize_rows, scale_values  # numpy, only for --dequantize
+
+    scales = piece.scales
+    scale_fd = open_regular(scales.file, what="shard file")[0]
+    try:
+        grid = scale_values(read_exact(scale_fd, scales.offset, scales.nbytes, scales.file), scales)
+    finally:
+        os.close(scale_fd)
+    cols = scales.shape[1]
+    step = max(1, chunk // 4 // cols) * cols
+    for start in range(0, piece.length, step):
+        data = read_exact(fd, piece.offset + start, min(step, piece.length - start), piece.file)
+        yield dequantize_rows(data, start // cols, grid, scales, piece.cast[1])

@@ -1,0 +1,107 @@
+"""Dequantize FP8 rows by their scales, bit for bit as transformers does, with numpy instead of torch.
+
+transformers (`integrations/finegrained_fp8.py`, `Fp8Dequantize`) computes `(q.float() * s.float())
+.to(dtype)`: each FP8 value and scale decoded exactly to float32, one float32 multiply, one rounding
+to the output dtype (round to nearest even). A NaN stays a NaN (bfloat16 0x7FC0, where torch's
+vectorized CPU kernel happens to write 0xFFFF; FP8 weights hold none in practice). Decoding is a lookup
+in a 256-entry table, so every step is exact and the result equals torch's. numpy costs 20 MB of
+memory where torch costs 250 MB, which keeps `--dequantize` within convert's memory budget.
+The block index comes from `weight_block_size`, never from dividing shapes, so a 576-row weight with
+5 scale rows of 128 is dequantized right.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from ..reading.quantization import Scales
+
+
+def _float8_table(exponent_bits: int, mantissa_bits: int, *, finite: bool) -> np.ndarray:
+    """The float32 value of each of the 256 codes of an FP8 format (IEEE-like, `finite`: only the
+    all-ones code of each sign is NaN and there is no infinity, as in E4M3FN)."""
+    bias = (1 << (exponent_bits - 1)) - 1
+    top = (1 << exponent_bits) - 1
+    values = np.empty(256, dtype=np.float32)
+    for code in range(256):
+        sign = -1.0 if code & 0x80 else 1.0
+        exponent = (code >> mantissa_bits) & top
+        mantissa = code & ((1 << mantissa_bits) - 1)
+        fraction = mantissa / (1 << mantissa_bits)
+        if finite and exponent == top and mantissa == (1 << mantissa_bits) - 1:
+            value = float("nan")
+        elif not finite and exponent == top:
+            value = sign * float("inf") if mantissa == 0 else float("nan")
+        elif exponent == 0:
+            value = sign * fraction * 2.0 ** (1 - bias)
+        else:
+            value = sign * (1.0 + fraction) * 2.0 ** (exponent - bias)
+        values[code] = value
+    return values
+
+
+def _e8m0_table(*, raw_bytes: bool) -> np.ndarray:
+    """Scales stored as exponents: 2 ** (code - 127). As F8_E8M0 (torch's float8_e8m0fnu), 0xFF is
+    NaN; as raw U8 bytes, transformers computes `exp2(byte - 127)`, so 0xFF is 2 ** 128 = inf."""
+    with np.errstate(over="ignore"):  # 2 ** 128 is inf, as in torch
+        values = np.ldexp(np.float32(1.0), np.arange(256, dtype=np.int32) - 127).astype(np.float32)
+    if not raw_bytes:
+        values[255] = np.nan
+    return values
+
+
+@functools.cache
+def code_table(dtype: str) -> np.ndarray:
+    """float32 value of each byte code of the one-byte `dtype`."""
+    if dtype == "F8_E4M3":
+        return _float8_table(4, 3, finite=True)
+    if dtype == "F8_E5M2":
+        return _float8_table(5, 2, finite=False)
+    if dtype == "F8_E8M0":
+        return _e8m0_table(raw_bytes=False)
+    if dtype == "U8":
+        return _e8m0_table(raw_bytes=True)
+    raise ValueError(f"no byte table for {dtype}")
+
+
+def scale_values(raw: bytes | bytearray, scales: Scales) -> np.ndarray:
+    """The scale grid as float32, shape `scales.grid`."""
+    if scales.dtype == "F32":
+        grid = np.frombuffer(raw, dtype="<f4")
+    elif scales.dtype == "BF16":
+        grid = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+    else:
+        grid = code_table(scales.dtype)[np.frombuffer(raw, dtype=np.uint8)]
+    return grid.reshape(scales.grid)
+
+
+def dequantize_rows(data: bytes | bytearray, first_row: int, grid: np.ndarray, scales: Scales, output: str) -> bytes:
+    """Rows `first_row`, `first_row` + 1, ... of the quantized matrix, whose bytes are `data`,
+    dequantized to `output` ("BF16", "F16" or "F32") as little-endian bytes."""
+    rows, cols = scales.shape
+    block_rows, block_cols = scales.block
+    count = len(data) // cols
+    values = code_table(scales.quantized_dtype)[np.frombuffer(data, dtype=np.uint8)].reshape(count, cols)
+    row_scales = grid[np.arange(first_row, first_row + count) // block_rows]  # (count, grid cols)
+    if cols % block_cols == 0:
+        values.reshape(count, cols // block_cols, block_cols)[...] *= row_scales[:, :, None]
+    else:
+        values *= np.repeat(row_scales, block_cols, axis=1)[:, :cols]
+    return _encode(values, output)
+
+
+def _encode(values: np.ndarray, output: str) -> bytes:
+    if output == "F32":
+        return values.astype("<f4").tobytes()
+    if output == "F16":
+        with np.errstate(over="ignore"):  # past float16's range is inf, as in torch
+            return values.astype("<f2").tobytes()
+    if output != "BF16":
+        raise ValueError(f"cannot dequantize to {output}")
+    bits = values.view(np.uint32)
+    # Round to nearest even on the upper 16 bits, as torch's float -> bfloat16 does.
+    rounded = ((bits + (((bits >> 16) & 1) + np.uint32(0x7FFF))) >> 16).astype("<u2")
+    rounded[np.isnan(values)] = 0x7FC0
+    return rounded.tobytes()

@@ -1,0 +1,162 @@
+"""Plan a quantized (FP8) checkpoint: every quantized weight paired with its scales and checked, then
+either kept quantized (the scales fused beside the weights, as transformers' GPU path holds them) or
+planned dequantized (the scales consumed, the weight written in a floating dtype).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..errors import CheckpointError, FamilyError
+from ..naming import natural_key
+from ..reading.quantization import (
+    ACTIVATION_SCALE_NAMES,
+    FP8_WEIGHT_DTYPES,
+    SCALE_SIZES,
+    SCALE_SUFFIX,
+    Quantization,
+    Scales,
+    scale_grid,
+)
+from ..reading.source import SourceCheckpoint, SourceTensor
+from .pieces import FusedGroup, OutputTensor
+
+# config.json's dtype names, as safetensors names them: what a dequantized weight becomes by default.
+CONFIG_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+
+
+def paired_scales(source: SourceCheckpoint, quantization: Quantization) -> dict[str, Scales]:
+    """The scales of every quantized tensor of `source`, by the quantized tensor's key.
+
+    Raises:
+        CheckpointError: a quantized tensor without its scale, a scale without its quantized tensor,
+            a scale of the wrong dtype or a shape that does not match the block; named by key.
+    """
+    tensors = source.tensors
+    found: dict[str, Scales] = {}
+    for key in sorted(tensors, key=natural_key):
+        tensor = tensors[key]
+        if key.endswith(SCALE_SUFFIX):
+            quantized = tensors.get(key.removesuffix(SCALE_SUFFIX))
+            if quantized is None or quantized.dtype not in FP8_WEIGHT_DTYPES:
+                what = "no tensor" if quantized is None else f"{quantized.dtype} tensor"
+                raise CheckpointError(f"{key}: a scale of {what} {key.removesuffix(SCALE_SUFFIX)!r} ({tensor.file})")
+            continue
+        if tensor.dtype not in FP8_WEIGHT_DTYPES:
+            continue
+        scale = tensors.get(key + SCALE_SUFFIX)
+        if scale is None:
+            raise CheckpointError(
+                f"{key + SCALE_SUFFIX}: missing: the scale of {tensor.dtype} tensor {key} ({tensor.file})"
+            )
+        found[key] = _scales(tensor, scale, quantization)
+    return found
+
+
+def _scales(tensor: SourceTensor, scale: SourceTensor, quantization: Quantization) -> Scales:
+    if scale.dtype not in SCALE_SIZES:
+        raise CheckpointError(
+            f"{scale.name}: dtype {scale.dtype} is not a scale dtype ({', '.join(SCALE_SIZES)}) ({scale.file})"
+        )
+    if len(tensor.shape) not in (2, 3):
+        raise CheckpointError(f"{tensor.name}: a quantized tensor of shape {list(tensor.shape)}, not a matrix")
+    # A fused [E, rows, cols] tensor has one grid per expert.
+    experts = tensor.shape[:-2]
+    if scale.shape[: len(experts)] != experts and experts:
+        raise CheckpointError(
+            f"{scale.name}: shape {list(scale.shape)} does not start with the {experts[0]} experts of {tensor.name}"
+        )
+    try:
+        grid, block = scale_grid(tensor.shape[-2:], quantization.block, scale.shape[len(experts) :])
+    except ValueError as e:
+        raise CheckpointError(
+            f"{scale.name}: shape {list(scale.shape)} does not match {tensor.name} {list(tensor.shape)}: "
+            f"{e} ({scale.file})"
+        ) from None
+    return Scales(scale.name, scale.file, scale.offset, scale.dtype, grid, block, tensor.shape[-2:], tensor.dtype)
+
+
+def refuse_expert_activation_scales(source: SourceCheckpoint) -> None:
+    """Static activation scales of experts: transformers 5.24 leaves them unloaded (and `input_scale`
+    anywhere), so a fused FP8 output would not load them either."""
+    for key in sorted(source.tensors, key=natural_key):
+        name = key.rpartition(".")[2]
+        if name == "input_scale" or (name == "activation_scale" and ".experts." in key):
+            raise FamilyError(
+                f"{key}: a static activation scale transformers 5.24 does not load for "
+                f"{'experts' if '.experts.' in key else 'any layer (it reads activation_scale)'}; "
+                "convert with --dequantize, which drops activation scales"
+            )
+
+
+def dequantized_view(
+    source: SourceCheckpoint, scales: dict[str, Scales], output: str
+) -> tuple[dict[str, SourceTensor], list[str]]:
+    """`source`'s tensors with every quantized matrix planned dequantized to `output`, its scale
+    consumed; activation scales dropped (a dequantized model has none). Returns (tensors, dropped keys).
+
+    Raises:
+        CheckpointError: a quantized tensor that is not one matrix (a fused [E, rows, cols] one).
+    """
+    tensors: dict[str, SourceTensor] = {}
+    dropped = []
+    consumed = {s.name for s in scales.values()}
+    for key, tensor in source.tensors.items():
+        if key in consumed:
+            continue
+        if key.rpartition(".")[2] in ACTIVATION_SCALE_NAMES:
+            dropped.append(key)
+            continue
+        scale = scales.get(key)
+        if scale is None:
+            tensors[key] = tensor
+        elif len(tensor.shape) != 2:
+            raise CheckpointError(
+                f"{key}: fused {tensor.dtype} experts {list(tensor.shape)} cannot be dequantized; "
+                "unfuse the checkpoint first, or convert it without --dequantize"
+            )
+        else:
+            tensors[key] = replace(tensor, dtype=output, scales=scale)
+    return tensors, sorted(dropped, key=natural_key)
+
+
+def dequantized_dtype(config: dict | None, dtype: str | None) -> str:
+    """What dequantized weights become: `dtype` if given, else config.json's dtype, else BF16."""
+    if dtype is not None:
+        return dtype
+    named = (config or {}).get("dtype") or (config or {}).get("torch_dtype")
+    return CONFIG_DTYPES.get(named, "BF16")
+
+
+def check_fused_scales(
+    outputs: dict[str, OutputTensor], groups: list[FusedGroup], quantization: Quantization, source: SourceCheckpoint
+) -> None:
+    """Refuse what transformers cannot hold as fused FP8.
+
+    - A concatenation (gate then up) whose parts do not end on a block boundary: transformers reads
+      the scale of fused row r at r // block rows, which is then another part's scale, and it
+      allocates max(ceil(2I/B), 2) rows where concatenation gives 2 * ceil(I/B).
+    - A scale left beside a weight that a converter without a scale twin fused (it would not load).
+    """
+    for group in groups:
+        if not group.target.endswith(SCALE_SUFFIX) or quantization.block is None:
+            continue
+        weights = group.source_keys
+        parts = len(weights) // max(1, group.num_experts)
+        rows = source.tensors[weights[0].removesuffix(SCALE_SUFFIX)].shape[0]
+        block_rows, block_cols = quantization.block
+        if parts > 1 and rows % block_rows:
+            fused = outputs[group.target].shape
+            cols = source.tensors[weights[0].removesuffix(SCALE_SUFFIX)].shape[1]
+            allocated = [group.num_experts, max(-(-parts * rows // block_rows), 2), -(-cols // block_cols)]
+            module = group.target.rpartition(".")[0]
+            raise FamilyError(
+                f"{module}: FP8 experts with intermediate size {rows}, not a multiple of the {block_rows}-row "
+                f"block: concatenated scales {group.target.rpartition('.')[2]} {list(fused)}, transformers "
+                f"allocates {allocated} and reads them per {block_rows} fused rows; convert with --dequantize"
+            )
+    for name in sorted(outputs, key=natural_key):
+        if name.endswith(SCALE_SUFFIX) and name.removesuffix(SCALE_SUFFIX) not in outputs:
+            raise FamilyError(
+                f"{name}: the scale of a weight this family fuses without its scales; convert with --dequantize"
+            )

@@ -1,0 +1,42 @@
+"""The family rule of a quantized checkpoint, as transformers' quantizer extends it.
+
+For FP8 (`quantizers/base.py::update_weight_conversions`), every converter whose sources all end in
+`.weight` and whose target the quantized model holds a scale for gets a twin right after it, with
+`_scale_inv` appended to each source and to the target and the same operations:
+`mlp.experts.*.gate_proj.weight_scale_inv` and `…up_proj.weight_scale_inv` become
+`mlp.experts.gate_up_proj_scale_inv`, stacked and concatenated exactly like the weights. Routed
+experts always get such a scale (`FP8Experts`); other fused targets are not twinned here, and
+plan/quantization.py refuses a scale left beside a weight they fuse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..reading.quantization import SCALE_SUFFIX, Quantization
+from .families import Family
+from .patterns import Converter, ExpertMerge
+
+
+def for_quantization(family: Family, quantization: Quantization | None) -> Family:
+    """`family` with the converters transformers adds for `quantization` (none when None)."""
+    if quantization is None:
+        return family
+    converters: list[Converter] = []
+    for converter in family.converters:
+        converters.append(converter)
+        twin = scale_twin(converter)
+        if twin is not None:
+            converters.append(twin)
+    return replace(family, converters=tuple(converters))
+
+
+def scale_twin(converter: Converter) -> Converter | None:
+    """The converter that fuses the scales of `converter`'s weights, or None if it fuses no `.weight`."""
+    if not isinstance(converter, ExpertMerge) or not all(s.endswith(".weight") for s in converter.sources):
+        return None
+    return type(converter)(tuple(s + SCALE_SUFFIX for s in converter.sources), converter.target + SCALE_SUFFIX)
+
+
+def is_scale_twin(converter: Converter) -> bool:
+    return converter.target.endswith(SCALE_SUFFIX)
