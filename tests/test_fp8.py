@@ -402,3 +402,30 @@ def test_e8m0_and_bf16_scales_dequantize_like_torch(tmp_path):
         convert(root, tmp_path / f"{scale.dtype}-out", dequantize=True)
         ours = load_checkpoint(tmp_path / f"{scale.dtype}-out")["model.layers.0.mlp.down_proj.weight"]
         assert torch.equal(ours, dequantize_blocks(weight, scale.float()))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "torch_dtype"),
+    [("F8_E4M3", torch.float8_e4m3fn), ("F8_E5M2", torch.float8_e5m2), ("F8_E8M0", torch.float8_e8m0fnu)],
+)
+def test_every_code_decodes_as_torch_decodes_it(dtype, torch_dtype):
+    from fusemoe_ckpt.plan.dequantize import decode
+
+    codes = torch.arange(256, dtype=torch.uint8)
+    theirs = codes.view(torch_dtype).float()
+    ours = torch.from_numpy(decode(bytes(codes.tolist()), dtype).copy())
+    assert torch.equal(ours.isnan(), theirs.isnan())
+    assert torch.equal(ours[~ours.isnan()].view(torch.int32), theirs[~theirs.isnan()].view(torch.int32))
+
+
+@pytest.mark.parametrize("output", ["BF16", "F16", "F32"])
+def test_rounding_is_torchs(output):
+    """float32 products rounded to the output dtype exactly as `.to()` rounds them: ties to even,
+    overflow to inf, subnormals, signed zeros."""
+    from fusemoe_ckpt.plan.dequantize import _encode
+
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(1 << 16, generator=generator) * torch.logspace(-45, 38, 1 << 16)
+    values[:6] = torch.tensor([float("inf"), -float("inf"), 0.0, -0.0, 3.4e38, 1.0 + 2**-8])
+    dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[output]
+    assert bytes(_encode(values.numpy(), output)) == values.to(dtype).view(torch.uint8).numpy().tobytes()

@@ -24,6 +24,7 @@ from ..rules.quantized import is_scale_twin
 from ..sizes import format_size, parse_size
 from ..write.streams import READ_CHUNK
 from ..write.writer import FALLBACK_BUFFER
+from .convert import usable_cpus
 
 SCHEMA_VERSION = 1
 # Python memory of planning per source tensor (parsed headers, source entries, output tensors, pieces):
@@ -68,11 +69,13 @@ class Inspection:
     @property
     def buffer_bytes_per_worker(self) -> int:
         """The most tensor bytes one writer holds at once: the read/write fallback buffer, a cast
-        chunk in and out, or a transposed expert as read and as turned."""
+        chunk in and out, a transposed expert as read and as turned, or a dequantized chunk."""
         largest = FALLBACK_BUFFER
         for tensor in self.plan.tensors.values():
             for piece in tensor.pieces:
-                if piece.transpose is not None:
+                if piece.scales is not None:
+                    largest = max(largest, READ_CHUNK)  # rows, their float32 values, the rounding, output
+                elif piece.transpose is not None:
                     largest = max(largest, 2 * piece.length + (min(READ_CHUNK, piece.length) if piece.cast else 0))
                 elif piece.cast is not None:
                     chunk = min(READ_CHUNK, piece.length)
@@ -218,7 +221,7 @@ def inspect_checkpoint(
         plan=plan,
         modules=_moe_modules(plan),
         fuse_bytes=_fuse_bytes(source, plan),
-        workers=workers or min(4, os.cpu_count() or 1),
+        workers=workers or (usable_cpus() if dequantize else min(4, os.cpu_count() or 1)),
         max_shard_size=parse_size(max_shard_size),
     )
 

@@ -17,6 +17,9 @@ from ..reading.safetensors_format import DTYPE_SIZES
 
 # Tensor bytes read at once by a cast or a comparison.
 READ_CHUNK = 8 * 1024 * 1024
+# Bytes held per source byte while dequantizing: the source, its float32 values, the rounding's
+# uint32 work and the 2-byte output (1 + 4 + 4 + 2), rounded up.
+DEQUANTIZE_WORK_FACTOR = 12
 
 # memoryview formats of each element size, for moving whole elements when transposing.
 _ELEMENT_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
@@ -65,8 +68,9 @@ def _transposed(data: bytearray, shape: tuple[int, int]) -> bytearray:
 
 
 def _dequantized_chunks(fd: int, piece: Piece, chunk: int) -> Iterator[bytes]:
-    """The quantized matrix of `piece`, whole rows at a time (at most `chunk` // 4 source bytes, the
-    float32 work being four times that), dequantized by its scales into the output dtype."""
+    """The quantized matrix of `piece`, whole rows at a time, dequantized by its scales into the
+    output dtype. The rows read at once hold about `chunk` // DEQUANTIZE_WORK_FACTOR bytes, so the
+    float32 values, the rounding and the output together stay near `chunk`."""
     from ..plan.dequantize import dequantize_rows, scale_values  # numpy, only for --dequantize
 
     scales = piece.scales
@@ -76,7 +80,7 @@ def _dequantized_chunks(fd: int, piece: Piece, chunk: int) -> Iterator[bytes]:
     finally:
         os.close(scale_fd)
     cols = scales.shape[1]
-    step = max(1, chunk // 4 // cols) * cols
+    step = max(1, chunk // DEQUANTIZE_WORK_FACTOR // cols) * cols
     for start in range(0, piece.length, step):
         data = read_exact(fd, piece.offset + start, min(step, piece.length - start), piece.file)
         yield dequantize_rows(data, start // cols, grid, scales, piece.cast[1])
