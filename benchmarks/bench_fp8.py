@@ -183,9 +183,18 @@ def main(argv: list[str] | None = None) -> None:
         write_checkpoint(source, args.layers, args.experts, parse_size(args.shard_size))
     size = tree_bytes(source)
     out = args.workdir / "out"
-    entry = str(Path(sys.executable).parent / "fusemoe-ckpt")
     workers = ["--workers", str(args.workers)] if args.workers else []
-    convert = [entry, "convert", "-q", "--overwrite", str(source), str(out / "convert"), *workers]
+    convert = [
+        sys.executable,
+        "-m",
+        "fusemoe_ckpt",
+        "convert",
+        "-q",
+        "--overwrite",
+        str(source),
+        str(out / "convert"),
+        *workers,
+    ]
     tools = [
         Tool("cp -r", ["cp", "-r", str(source), str(out / "cp")], out / "cp", role="cp"),
         Tool("convert --no-fsync", [*convert, "--no-fsync"], out / "convert", role="convert"),
