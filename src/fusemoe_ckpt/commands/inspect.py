@@ -22,7 +22,7 @@ from ..rules.families import Family
 from ..rules.patterns import ExpertMerge, TransposeExperts
 from ..rules.quantized import is_scale_twin
 from ..sizes import format_size, parse_size
-from ..write.streams import READ_CHUNK
+from ..write.streams import DEQUANTIZE_CHUNK, READ_CHUNK
 from ..write.writer import FALLBACK_BUFFER
 from .convert import usable_cpus
 
@@ -74,7 +74,7 @@ class Inspection:
         for tensor in self.plan.tensors.values():
             for piece in tensor.pieces:
                 if piece.scales is not None:
-                    largest = max(largest, READ_CHUNK)  # rows, their float32 values, the rounding, output
+                    largest = max(largest, DEQUANTIZE_CHUNK)  # rows, their float32 values, the rounding, output
                 elif piece.transpose is not None:
                     largest = max(largest, 2 * piece.length + (min(READ_CHUNK, piece.length) if piece.cast else 0))
                 elif piece.cast is not None:

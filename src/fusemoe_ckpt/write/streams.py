@@ -17,8 +17,10 @@ from ..reading.safetensors_format import DTYPE_SIZES
 
 # Tensor bytes read at once by a cast or a comparison.
 READ_CHUNK = 8 * 1024 * 1024
-# Bytes held per source byte while dequantizing: the source, its float32 values, the rounding's
-# uint32 work and the 2-byte output (1 + 4 + 4 + 2), rounded up.
+# Memory one worker dequantizes in: rows of source, their float32 values, the rounding's uint32 work
+# and the output. Small, because --dequantize runs a worker per CPU; larger chunks were no faster.
+DEQUANTIZE_CHUNK = 2 * 1024 * 1024
+# Bytes held per source byte while dequantizing (1 + 4 + 4 + 2, rounded up).
 DEQUANTIZE_WORK_FACTOR = 12
 
 # memoryview formats of each element size, for moving whole elements when transposing.
@@ -30,7 +32,7 @@ def piece_chunks(fd: int, piece: Piece, *, chunk: int | None = None) -> Iterator
     `chunk` (default READ_CHUNK) bytes of source, except a transposed matrix, which is turned whole."""
     chunk = chunk or READ_CHUNK
     if piece.scales is not None:
-        yield from _dequantized_chunks(fd, piece, chunk)
+        yield from _dequantized_chunks(fd, piece, min(chunk, DEQUANTIZE_CHUNK))
         return
     if piece.transpose is not None:
         turned = _transposed(read_exact(fd, piece.offset, piece.length, piece.file), piece.transpose)
