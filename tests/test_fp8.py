@@ -179,7 +179,7 @@ def test_verify_proves_each_output_and_finds_a_changed_byte(tmp_path, dequantize
     src = fp8_checkpoint(tmp_path / "src", "qwen3_moe", shards=2)
     dst = tmp_path / "dst"
     convert(src, dst, dequantize=dequantize)
-    assert verify(src, dst).ok
+    assert verify(src, dst, load_check=True).ok  # the FP8 skeleton (or the bf16 one) asks for exactly DST's keys
     key = "model.layers.1.mlp.experts.gate_up_proj"
     index = json.loads((dst / "model.safetensors.index.json").read_text())
     shard = dst / index["weight_map"][key]
@@ -429,3 +429,38 @@ def test_rounding_is_torchs(output):
     values[:6] = torch.tensor([float("inf"), -float("inf"), 0.0, -0.0, 3.4e38, 1.0 + 2**-8])
     dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[output]
     assert bytes(_encode(values.numpy(), output)) == values.to(dtype).view(torch.uint8).numpy().tobytes()
+
+
+def test_load_check_asks_an_fp8_output_for_its_scales(tmp_path):
+    """--load-check builds the model through transformers' FP8 quantizer: a fused FP8 output without
+    its expert scales is missing keys the model has."""
+    from safetensors.torch import load_file, save_file
+
+    src = fp8_checkpoint(tmp_path / "src", "qwen3_moe", shards=1)
+    dst = tmp_path / "dst"
+    convert(src, dst)
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    scale = "model.layers.0.mlp.experts.gate_up_proj_scale_inv"
+    shard = dst / index["weight_map"].pop(scale)
+    tensors = load_file(shard)
+    del tensors[scale]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    problems = verify(src, dst, load_check=True).problems
+    assert "Qwen3MoeForCausalLM has it but DST does not" in " ".join(problems[scale])
+
+
+def test_batch_entry_dequantizes_and_then_skips(tmp_path):
+    """A manifest entry with "dequantize": true converts dequantized, and a re-run skips it as finished."""
+    src = tiny_fp8_source(tmp_path)
+    manifest = tmp_path / "zoo.jsonl"
+    manifest.write_text(json.dumps({"src": str(src), "dst": "out", "dequantize": True}) + "\n")
+    first = CliRunner().invoke(cli, ["batch", str(manifest)])
+    assert first.exit_code == 0, first.output
+    assert load_checkpoint(tmp_path / "out")["model.layers.0.mlp.experts.gate_up_proj"].dtype == torch.bfloat16
+    again = CliRunner().invoke(cli, ["batch", str(manifest)])
+    assert again.exit_code == 0 and "1 skipped" in again.output
+    manifest.write_text(json.dumps({"src": str(src), "dst": "out"}) + "\n")
+    changed = CliRunner().invoke(cli, ["batch", str(manifest)])
+    assert changed.exit_code == 1
+    assert "family/dtype/dequantized qwen2_moe/None/True recorded, qwen2_moe/None/False planned" in changed.output

@@ -1,8 +1,10 @@
 """The contract of strict accelerate dispatch, checked without loading a weight.
 
-The model is built from DST's config on the meta device; DST must hold exactly its state dict's
-keys with their shapes, except tied parameters whose source DST holds (save_pretrained writes one
-copy of a tied pair). Non-persistent buffers are not in a state dict, so they are never asked for.
+The model is built from DST's config on the meta device (a quantized config through transformers'
+quantizer, which replaces modules as `from_pretrained` does, so FP8 scales are asked for); DST must
+hold exactly its state dict's keys with their shapes, except tied parameters whose source DST holds
+(save_pretrained writes one copy of a tied pair). Non-persistent buffers are not in a state dict,
+so they are never asked for.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ def load_check_problems(dst: Path, shapes: dict[str, tuple[int, ...]]) -> list[t
     config = transformers.AutoConfig.from_pretrained(dst)
     with torch.device("meta"):
         model = _build(transformers, config)
+        quantization = getattr(config, "quantization_config", None)
+        if quantization is not None:
+            from transformers.quantizers.auto import AutoHfQuantizer
+
+            AutoHfQuantizer.from_config(quantization, pre_quantized=True).preprocess_model(model)
     expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
 
