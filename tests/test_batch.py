@@ -332,7 +332,7 @@ def test_bad_shards_are_one_line_errors(zoo, environ, args, message):
     cleared = dict.fromkeys(
         ["SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX", "JOB_COMPLETION_INDEX"]
     )
-    assert one_line_error(batch(zoo, *args, env=cleared | environ)) == message
+    assert one_line_error(batch(zoo, *args, env=cleared | environ), code=2) == message
 
 
 def test_shard_by_dst_is_stable_when_the_manifest_changes(tmp_path):
@@ -397,7 +397,7 @@ def test_shard_by_dst_is_stable_when_the_manifest_changes(tmp_path):
 )
 def test_manifest_errors_name_the_line_and_field_and_run_nothing(tmp_path, lines, message):
     manifest = write_manifest(tmp_path / "zoo.jsonl", lines)
-    error = one_line_error(batch(manifest))
+    error = one_line_error(batch(manifest), code=2)
     expected = message.format(m=manifest)
     assert error.startswith(expected) if expected.endswith(": ") else error == expected
     assert sorted(p.name for p in tmp_path.iterdir()) == ["zoo.jsonl"]

@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 import traceback
+from typing import NoReturn
 
 import click
 
@@ -19,28 +20,55 @@ from .commands.inspect import inspect_checkpoint
 from .commands.unfuse import unfuse as unfuse_checkpoint
 from .commands.verify import VerifyResult
 from .commands.verify import verify as verify_checkpoint
-from .errors import one_line
+from .errors import UsageError, one_line, printable
 from .plan.cast import OUTPUT_DTYPES
 from .rules.families import FAMILIES, REFUSED
 
+# Exit statuses, as README.md and --help state them.
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
 
 class _Group(click.Group):
-    """Renders every error in one place: one line on stderr, exit code 1; a traceback with --debug."""
+    """Renders every error in one place: one line on stderr, a traceback only with --debug; exit 2
+    for a usage error (click's own, a bad option value, a bad manifest), 130 for ^C, else 1."""
+
+    def make_context(self, info_name, args, parent=None, **extra) -> click.Context:
+        # The group's own options are parsed here, outside invoke().
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise  # no command at all: click shows the help
+        except click.ClickException as e:
+            _fail(_click_message(e), e.exit_code)
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except (click.exceptions.Exit, click.exceptions.Abort, click.exceptions.NoArgsIsHelpError):
             raise
+        except click.ClickException as e:
+            _fail(_click_message(e), e.exit_code)
         except KeyboardInterrupt as e:
             detail = str(e) or "nothing was written to the destination"
-            click.echo(f"Error: interrupted; {detail}", err=True)
-            sys.exit(130)
+            _fail(f"interrupted; {detail}", EXIT_INTERRUPTED)
         except Exception as e:  # noqa: BLE001 - the one place errors become a message
             if ctx.obj and ctx.obj.get("debug"):
                 traceback.print_exc()
-            click.echo(f"Error: {one_line(e)}", err=True)
-            sys.exit(1)
+            _fail(one_line(e), EXIT_USAGE if isinstance(e, UsageError) else EXIT_FAILED)
+
+
+def _click_message(error: click.ClickException) -> str:
+    """click's message in one line, where click would print the usage and a hint on lines of their own."""
+    message = error.format_message()
+    context = getattr(error, "ctx", None)
+    if isinstance(error, click.UsageError) and context is not None:
+        message = f"{message.rstrip('.')}; see '{context.command_path} --help'"
+    return printable(message)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"Error: {printable(message)}", err=True)
+    sys.exit(code)
 
 
 @click.group(cls=_Group)
@@ -48,7 +76,17 @@ class _Group(click.Group):
 @click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
-    """Convert per-expert MoE checkpoints into the fused layout transformers 5 holds in memory."""
+    """Convert per-expert MoE checkpoints into the fused layout transformers 5 holds in memory.
+
+    An error is one line on stderr, starting with "Error: " (--debug adds the traceback).
+
+    \b
+    Exit status:
+      0    done
+      1    failed (bad input, a full disk, a failed check or batch entry)
+      2    usage error: a bad option or argument, a bad manifest
+      130  interrupted (^C); convert --resume continues
+    """
     ctx.obj = {"debug": debug}
 
 
