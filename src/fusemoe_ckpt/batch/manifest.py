@@ -8,7 +8,6 @@ grows by appending a line. Blank lines and lines starting with `#` are skipped.
 from __future__ import annotations
 
 import difflib
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 from ..errors import FusemoeError, ManifestError
 from ..hub.repo_id import looks_like_repo_id
 from ..plan.cast import OUTPUT_DTYPES
+from ..reading.json_document import parse_json, read_document
 from ..rules.families import FAMILIES_BY_NAME
 from ..sizes import parse_size
 
@@ -72,11 +72,7 @@ def load_manifest(path: str | os.PathLike) -> list[Entry]:
             (the message names `file:line` and the field), or two entries share a dst.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise ManifestError(f"{path}: cannot read the manifest: {reason}") from e
+    text = read_document(path, error=ManifestError, what="manifest").decode("utf-8")
     base = path.absolute().parent
     entries: list[Entry] = []
     seen: dict[Path, int] = {}
@@ -99,10 +95,9 @@ def load_manifest(path: str | os.PathLike) -> list[Entry]:
 
 
 def _parse_entry(line: str, base: Path, where: str, number: int) -> Entry:
-    try:
-        data = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ManifestError(f"{where}: not valid JSON: {e.msg} at column {e.colno}") from None
+    data = parse_json(
+        line.encode("utf-8"), where, error=ManifestError, on_duplicate=lambda name: f"field {name!r} is given twice"
+    )
     if not isinstance(data, dict):
         raise ManifestError(f'{where}: not a JSON object; write {{"src": ..., "dst": ...}}')
     for name in data:

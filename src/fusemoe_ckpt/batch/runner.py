@@ -20,7 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import FusemoeError, UsageError
+from ..errors import CheckpointError, FusemoeError, UsageError
+from ..reading.json_document import read_json
 from ..sizes import format_size
 from .cluster import ALL, Shard, select
 from .manifest import Entry, load_manifest
@@ -224,8 +225,8 @@ def _run_in_process(
             children.discard(process)
     outcome.seconds = time.perf_counter() - started
     try:
-        found = json.loads(result_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        found = read_json(result_file)
+    except CheckpointError:
         outcome.status, outcome.error = "failed", _died(process.returncode, stderr.decode("utf-8", "replace"))
         return
     outcome.status = found["status"]
