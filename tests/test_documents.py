@@ -255,6 +255,20 @@ def test_a_manifest_that_is_a_fifo_is_refused_without_blocking(tmp_path, no_hang
     assert one_line_error(result, code=2) == f"{manifest}: not a regular file"
 
 
+def test_a_journal_line_that_is_not_json_ends_what_resume_keeps(tmp_path):
+    """A journal is ours, but read after a crash: a line with NaN or deep nesting is where it was cut."""
+    from fusemoe_ckpt.write.journal import JOURNAL_NAME
+
+    src = qwen_source(tmp_path)
+    dst = tmp_path / "dst"
+    partial = tmp_path / ".dst.fusemoe-partial"
+    partial.mkdir()
+    header = {"fusemoe_journal": 1, "fingerprint": "x", "durable": True}
+    (partial / JOURNAL_NAME).write_text(json.dumps(header) + "\n" + DEEP + "\n")
+    result = CliRunner().invoke(cli, ["convert", "-q", "--resume", str(src), str(dst)])
+    assert one_line_error(result).startswith(f"{partial}: was written from a different source")
+
+
 def test_dst_index_of_the_wrong_type_makes_resume_start_over(tmp_path):
     """`convert --resume` into a DST whose index has tampered provenance: not this conversion."""
     src = qwen_source(tmp_path)

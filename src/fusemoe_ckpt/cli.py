@@ -232,6 +232,8 @@ def unfuse(
             durable=not no_fsync,
             progress=bar.update,
         )
+    for warning in result.warnings:
+        click.echo(f"Warning: {warning}", err=True)
     if not quiet:
         click.echo(result.summary())
 

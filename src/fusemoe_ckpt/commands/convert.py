@@ -14,7 +14,14 @@ from ..plan.conversion import plan_for
 from ..plan.layout import ConversionPlan
 from ..reading.source import SourceCheckpoint
 from ..sizes import format_size
-from ..write.destination import check_destination, check_no_partial, check_paths, partial_path
+from ..write.destination import (
+    check_destination,
+    check_no_partial,
+    check_paths,
+    partial_path,
+    refuse_non_empty,
+    resolve_destination,
+)
 from ..write.output import write_plan
 
 
@@ -96,20 +103,23 @@ def convert(
         ConversionInterrupted: ^C; the partial directory is kept for `resume`.
     """
     started = time.perf_counter()
-    src_path, dst_path = Path(src).absolute(), Path(dst).absolute()
+    src_path = Path(src).absolute()
+    dst_path, warnings = resolve_destination(Path(dst).absolute())
     provenance = {"fusemoe_ckpt_source": str(src)}
     if is_hub_source(src):
         from ..hub.download import download_checkpoint  # huggingface_hub is imported only for Hub sources
 
         # Before a download that may take hours.
-        check_destination(dst_path, overwrite)
+        check_destination(dst_path)
+        refuse_non_empty(dst_path, overwrite)
         check_no_partial(partial_path(dst_path), resume=resume, overwrite=overwrite)
         hub_source = download_checkpoint(str(src), revision=revision, progress=download_progress)
         src_path = hub_source.path
         provenance = {"fusemoe_ckpt_source": hub_source.repo_id, "fusemoe_ckpt_source_revision": hub_source.commit}
     elif revision is not None:
         raise UsageError(f"{src}: a revision applies to a Hub repo id, and this is a local path")
-    check_paths(src_path, dst_path, overwrite)
+    check_paths(src_path, dst_path)
+    refuse_non_empty(dst_path, overwrite)
     if workers is None and dequantize:
         workers = usable_cpus()  # dequantizing is arithmetic, not copying: every CPU it may use
     source, plan = plan_for(src_path, family=family, max_shard_size=max_shard_size, dtype=dtype, dequantize=dequantize)
@@ -130,7 +140,7 @@ def convert(
         bytes_written=written,
         seconds=time.perf_counter() - started,
         copied_files=extras,
-        warnings=_warnings(source),
+        warnings=warnings + _warnings(source),
         kept_shards=kept,
         source_dir=src_path,
     )

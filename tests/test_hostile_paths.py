@@ -1,0 +1,184 @@
+"""Hostile file-system states around SRC and DST: links planted where the tool keeps its own files, a DST
+that is a link or a mount point, symlinked subfolders of SRC, special files where verify and unfuse
+read, and a folder holding both weight layouts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fusemoe_ckpt.cli import cli
+
+from .conftest import load_checkpoint
+from .test_bad_input import one_line_error, qwen_source, refuse
+from .test_disk_full import _can_mount_tmpfs
+from .test_hostile import no_hang  # noqa: F401 - a fixture
+
+# --- 1. paths beside DST are never followed ---------------------------------------------------------
+
+
+def beside(dst: Path, suffix: str) -> Path:
+    return dst.parent / f".{dst.name}.fusemoe-{suffix}"
+
+
+@pytest.mark.parametrize("target", ["src-file", "dangling"])
+def test_a_lock_file_link_is_refused_and_nothing_is_written_through_it(tmp_path, target):
+    """A planted `.DST.fusemoe-lock` linking to a SRC file used to get that file overwritten with a
+    process id; a dangling one would have created its target."""
+    src = qwen_source(tmp_path)
+    dst = tmp_path / "dst"
+    aim = src / "config.json" if target == "src-file" else tmp_path / "created-through-the-link"
+    beside(dst, "lock").symlink_to(aim)
+    message = refuse(tmp_path, src, dst)
+    assert message == (
+        f"{beside(dst, 'lock')}: is a symbolic link where fusemoe-ckpt keeps the lock file; links there are "
+        "not followed and nothing was written through it; remove it"
+    )
+    assert not (tmp_path / "created-through-the-link").exists()
+
+
+def test_a_lock_file_with_another_hard_link_is_refused(tmp_path):
+    """A hard link cannot be told from the file by O_NOFOLLOW: its link count gives it away."""
+    src = qwen_source(tmp_path)
+    dst = tmp_path / "dst"
+    os.link(src / "config.json", beside(dst, "lock"))
+    message = refuse(tmp_path, src, dst)
+    assert message == (
+        f"{beside(dst, 'lock')}: has other hard links, where fusemoe-ckpt keeps the lock file; remove it"
+    )
+
+
+def test_a_fifo_as_the_lock_file_is_refused_without_blocking(tmp_path, no_hang):  # noqa: F811
+    src = qwen_source(tmp_path)
+    dst = tmp_path / "dst"
+    os.mkfifo(beside(dst, "lock"))
+    message = refuse(tmp_path, src, dst)
+    assert message == f"{beside(dst, 'lock')}: is not a regular file, where fusemoe-ckpt keeps the lock file; remove it"
+
+
+@pytest.mark.parametrize("suffix", ["partial", "replaced"])
+@pytest.mark.parametrize("options", [[], ["--overwrite"], ["--resume"], ["--resume", "--overwrite"]])
+def test_a_partial_or_replaced_directory_link_is_refused(tmp_path, suffix, options):
+    """A link planted where the partial output or the replaced DST goes: refused by name before a
+    byte is written, whatever the options; the folder it points to keeps its files."""
+    src = qwen_source(tmp_path)
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "old.txt").write_text("an earlier output")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("not yours")
+    beside(dst, suffix).symlink_to(victim)
+    what = "the partial output" if suffix == "partial" else "the replaced output"
+    message = refuse(tmp_path, src, dst, *options)
+    assert message == (
+        f"{beside(dst, suffix)}: is a symbolic link where fusemoe-ckpt keeps {what}; links there are not "
+        "followed and nothing was written through it; remove it"
+    )
+
+
+def test_a_file_where_the_partial_directory_goes_is_refused(tmp_path):
+    src = qwen_source(tmp_path)
+    dst = tmp_path / "dst"
+    beside(dst, "partial").write_text("not a directory")
+    message = refuse(tmp_path, src, dst, "--overwrite")
+    assert (
+        message
+        == f"{beside(dst, 'partial')}: is not a directory, where fusemoe-ckpt keeps the partial output; remove it"
+    )
+
+
+@pytest.mark.parametrize("options", [["--resume"], ["--resume", "--overwrite"]])
+def test_a_journal_link_in_the_partial_directory_is_never_read(tmp_path, options):
+    """--resume reads the journal of the partial directory: a link planted there is refused (or, with
+    --overwrite, removed with the partial directory, never its target)."""
+    src = qwen_source(tmp_path)
+    dst = tmp_path / "dst"
+    partial = beside(dst, "partial")
+    partial.mkdir()
+    os.mkfifo(tmp_path / "fifo")
+    (partial / ".fusemoe-journal").symlink_to(tmp_path / "fifo")
+    runner = CliRunner()
+    result = runner.invoke(cli, ["convert", "-q", str(src), str(dst), *options])
+    if "--overwrite" in options:
+        assert (result.exit_code, result.output) == (0, "")
+        assert (tmp_path / "fifo").exists() and not partial.exists()
+    else:
+        assert one_line_error(result) == (
+            f"{partial / '.fusemoe-journal'}: is a symbolic link where fusemoe-ckpt keeps the resume journal; "
+            "links there are not followed and nothing was written through it; remove it"
+        )
+
+
+# --- 2. DST that is a link, or a mount point ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["non-empty", "empty", "dangling"])
+def test_a_dst_link_is_resolved_and_stays_a_link_to_the_output(tmp_path, kind):
+    """DST linking to a directory gets the output written there (renamed onto the target, beside
+    it), says so, and the link keeps pointing at it; --overwrite used to end in `Cannot call rmtree
+    on a symbolic link` after the whole output was written."""
+    src = qwen_source(tmp_path)
+    target = tmp_path / "disks" / "big" / "out"
+    if kind != "dangling":
+        target.mkdir(parents=True)
+    else:
+        target.parent.mkdir(parents=True)
+    if kind == "non-empty":
+        (target / "old.txt").write_text("replaced")
+    link = tmp_path / "dst"
+    link.symlink_to(target)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["convert", "-q", "--overwrite", str(src), str(link)])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == f"Warning: {link}: is a symbolic link; the output is written to its target {target}\n"
+    assert link.is_symlink() and link.resolve() == target
+    assert not (target / "old.txt").exists()
+    assert load_checkpoint(target).keys() == load_checkpoint(link).keys()
+    assert sorted(p.name for p in target.parent.iterdir()) == ["out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disks", "dst", "src"]
+
+
+def test_a_dst_link_loop_is_refused(tmp_path):
+    src = qwen_source(tmp_path)
+    dst = tmp_path / "dst"
+    dst.symlink_to(tmp_path / "dst")
+    message = refuse(tmp_path, src, dst)
+    assert message == f"{dst}: is a symbolic link that does not resolve (a loop); remove it or fix it"
+
+
+def _in_namespace(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run a shell script as root of private user and mount namespaces (mounts vanish with it)."""
+    return subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ | {"PYTHONDONTWRITEBYTECODE": "1"},
+    )
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unprivileged user and mount namespaces to mount")
+@pytest.mark.parametrize("mount", ["tmpfs", "bind"])
+def test_a_mount_point_dst_is_refused_before_anything_is_written(tmp_path, mount):
+    """rename() cannot replace a mount point (EBUSY): the whole output used to be written on the parent
+    file system first. A bind mount of the same file system is found too (/proc/self/mountinfo)."""
+    src = qwen_source(tmp_path)
+    dst = tmp_path / "mnt"
+    dst.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    how = 'mount -t tmpfs -o size=1m tmpfs "$1"' if mount == "tmpfs" else 'mount --bind "$3" "$1"'
+    script = f'{how} || exit 99; "$2" -m fusemoe_ckpt convert -q "$4" "$1"; code=$?; ls -A "$1"; exit $code'
+    result = _in_namespace(script, str(dst), sys.executable, str(tmp_path / "elsewhere"), str(src))
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (
+        f"Error: {dst}: is a mount point, which the finished output cannot be renamed onto; nothing was "
+        f"written; convert into a new directory inside it, such as {dst / 'NAME'}\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "mnt", "src"]
+    assert list((tmp_path / "elsewhere").iterdir()) == []
