@@ -182,3 +182,42 @@ def test_a_mount_point_dst_is_refused_before_anything_is_written(tmp_path, mount
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "mnt", "src"]
     assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+# --- 3. symlinked subfolders of SRC -------------------------------------------------------------------
+
+
+def test_a_symlinked_subfolder_is_copied_as_its_files(tmp_path):
+    """A tokenizer folder shared between checkpoints by a link: copied as real files, none dropped,
+    no link out of DST."""
+    src = qwen_source(tmp_path)
+    shared = tmp_path / "shared-tokenizer"
+    (shared / "nested").mkdir(parents=True)
+    (shared / "tokenizer.json").write_text('{"version": "1.0"}')
+    (shared / "nested" / "vocab.txt").write_text("a\nb\n")
+    (shared / "weights.safetensors").write_bytes(b"never copied")
+    (src / "tokenizer").symlink_to(shared)
+    dst = tmp_path / "dst"
+    result = CliRunner().invoke(cli, ["convert", "-q", str(src), str(dst)])
+    assert (result.exit_code, result.output) == (0, "")
+    copied = dst / "tokenizer"
+    assert copied.is_dir() and not copied.is_symlink()
+    assert sorted(str(p.relative_to(copied)) for p in copied.rglob("*")) == [
+        "nested",
+        "nested/vocab.txt",
+        "tokenizer.json",
+    ]
+    assert (copied / "nested" / "vocab.txt").read_text() == "a\nb\n"
+    assert not any(p.is_symlink() for p in dst.rglob("*"))
+
+
+@pytest.mark.parametrize("aim", ["src", "parent"])
+def test_a_symlinked_subfolder_that_loops_is_refused(tmp_path, aim):
+    src = qwen_source(tmp_path)
+    loop = src / "tokenizer"
+    loop.symlink_to(src if aim == "src" else tmp_path)
+    message = refuse(tmp_path, src, tmp_path / "dst")
+    assert message == (
+        f"{loop}: a symbolic link to a folder that contains it (a loop); remove it from the source or "
+        "replace it with the files it should hold"
+    )
