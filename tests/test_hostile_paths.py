@@ -4,6 +4,7 @@ read, and a folder holding both weight layouts."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from click.testing import CliRunner
 from fusemoe_ckpt.cli import cli
 
 from .conftest import load_checkpoint
-from .test_bad_input import one_line_error, qwen_source, refuse
+from .test_bad_input import INDEX, one_line_error, qwen_source, refuse, snapshot
 from .test_disk_full import _can_mount_tmpfs
 from .test_hostile import no_hang  # noqa: F401 - a fixture
 
@@ -221,3 +222,92 @@ def test_a_symlinked_subfolder_that_loops_is_refused(tmp_path, aim):
         f"{loop}: a symbolic link to a folder that contains it (a loop); remove it from the source or "
         "replace it with the files it should hold"
     )
+
+
+# --- 5. verify and unfuse read their inputs with convert's care ------------------------------------
+
+
+@pytest.fixture
+def converted(tmp_path) -> tuple[Path, Path]:
+    src = qwen_source(tmp_path)
+    dst = tmp_path / "dst"
+    assert CliRunner().invoke(cli, ["convert", "-q", str(src), str(dst)]).exit_code == 0
+    return src, dst
+
+
+def _verify(src: Path, dst: Path, *options: str):
+    return CliRunner().invoke(cli, ["verify", str(src), str(dst), *options])
+
+
+def _verify_error(result) -> str:
+    """verify's failure: the mismatch lines on stdout, then one `Error: ` line on stderr, exit 1."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1, result.stderr
+    return result.stderr.removeprefix("Error: ").rstrip("\n")
+
+
+def test_verify_with_a_fifo_as_dst_index_reports_it_without_blocking(converted, no_hang):  # noqa: F811
+    src, dst = converted
+    (dst / INDEX).unlink()
+    os.mkfifo(dst / INDEX)
+    result = _verify(src, dst)
+    assert f"{INDEX}: {dst / INDEX}: not a regular file\n" in result.stdout
+    assert _verify_error(result).startswith(f"{dst} differs from the plan of {src}")
+
+
+def test_verify_with_a_fifo_as_a_dst_shard_reports_it_without_blocking(converted, no_hang):  # noqa: F811
+    src, dst = converted
+    shard = dst / "model-00001-of-00001.safetensors"
+    shard.unlink()
+    os.mkfifo(shard)
+    result = _verify(src, dst)
+    assert f"shard {shard.name} is invalid: {shard}: not a regular file" in result.stdout
+    _verify_error(result)
+
+
+def test_verify_load_check_with_a_fifo_as_dst_config_reports_it_without_blocking(converted, no_hang):  # noqa: F811
+    """transformers would wait on the FIFO forever: DST's config.json is read as SRC's is, first."""
+    src, dst = converted
+    (dst / "config.json").unlink()
+    os.mkfifo(dst / "config.json")
+    result = _verify(src, dst, "--load-check")
+    assert f"config.json: cannot build the model: {dst / 'config.json'}: not a regular file\n" in result.stdout
+    _verify_error(result)
+
+
+def test_verify_reports_tampered_provenance_by_field(converted):
+    """A recorded field of the wrong type used to reach the user as a bare TypeError; it is a fault of
+    DST's index, named with the field, and every tensor is still checked."""
+    src, dst = converted
+    index = json.loads((dst / INDEX).read_text())
+    index["metadata"]["fusemoe_ckpt_family"] = ["qwen2_moe"]
+    (dst / INDEX).write_text(json.dumps(index))
+    result = _verify(src, dst)
+    assert result.stdout == (
+        f"{INDEX}: {dst / INDEX}: metadata.fusemoe_ckpt_family is ['qwen2_moe'], not a family name\n"
+    )
+    assert _verify_error(result) == (
+        f"{dst} differs from the plan of {src}: 1 mismatching keys or files of 8 planned tensors"
+    )
+
+
+@pytest.mark.parametrize("name", [INDEX, "model-00001-of-00001.safetensors", "config.json"])
+def test_unfuse_refuses_special_files_in_its_source(converted, tmp_path, no_hang, name):  # noqa: F811
+    _, fused = converted
+    (fused / name).unlink()
+    os.mkfifo(fused / name)
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(cli, ["unfuse", str(fused), str(tmp_path / "back")])
+    assert one_line_error(result) == f"{fused / name}: not a regular file"
+    assert snapshot(tmp_path) == before
+
+
+def test_unfuse_refuses_a_dst_lock_link(converted, tmp_path):
+    _, fused = converted
+    back = tmp_path / "back"
+    beside(back, "lock").symlink_to(fused / "config.json")
+    before = (fused / "config.json").read_bytes()
+    result = CliRunner().invoke(cli, ["unfuse", str(fused), str(back)])
+    assert one_line_error(result).startswith(f"{beside(back, 'lock')}: is a symbolic link where fusemoe-ckpt")
+    assert (fused / "config.json").read_bytes() == before and not back.exists()
