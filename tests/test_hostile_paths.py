@@ -6,17 +6,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from safetensors.torch import save_file
 
 from fusemoe_ckpt.cli import cli
 
 from .conftest import load_checkpoint
-from .test_bad_input import INDEX, one_line_error, qwen_source, refuse, snapshot
+from .test_bad_input import INDEX, SHARD_2, one_line_error, qwen_source, refuse, snapshot
 from .test_disk_full import _can_mount_tmpfs
 from .test_hostile import no_hang  # noqa: F401 - a fixture
 
@@ -311,3 +313,42 @@ def test_unfuse_refuses_a_dst_lock_link(converted, tmp_path):
     result = CliRunner().invoke(cli, ["unfuse", str(fused), str(back)])
     assert one_line_error(result).startswith(f"{beside(back, 'lock')}: is a symbolic link where fusemoe-ckpt")
     assert (fused / "config.json").read_bytes() == before and not back.exists()
+
+
+# --- 6. an index and a model.safetensors it does not name -------------------------------------------
+
+
+def test_an_index_and_a_different_single_file_are_refused_naming_both(tmp_path):
+    """transformers and accelerate load model.safetensors where both are, loaders that follow the index
+    load its shards: which one is the model is not ours to guess."""
+    src = qwen_source(tmp_path)
+    save_file({"lm_head.weight": __import__("torch").zeros(2, 2)}, src / "model.safetensors")
+    message = refuse(tmp_path, src, tmp_path / "dst")
+    assert message == (
+        f"{src}: holds both {INDEX} and a model.safetensors the index does not name: two weight sets, and "
+        "loaders disagree on which is the model (transformers and accelerate load model.safetensors, loaders "
+        "that follow the index its shards); remove the one that is not"
+    )
+
+
+def test_an_index_that_names_model_safetensors_itself_converts(tmp_path):
+    """One shard named model.safetensors with an index beside it is one layout, not two."""
+    src = qwen_source(tmp_path)
+    reference = CliRunner().invoke(cli, ["convert", "-q", str(src), str(tmp_path / "reference")])
+    assert reference.exit_code == 0
+    single = tmp_path / "single"
+    shutil.copytree(tmp_path / "reference", single)
+    index = json.loads((single / INDEX).read_text())
+    (single / "model-00001-of-00001.safetensors").rename(single / "model.safetensors")
+    index["weight_map"] = dict.fromkeys(index["weight_map"], "model.safetensors")
+    (single / INDEX).write_text(json.dumps(index))
+    result = CliRunner().invoke(cli, ["convert", "-q", str(single), str(tmp_path / "again")])
+    assert (result.exit_code, result.output) == (0, "")
+    assert load_checkpoint(tmp_path / "again").keys() == load_checkpoint(tmp_path / "reference").keys()
+
+
+def test_a_shard_name_is_still_checked_when_both_layouts_agree(tmp_path):
+    """The layout check comes after the index is read: a missing shard is still named."""
+    src = qwen_source(tmp_path)
+    (src / SHARD_2).unlink()
+    assert refuse(tmp_path, src, tmp_path / "dst") == f"{src / SHARD_2}: shard file not found"

@@ -62,6 +62,8 @@ def open_checkpoint(src: str | os.PathLike) -> SourceCheckpoint:
     if index_path.exists():
         weight_map, index_metadata = read_index(index_path)
         shard_names = sorted(set(weight_map.values()))
+        if SINGLE_NAME not in shard_names and os.path.lexists(root / SINGLE_NAME):
+            raise CheckpointError(both_layouts(root))
         shard_files = [resolve_inside(root, index_path, name) for name in shard_names]
     elif (root / SINGLE_NAME).exists():
         weight_map, index_metadata, index_path = None, {}, None
