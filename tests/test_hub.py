@@ -422,3 +422,19 @@ def test_a_cache_without_room_for_the_shards_is_refused_before_downloading_them(
     ), result.stderr
     assert not [name for name in hub.fetched() if name.endswith(".safetensors")]
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_of_a_finished_hub_conversion_says_complete(hub, source_repo, tmp_path):
+    out = tmp_path / "out"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["convert", "-q", source_repo, str(out)]).exit_code == 0
+    before = _tree(out)
+    again = runner.invoke(cli, ["convert", source_repo, str(out), "--resume"])
+    assert again.exit_code == 0, again.output
+    assert again.stdout.startswith(f"already complete: {out} holds this conversion")
+    assert _tree(out) == before
+    refused = runner.invoke(cli, ["convert", "-q", source_repo, str(out)])
+    assert _one_line_error(refused) == (
+        f"Error: {out}: exists and is not empty: it already holds this conversion of {source_repo}; "
+        "pass --resume to accept it as complete, or --overwrite to convert again"
+    )

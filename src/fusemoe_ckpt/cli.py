@@ -162,7 +162,7 @@ def convert(
     for warning in result.warnings:
         click.echo(f"Warning: {warning}", err=True)
     if not quiet:
-        if result.nothing_to_fuse:
+        if result.nothing_to_fuse and not result.already_complete:
             name = result.plan.family.name
             click.echo(f"Nothing to fuse: no per-expert tensors for family {name}; copied through.")
         click.echo(result.summary())
