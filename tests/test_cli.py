@@ -170,3 +170,17 @@ def test_help_documents_the_exit_statuses():
     output = CliRunner().invoke(cli, ["--help"]).output
     for line in ("0    done", "1    failed", "2    usage error", "130  interrupted"):
         assert line in output
+
+
+def test_warnings_are_one_line_too(qwen_checkpoint, tmp_path):
+    """A warning names paths as errors do: a newline in one cannot split it."""
+    (tmp_path / "target").mkdir()
+    link = tmp_path / "d\nst"
+    link.symlink_to(tmp_path / "target")
+    result = CliRunner().invoke(cli, ["convert", "-q", str(qwen_checkpoint), str(link)])
+    assert result.exit_code == 0, result.output
+    shown = str(link).replace("\n", "\\n")
+    assert (
+        result.stderr
+        == f"Warning: {shown}: is a symbolic link; the output is written to its target {tmp_path / 'target'}\n"
+    )

@@ -160,7 +160,7 @@ def convert(
             download_progress=not quiet,
         )
     for warning in result.warnings:
-        click.echo(f"Warning: {warning}", err=True)
+        click.echo(f"Warning: {printable(warning)}", err=True)
     if not quiet:
         if result.nothing_to_fuse and not result.already_complete:
             name = result.plan.family.name
@@ -195,7 +195,7 @@ def verify(src: str, dst: str, family: str | None, dtype: str | None, load_check
 def _report(result: VerifyResult, *, quiet: bool = False) -> None:
     """One line per mismatching key, then the summary: on stdout when DST passes, as the error otherwise."""
     for line in result.lines():
-        click.echo(line)
+        click.echo(printable(line))
     result.raise_if_failed()
     if not quiet:
         click.echo(result.summary())
@@ -233,7 +233,7 @@ def unfuse(
             progress=bar.update,
         )
     for warning in result.warnings:
-        click.echo(f"Warning: {warning}", err=True)
+        click.echo(f"Warning: {printable(warning)}", err=True)
     if not quiet:
         click.echo(result.summary())
 
