@@ -26,6 +26,10 @@ from .rules.families import FAMILIES, REFUSED
 
 # Exit statuses, as README.md and --help state them.
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+# click >= 8.2 raises this for a bare `fusemoe-ckpt` and shows the help; older click exits itself.
+_HELP_SHOWN = tuple(
+    getattr(click.exceptions, name) for name in ["NoArgsIsHelpError"] if hasattr(click.exceptions, name)
+)
 
 
 class _Group(click.Group):
@@ -36,7 +40,7 @@ class _Group(click.Group):
         # The group's own options are parsed here, outside invoke().
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
-        except click.exceptions.NoArgsIsHelpError:
+        except _HELP_SHOWN:
             raise  # no command at all: click shows the help
         except click.ClickException as e:
             _fail(_click_message(e), e.exit_code)
@@ -44,7 +48,7 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.exceptions.NoArgsIsHelpError):
+        except (click.exceptions.Exit, click.exceptions.Abort, *_HELP_SHOWN):
             raise
         except click.ClickException as e:
             _fail(_click_message(e), e.exit_code)
