@@ -39,10 +39,15 @@ class ConvertResult:
         rate = self.bytes_written / self.seconds / 1e9 if self.seconds > 0 else float("inf")
         kept = f" ({self.kept_shards} kept from the interrupted run)" if self.kept_shards else ""
         return (
-            f"{len(self.plan.fused_modules)} layers fused, {self.plan.num_experts} experts{self._quantized()}, "
+            f"{len(self.plan.fused_modules)} layers fused, {self.plan.num_experts} experts{self._quantized()}"
+            f"{self._zero_rows()}, "
             f"{format_size(self.bytes_written)} written in {len(self.plan.shards)} shards{kept}, "
             f"{self.seconds:.1f} s, {rate:.2f} GB/s -> {self.destination}"
         )
+
+    def _zero_rows(self) -> str:
+        filled = sum(1 for t in self.plan.tensors.values() for p in t.pieces if p.file is None)
+        return f", {filled // 2} zero experts' gate/up rows written as zeros" if filled else ""
 
     def _quantized(self) -> str:
         plan = self.plan

@@ -109,14 +109,17 @@ def plan_conversion(
         name: OutputTensor(name, t.dtype, t.shape, (piece_of(t),)) for name, t in passthrough.items()
     }
     _refuse_missing_merges(groups, converter_of, family)
-    num_experts = _expected_experts(groups, converter_of, source.config)
+    num_experts, zero_experts = _expected_experts(groups, converter_of, source.config)
     # Modules in order, and within one the family's converter order, so gate keys are checked before down keys.
     position = {converter: i for i, converter in enumerate(family.converters)}
     fused_groups = []
     for target in sorted(groups, key=lambda t: (natural_key(t.rpartition(".")[0]), position[converter_of[t]])):
         if target in outputs:
             raise CheckpointError(f"{target}: both a converted tensor and a tensor of the checkpoint")
-        tensor, group = _apply(target, converter_of[target], groups[target], family, source.config, num_experts)
+        converter = converter_of[target]
+        # transformers gives LongCat-Flash's zero experts gate/up rows (never read), but no down rows.
+        extra = zero_experts if isinstance(converter, ExpertMerge) and len(converter.sources) == 2 else 0
+        tensor, group = _apply(target, converter, groups[target], family, source.config, num_experts, extra)
         outputs[target] = tensor
         fused_groups.append(group)
     _refuse_leftover_experts(passthrough, fused_groups, family)
@@ -139,10 +142,16 @@ def cast_tensor(tensor: OutputTensor, dtype: str | None) -> OutputTensor:
 
 
 def _apply(
-    target: str, converter: Converter, slots: Slots, family: Family, config: dict | None, num_experts: int
+    target: str,
+    converter: Converter,
+    slots: Slots,
+    family: Family,
+    config: dict | None,
+    num_experts: int,
+    zero_experts: int = 0,
 ) -> tuple[OutputTensor, FusedGroup]:
     if isinstance(converter, ExpertMerge):
-        return fuse_experts(target, converter, slots, family.name, num_experts)
+        return fuse_experts(target, converter, slots, family.name, num_experts, zero_experts)
     if isinstance(converter, TransposeExperts):
         return transpose_experts(target, slots, family.name, config_hidden_size(config))
     return concatenate(target, converter, slots, family.name)
@@ -167,21 +176,36 @@ def config_hidden_size(config: dict | None) -> int | None:
 EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 
-def _expected_experts(groups: dict[str, Slots], converter_of: dict[str, Converter], config: dict | None) -> int:
-    """How many experts every fused module must hold: config.json's count where it gives one, else the
-    highest expert id in the checkpoint plus one (so a missing last expert is noticed too)."""
-    ids = [
-        expert
-        for target, slots in groups.items()
-        if isinstance(converter_of[target], ExpertMerge)
-        for members in slots.values()
-        for expert in members
-    ]
-    seen = max(ids, default=-1) + 1
+def _expected_experts(
+    groups: dict[str, Slots], converter_of: dict[str, Converter], config: dict | None
+) -> tuple[int, int]:
+    """(routed experts every fused module must hold, zero experts after them in gate_up only).
+
+    Routed experts: config.json's count where it gives one, else the highest expert id in the
+    checkpoint plus one (so a missing last expert is noticed too). Zero experts: LongCat-Flash's
+    `zero_expert_num` identity experts, whose gate/up rows a checkpoint may or may not store.
+    """
+    zero = _config_int(config, ("zero_expert_num",)) or 0
+    highest = {}
+    for target, slots in groups.items():
+        converter = converter_of[target]
+        if isinstance(converter, ExpertMerge):
+            for members in slots.values():
+                for expert in members:
+                    if expert > highest.get(len(converter.sources), -1):
+                        highest[len(converter.sources)] = expert
     declared = _config_int(config, EXPERT_COUNT_FIELDS)
-    if declared is not None and seen > declared:
-        raise FamilyError(f"the checkpoint has expert {seen - 1}, but config.json declares {declared} experts")
-    return declared if declared is not None and ids else seen
+    if not highest:
+        return 0, 0
+    seen = max(highest.values()) + 1
+    if declared is None:
+        return seen, 0
+    for sources, expert in highest.items():
+        allowed = declared + (zero if sources == 2 else 0)
+        if expert >= allowed:
+            zeros = f" and {zero} zero experts" if zero and sources == 2 else ""
+            raise FamilyError(f"the checkpoint has expert {expert}, but config.json declares {declared} experts{zeros}")
+    return declared, zero
 
 
 def _refuse_missing_merges(groups: dict[str, Slots], converter_of: dict[str, Converter], family: Family) -> None:

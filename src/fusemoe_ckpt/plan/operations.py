@@ -12,7 +12,7 @@ from ..errors import FamilyError
 from ..reading.safetensors_format import DTYPE_SIZES
 from ..reading.source import SourceTensor
 from ..rules.patterns import Converter, ExpertMerge
-from .pieces import FusedGroup, OutputTensor, Piece, coalesce, piece_of
+from .pieces import FusedGroup, OutputTensor, Piece, coalesce, piece_of, zeros
 
 # The in-memory fused layout of transformers 5: which axis holds the hidden size.
 HIDDEN_AXIS = {"gate_up_proj": 2, "up_proj": 2, "down_proj": 1}
@@ -42,10 +42,12 @@ def _check_concatenable(tensors: list[SourceTensor]) -> None:
 
 
 def fuse_experts(
-    target: str, merge: ExpertMerge, slots: Slots, family: str, num_experts: int
+    target: str, merge: ExpertMerge, slots: Slots, family: str, num_experts: int, zero_experts: int = 0
 ) -> tuple[OutputTensor, FusedGroup]:
     """Stack experts 0..E-1 (and concatenate gate with up): for each expert in order, each slot's
-    bytes in turn (gate rows, then up rows)."""
+    bytes in turn (gate rows, then up rows). Then `zero_experts` more (LongCat-Flash's identity
+    experts, which transformers gives gate/up rows it never reads): their rows as stored, or zeros
+    where the checkpoint holds none."""
     _require_slots(target, merge, slots, family)
     for slot in range(len(merge.sources)):
         for expert in range(num_experts):
@@ -66,13 +68,18 @@ def fuse_experts(
                 )
     _check_concatenable([slots[slot][0] for slot in range(len(merge.sources))])
     ordered_slots = [slots[slot] for slot in range(len(merge.sources))]
-    pieces = coalesce(piece_of(experts[e]) for e in range(num_experts) for experts in ordered_slots)
+    total = num_experts + zero_experts
+    pieces = coalesce(
+        piece_of(experts[e]) if e in experts else zeros(experts[0].nbytes)
+        for e in range(total)
+        for experts in ordered_slots
+    )
     rows = sum(experts[0].shape[0] for experts in ordered_slots)
-    shape = (num_experts, rows, *first.shape[1:])
-    keys = tuple(experts[e].name for e in range(num_experts) for experts in ordered_slots)
+    shape = (total, rows, *first.shape[1:])
+    keys = tuple(experts[e].name for e in range(total) for experts in ordered_slots if e in experts)
     return (
         OutputTensor(target, first.dtype, shape, tuple(pieces)),
-        FusedGroup(target, "merge_experts", num_experts, keys),
+        FusedGroup(target, "merge_experts", total, keys),
     )
 
 
