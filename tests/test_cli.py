@@ -80,6 +80,30 @@ def test_family_option_overrides_config(qwen_checkpoint, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "model.layers.0.mlp.experts.gate_up_proj" in load_checkpoint(tmp_path / "out")
+    assert result.stderr == (
+        "Warning: --family qwen2_moe overrides config.json's model_type 'some_new_moe' (no family rule); "
+        "check the result against the model with `fusemoe-ckpt verify --load-check SRC DST`\n"
+    )
+
+
+def test_family_that_config_json_names_anyway_gives_no_warning(qwen_checkpoint, tmp_path):
+    result = CliRunner().invoke(
+        cli, ["convert", "-q", "--family", "qwen2_moe", str(qwen_checkpoint), str(tmp_path / "out")]
+    )
+    assert (result.exit_code, result.stderr) == (0, "")
+
+
+def test_a_model_holding_a_refused_sub_model_gets_no_family_hint(qwen_checkpoint, tmp_path):
+    """dots3_note's text experts match qwen2_moe, but its vision encoder's rule is beyond it: no hint,
+    since following one would convert the wrong plan without a word."""
+    (qwen_checkpoint / "config.json").write_text('{"model_type": "dots3_note"}')
+    result = CliRunner().invoke(cli, ["convert", str(qwen_checkpoint), str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"Error: {qwen_checkpoint}: model_type 'dots3_note' is not supported: it holds a dots3_note_vision_encoder "
+        "whose transformers rule needs a rule scoped to the vision encoder inside a dots3_note model; no family "
+        "rule accounts for all its keys\n"
+    )
 
 
 def test_example_converts(tmp_path):

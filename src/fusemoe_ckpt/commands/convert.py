@@ -13,6 +13,7 @@ from ..hub.repo_id import is_hub_source
 from ..plan.conversion import plan_for
 from ..plan.layout import ConversionPlan
 from ..reading.source import SourceCheckpoint
+from ..rules.selection import override_warning
 from ..sizes import format_size
 from ..write.destination import check_destination, check_no_partial, check_paths, partial_path
 from ..write.output import write_plan
@@ -135,7 +136,7 @@ def convert(
         bytes_written=written,
         seconds=time.perf_counter() - started,
         copied_files=extras,
-        warnings=_warnings(source),
+        warnings=_warnings(source, plan, family),
         kept_shards=kept,
         source_dir=src_path,
     )
@@ -148,8 +149,11 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
-def _warnings(source: SourceCheckpoint) -> list[str]:
+def _warnings(source: SourceCheckpoint, plan: ConversionPlan, family: str | None) -> list[str]:
     warnings = []
+    overridden = override_warning(source, plan.family) if family is not None else None
+    if overridden is not None:
+        warnings.append(overridden)
     if source.config and "auto_map" in source.config:
         warnings.append(
             f"{source.root / 'config.json'}: has auto_map (remote code); remote modeling code "
