@@ -464,3 +464,18 @@ def test_batch_entry_dequantizes_and_then_skips(tmp_path):
     changed = CliRunner().invoke(cli, ["batch", str(manifest)])
     assert changed.exit_code == 1
     assert "family/dtype/dequantized qwen2_moe/None/True recorded, qwen2_moe/None/False planned" in changed.output
+
+
+@pytest.mark.parametrize("scale_shape", [(), (1,), (256,), (256, 1)], ids=["scalar", "one", "rows", "rows-by-one"])
+def test_per_tensor_and_per_channel_scales_dequantize(tmp_path, scale_shape):
+    """Without weight_block_size a scale covers the whole matrix or one row: q[i, j] * s (or s[i])."""
+    weight = torch.randn(256, 384).clamp(-3, 3).to(torch.float8_e4m3fn)
+    scale = torch.rand(scale_shape) + 0.5
+    tensors = {"model.layers.0.mlp.down_proj.weight": weight, "model.layers.0.mlp.down_proj.weight_scale_inv": scale}
+    config = {"model_type": "qwen3_moe", "quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic"}}
+    src = write_checkpoint(tmp_path / "src", tensors, config=config)
+    convert(src, tmp_path / "bf16", dequantize=True)
+    ours = load_checkpoint(tmp_path / "bf16")["model.layers.0.mlp.down_proj.weight"]
+    expected = (weight.float() * scale.float().reshape(-1, 1)).to(torch.bfloat16)
+    assert torch.equal(ours, expected)
+    assert verify(src, tmp_path / "bf16").ok
