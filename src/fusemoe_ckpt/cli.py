@@ -62,7 +62,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option(
     "--resume", is_flag=True, help="Keep the shards an interrupted convert into DST completed; redo the rest."
 )
-@click.option("--workers", type=int, default=None, help="Copy threads [default: min(4, CPUs)].")
+@click.option("--workers", type=int, default=None, help="Copy threads [default: min(4, usable CPUs)].")
 @click.option("--no-fsync", is_flag=True, help="Skip flushing files to disk before the final rename.")
 @click.option(
     "--dtype",
@@ -169,7 +169,7 @@ def _report(result: VerifyResult, *, quiet: bool = False) -> None:
 @click.option("--family", help="Family rule to use instead of the one config.json names.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists and is not empty.")
-@click.option("--workers", type=int, default=None, help="Copy threads [default: min(4, CPUs)].")
+@click.option("--workers", type=int, default=None, help="Copy threads [default: min(4, usable CPUs)].")
 @click.option("--no-fsync", is_flag=True, help="Skip flushing files to disk before the final rename.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 def unfuse(
@@ -204,7 +204,7 @@ def unfuse(
 @click.option("--family", help="Family rule to use instead of the one config.json names.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
 @click.option("--dtype", type=click.Choice(sorted(OUTPUT_DTYPES)), help="Plan a cast to this dtype.")
-@click.option("--workers", type=int, default=None, help="Workers convert would use [default: min(4, CPUs)].")
+@click.option("--workers", type=int, default=None, help="Workers convert would use [default: min(4, usable CPUs)].")
 @click.option("--dequantize", is_flag=True, help="Plan FP8 weights dequantized, as convert --dequantize does.")
 def inspect(
     src: str,

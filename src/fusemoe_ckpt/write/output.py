@@ -30,6 +30,7 @@ from .destination import (
 )
 from .journal import JOURNAL_NAME, Journal, plan_fingerprint
 from .lock import DestinationLock
+from .workers import default_workers
 from .writer import DISK_FULL, disk_full_error, write_shard
 
 
@@ -49,7 +50,7 @@ def write_plan(
     (journaled, so `resume` can keep completed ones), then the index and the other files of the
     source, then one rename into place. Returns (bytes written, files copied, shards kept)."""
     if workers is None:
-        workers = min(4, os.cpu_count() or 1)
+        workers = default_workers()
     if workers < 1:
         raise UsageError(f"workers must be at least 1, not {workers}")
     extras = side_files(source)
