@@ -100,7 +100,8 @@ def convert(
     Raises:
         FusemoeError: bad input or destination, a full disk; `dst` is then left as it was and the
             partial directory removed. HubError when a repo id cannot be downloaded.
-        ConversionInterrupted: ^C; the partial directory is kept for `resume`.
+        ConversionInterrupted: ^C, or SIGTERM where the caller turns it into `Interrupted` (the CLI
+            does); the partial directory is kept for `resume`.
     """
     started = time.perf_counter()
     src_path, dst_path = Path(src).absolute(), Path(dst).absolute()

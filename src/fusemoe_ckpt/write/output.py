@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
 
-from ..errors import ConversionInterrupted, DestinationError, UsageError
+from ..errors import ConversionInterrupted, DestinationError, UsageError, interrupted_by
 from ..naming import natural_key
 from ..plan.layout import ConversionPlan, ShardPlan
 from ..reading.side_files import side_files
@@ -89,7 +89,8 @@ def write_plan(
                 shutil.rmtree(partial, ignore_errors=True)
                 raise
             raise ConversionInterrupted(
-                f"{partial} keeps the completed shards; rerun with --resume to continue, or remove it"
+                f"{partial} keeps the completed shards; rerun with --resume to continue, or remove it",
+                signal=interrupted_by(e),
             ) from e
         except OSError as e:
             shutil.rmtree(partial, ignore_errors=True)
