@@ -407,10 +407,13 @@ def test_manifest_errors_name_the_line_and_field_and_run_nothing(tmp_path, lines
 def test_cluster_examples_run_batch_and_agree_on_the_count():
     examples = Path(__file__).resolve().parent.parent / "examples"
     sbatch = (examples / "slurm_batch.sbatch").read_text()
-    assert "#SBATCH --array=" in sbatch and "fusemoe-ckpt batch " in sbatch
+    assert "#SBATCH --array=" in sbatch and "FUSEMOE_CKPT=${FUSEMOE_CKPT:-fusemoe-ckpt}" in sbatch
+    assert 'exec $FUSEMOE_CKPT batch "$MANIFEST"' in sbatch  # tests/test_slurm.py runs it
     assert subprocess.run(["bash", "-n", str(examples / "slurm_batch.sbatch")]).returncode == 0
     job = (examples / "k8s_indexed_job.yaml").read_text()
-    assert "completionMode: Indexed" in job and "fusemoe-ckpt batch " in job
+    assert "completionMode: Indexed" in job and "exec fusemoe-ckpt batch " in job
+    # Exit 2 (a manifest error) fails the Job instead of being retried.
+    assert re.search(r"- action: FailJob.*\n\s+onExitCodes:\n\s+containerName: batch\n.*\n\s+values: \[2\]", job)
     completions = re.search(r"^  completions: (\d+)$", job, re.MULTILINE).group(1)
     count = re.search(r'name: FUSEMOE_SHARD_COUNT\n\s+value: "(\d+)"', job).group(1)
     assert completions == count
