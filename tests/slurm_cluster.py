@@ -9,6 +9,7 @@ jobs are tiny, and a small node is what the example job must fit.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import shutil
@@ -37,6 +38,7 @@ NODE_CPUS = 8
 NODE_MEMORY_MB = 8192
 # Slurm's time between SIGTERM and SIGKILL (scancel, a time limit): the batch must be done by then.
 KILL_WAIT = 20
+_PR_SET_PDEATHSIG = 1
 _SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/bin"])
 
 
@@ -53,10 +55,23 @@ def missing_reason() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """Ports free on 127.0.0.1 now, all different (held open together while chosen)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when the test process dies, even killed, so no daemon
+    outlives a test run that never reaches its finalizer."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _binary(name: str) -> str:
@@ -180,11 +195,12 @@ class SlurmCluster:
 
     def _write_config(self) -> None:
         root = self.root
+        controller_port, node_port = _free_ports(2)
         settings = {
             "ClusterName": "fusemoetest",
             "SlurmctldHost": f"{self.node}(127.0.0.1)",
-            "SlurmctldPort": _free_port(),
-            "SlurmdPort": _free_port(),
+            "SlurmctldPort": controller_port,
+            "SlurmdPort": node_port,
             "SlurmUser": "root",
             "SlurmdUser": "root",
             "AuthType": "auth/munge",
@@ -222,7 +238,12 @@ class SlurmCluster:
         out = open(self.root / "log" / f"{name}.out", "wb")  # noqa: SIM115 - closed by stop()
         self._outputs.append(out)
         self.daemons[name] = subprocess.Popen(
-            [_binary(name), *args], env=self.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            [_binary(name), *args],
+            env=self.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,  # prctl only: safe between fork and exec
         )
 
     def _node_idle(self) -> bool:

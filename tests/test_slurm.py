@@ -46,18 +46,16 @@ def job_environment(root: Path, manifest: Path, *, pause: Path | None = None) ->
     """The settings the example reads: the environment to activate, the manifest, where reports and
     logs go; with `pause`, the command runs through tests/pause_launcher.py and waits after the
     entry's first shard, creating the file `pause`."""
-    bin_dir = str(Path(sys.prefix) / "bin")
-    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != bin_dir)
-    env = {
+    bin_dir = Path(sys.prefix) / "bin"
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != str(bin_dir))
+    env = {"MANIFEST": str(manifest), "REPORTS": str(root / "reports"), "LOGS": str(root / "logs")}
+    if (bin_dir / "activate").is_file():
         # Not on PATH: only the example's activation of FUSEMOE_VENV can find fusemoe-ckpt.
-        "PATH": path or "/usr/bin:/bin",
-        "FUSEMOE_VENV": sys.prefix,
-        "MANIFEST": str(manifest),
-        "REPORTS": str(root / "reports"),
-        "LOGS": str(root / "logs"),
-    }
+        env |= {"PATH": path or "/usr/bin:/bin", "FUSEMOE_VENV": sys.prefix}
+    else:  # the tests run outside a virtual environment
+        env |= {"FUSEMOE_VENV": "", "FUSEMOE_CKPT": f"{sys.executable} -m fusemoe_ckpt"}
     if pause is not None:
-        env["FUSEMOE_CKPT"] = f"python {PAUSE_LAUNCHER} shard-done:1:{pause} cli"
+        env["FUSEMOE_CKPT"] = f"{sys.executable} {PAUSE_LAUNCHER} shard-done:1:{pause} cli"
     return env
 
 
