@@ -369,7 +369,7 @@ def test_dequantize_needs_a_quantized_checkpoint(tmp_path):
     )
     src_text = str(src)
     result = CliRunner().invoke(cli, ["convert", "--dequantize", src_text, str(tmp_path / "dst")])
-    assert one_line_error(result) == f"{src_text}: --dequantize: config.json declares no quantization_config"
+    assert one_line_error(result, 2) == f"{src_text}: --dequantize: config.json declares no quantization_config"
 
 
 def test_by_eye_dequantization(tmp_path):

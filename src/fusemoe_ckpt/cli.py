@@ -12,20 +12,25 @@ import click
 
 from . import __version__
 from .batch.cluster import SHARD_BY, resolve_shard
-from .batch.runner import EntryResult, plan_batch, run_batch
+from .batch.runner import BatchInterrupted, EntryResult, plan_batch, run_batch
 from .commands.convert import convert as convert_checkpoint
 from .commands.example import write_example
 from .commands.inspect import inspect_checkpoint
 from .commands.unfuse import unfuse as unfuse_checkpoint
 from .commands.verify import VerifyResult
 from .commands.verify import verify as verify_checkpoint
-from .errors import one_line
+from .errors import UsageError, interrupted_by, one_line
+from .interrupts import signals_as_interrupts
 from .plan.cast import OUTPUT_DTYPES
 from .rules.families import FAMILIES, REFUSED
 
+# click's own status for a usage error: fix the command line or the manifest, rerunning will not help.
+EXIT_USAGE = 2
+
 
 class _Group(click.Group):
-    """Renders every error in one place: one line on stderr, exit code 1; a traceback with --debug."""
+    """Renders every error in one place: one line on stderr, exit code 1 (2 for a usage error, 128 + the
+    signal for an interruption); a traceback with --debug."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -34,13 +39,15 @@ class _Group(click.Group):
             raise
         except KeyboardInterrupt as e:
             detail = str(e) or "nothing was written to the destination"
-            click.echo(f"Error: interrupted; {detail}", err=True)
-            sys.exit(130)
+            sig = interrupted_by(e)
+            by = "" if sig == signal.SIGINT else f" by {sig.name}"
+            click.echo(f"Error: interrupted{by}; {detail}", err=True)
+            sys.exit(128 + sig)  # 130 for ^C, 143 for SIGTERM, as a shell reports a process they end
         except Exception as e:  # noqa: BLE001 - the one place errors become a message
             if ctx.obj and ctx.obj.get("debug"):
                 traceback.print_exc()
             click.echo(f"Error: {one_line(e)}", err=True)
-            sys.exit(1)
+            sys.exit(EXIT_USAGE if isinstance(e, UsageError) else 1)
 
 
 @click.group(cls=_Group)
@@ -48,8 +55,15 @@ class _Group(click.Group):
 @click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
-    """Convert per-expert MoE checkpoints into the fused layout transformers 5 holds in memory."""
+    """Convert per-expert MoE checkpoints into the fused layout transformers 5 holds in memory.
+
+    \b
+    Exit status: 0 done; 1 an error (the message says which); 2 a usage error;
+    130 or 143 interrupted by ^C (SIGINT) or SIGTERM.
+    """
     ctx.obj = {"debug": debug}
+    # SIGTERM (scancel, a job's time limit, preemption, a pod's deletion) stops a command as ^C does.
+    ctx.with_resource(signals_as_interrupts())
 
 
 @cli.command()
@@ -62,7 +76,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option(
     "--resume", is_flag=True, help="Keep the shards an interrupted convert into DST completed; redo the rest."
 )
-@click.option("--workers", type=int, default=None, help="Copy threads [default: min(4, CPUs)].")
+@click.option("--workers", type=int, default=None, help="Copy threads [default: min(4, usable CPUs)].")
 @click.option("--no-fsync", is_flag=True, help="Skip flushing files to disk before the final rename.")
 @click.option(
     "--dtype",
@@ -98,6 +112,14 @@ def convert(
     """Fuse the per-expert tensors of checkpoint SRC into a new checkpoint at DST.
 
     SRC is a local directory or, when no such path exists, a Hub repo id (org/name).
+
+    \b
+    Exit status:
+      0    converted
+      1    an error: bad input, a full disk, a failed --verify or push
+      2    a usage error
+      130  interrupted by ^C (SIGINT)       the completed shards are kept:
+      143  interrupted by SIGTERM           rerun with --resume to continue
     """
     if private and push_to is None:
         raise click.UsageError("--private applies to the repo --push-to-hub creates; pass --push-to-hub REPO_ID")
@@ -169,7 +191,7 @@ def _report(result: VerifyResult, *, quiet: bool = False) -> None:
 @click.option("--family", help="Family rule to use instead of the one config.json names.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists and is not empty.")
-@click.option("--workers", type=int, default=None, help="Copy threads [default: min(4, CPUs)].")
+@click.option("--workers", type=int, default=None, help="Copy threads [default: min(4, usable CPUs)].")
 @click.option("--no-fsync", is_flag=True, help="Skip flushing files to disk before the final rename.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 def unfuse(
@@ -204,7 +226,7 @@ def unfuse(
 @click.option("--family", help="Family rule to use instead of the one config.json names.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
 @click.option("--dtype", type=click.Choice(sorted(OUTPUT_DTYPES)), help="Plan a cast to this dtype.")
-@click.option("--workers", type=int, default=None, help="Workers convert would use [default: min(4, CPUs)].")
+@click.option("--workers", type=int, default=None, help="Workers convert would use [default: min(4, usable CPUs)].")
 @click.option("--dequantize", is_flag=True, help="Plan FP8 weights dequantized, as convert --dequantize does.")
 def inspect(
     src: str,
@@ -276,7 +298,16 @@ def batch(
     """Convert every entry of MANIFEST (JSON Lines), each in its own process.
 
     Finished entries are skipped and interrupted ones resumed, so rerunning does only what is left.
-    A table of the entries (status, seconds, size, error) ends the output; exit 1 if any failed.
+    A table of the entries (status, seconds, size, error) ends the output.
+
+    \b
+    Exit status:
+      0    every entry converted or skipped
+      1    an entry failed or was interrupted: worth running again
+      2    a usage or manifest error: nothing ran; fix it, rerunning will not help
+      130  interrupted by ^C (SIGINT)       running entries keep their completed
+      143  interrupted by SIGTERM           shards; run again to resume them
+           (scancel, a time limit, preemption, a pod's deletion)
     """
     chosen = resolve_shard(shard)
     if dry_run:
@@ -290,15 +321,19 @@ def batch(
         detail = f": {outcome.error}" if outcome.error else ""
         click.echo(f"{outcome.status} {outcome.entry.dst_text} ({outcome.seconds:.1f} s){detail}", err=True)
 
-    result = run_batch(
-        manifest,
-        jobs=jobs,
-        shard=chosen,
-        shard_by=shard_by,
-        check_bytes=check_bytes,
-        report=report,
-        on_result=finished,
-    )
+    try:
+        result = run_batch(
+            manifest,
+            jobs=jobs,
+            shard=chosen,
+            shard_by=shard_by,
+            check_bytes=check_bytes,
+            report=report,
+            on_result=finished,
+        )
+    except BatchInterrupted as e:
+        click.echo("\n".join(e.result.table()))  # what was done, interrupted and not started
+        raise
     click.echo("\n".join(result.table()))
     result.raise_if_failed()
 

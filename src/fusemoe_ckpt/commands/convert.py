@@ -17,6 +17,7 @@ from ..rules.selection import override_warning
 from ..sizes import format_size
 from ..write.destination import check_destination, check_no_partial, check_paths, partial_path
 from ..write.output import write_plan
+from ..write.workers import default_workers
 
 
 @dataclass
@@ -84,9 +85,9 @@ def convert(
         overwrite: replace a non-empty `dst`, and discard a partial directory unless `resume`.
         resume: keep the shards an interrupted conversion of the same plan completed; without a
             partial directory, start afresh.
-        workers: copy threads; default min(4, CPU count), or with `dequantize` every CPU this process
-            may use. Shards are written at once, and with fewer shards than workers, parts of one
-            shard too.
+        workers: copy threads; default min(4, CPUs this process may use: its affinity, Slurm's
+            SLURM_CPUS_PER_TASK), or with `dequantize` every one of them. Shards are written at once,
+            and with fewer shards than workers, parts of one shard too.
         durable: fsync every file and directory before recording a shard and before the final rename.
         dtype: "bfloat16", "float16" or "float32": cast floating tensors to it while copying (the
             only path that imports torch); integer, boolean and FP8 tensors are copied untouched.
@@ -99,7 +100,8 @@ def convert(
     Raises:
         FusemoeError: bad input or destination, a full disk; `dst` is then left as it was and the
             partial directory removed. HubError when a repo id cannot be downloaded.
-        ConversionInterrupted: ^C; the partial directory is kept for `resume`.
+        ConversionInterrupted: ^C, or SIGTERM where the caller turns it into `Interrupted` (the CLI
+            does); the partial directory is kept for `resume`.
     """
     started = time.perf_counter()
     src_path, dst_path = Path(src).absolute(), Path(dst).absolute()
@@ -116,8 +118,8 @@ def convert(
     elif revision is not None:
         raise UsageError(f"{src}: a revision applies to a Hub repo id, and this is a local path")
     check_paths(src_path, dst_path, overwrite)
-    if workers is None and dequantize:
-        workers = usable_cpus()  # dequantizing is arithmetic, not copying: every CPU it may use
+    if workers is None:
+        workers = default_workers(dequantize=dequantize)
     source, plan = plan_for(src_path, family=family, max_shard_size=max_shard_size, dtype=dtype, dequantize=dequantize)
     written, extras, kept = write_plan(
         source,
@@ -140,13 +142,6 @@ def convert(
         kept_shards=kept,
         source_dir=src_path,
     )
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask, which taskset and cgroups set)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def _warnings(source: SourceCheckpoint, plan: ConversionPlan, family: str | None) -> list[str]:

@@ -23,8 +23,8 @@ from ..rules.patterns import ExpertMerge, TransposeExperts
 from ..rules.quantized import is_scale_twin
 from ..sizes import format_size, parse_size
 from ..write.streams import DEQUANTIZE_CHUNK, READ_CHUNK
+from ..write.workers import default_workers
 from ..write.writer import FALLBACK_BUFFER
-from .convert import usable_cpus
 
 SCHEMA_VERSION = 1
 # Python memory of planning per source tensor (parsed headers, source entries, output tensors, pieces):
@@ -221,7 +221,7 @@ def inspect_checkpoint(
         plan=plan,
         modules=_moe_modules(plan),
         fuse_bytes=_fuse_bytes(source, plan),
-        workers=workers or (usable_cpus() if dequantize else min(4, os.cpu_count() or 1)),
+        workers=workers or default_workers(dequantize=dequantize),
         max_shard_size=parse_size(max_shard_size),
     )
 
