@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from ..errors import FamilyError
 from .patterns import (
+    ChunkForRope,
     Concatenate,
     Converter,
     ExpertMerge,
@@ -296,6 +297,48 @@ FAMILIES: tuple[Family, ...] = (
         ),
     ),
     Family(
+        name="kimi_k25",
+        model_types=("kimi_k25",),
+        converters=(
+            ChunkForRope(
+                ("wqkv",),
+                "attn.q_proj",
+                targets=("attn.q_proj", "attn.k_proj", "attn.v_proj"),
+                rope=("q_proj", "k_proj"),
+                rope_config="vision_config",
+                default_heads=16,  # Kimi_K25VisionConfig's; the released config.json says vt_num_attention_heads
+            ),
+            *QWEN2_MOE,
+        ),
+        renames=(
+            Rename(("language_model.model",), "model.language_model"),
+            Rename(("language_model.lm_head",), "lm_head"),
+            GroupRename(
+                (r"vision_tower.encoder.blocks.(\d+).norm0", r"vision_tower.encoder.blocks.(\d+).norm1"),
+                (r"vision_tower.encoder.blocks.\1.norm1", r"vision_tower.encoder.blocks.\1.norm2"),
+            ),
+            GroupRename(
+                (r"vision_tower.encoder.blocks.(\d+).mlp.fc0", r"vision_tower.encoder.blocks.(\d+).mlp.fc1"),
+                (r"vision_tower.encoder.blocks.\1.mlp.fc1", r"vision_tower.encoder.blocks.\1.mlp.fc2"),
+            ),
+            Rename((r"vision_tower.encoder.blocks.(\d+).wo",), r"vision_tower.encoder.blocks.\1.attn.proj"),
+            Rename(("vision_tower.encoder",), "model.vision_tower"),
+            Rename(("mm_projector.proj.0",), "model.mm_projector.in_proj"),
+            Rename(("mm_projector.proj.2",), "model.mm_projector.out_proj"),
+            Rename(("blocks",), "layers"),
+            Rename(
+                ("vision_tower.patch_embed.pos_emb.weight",),
+                "model.vision_tower.patch_embed.pos_emb.position_embeddings",
+            ),
+        ),
+        model=ModelKeys(
+            prefix="model",
+            head=("lm_head",),
+            ignored=(r"model\.layers\.61.*",),  # DeepSeek-V3's multi-token-prediction layer
+            keep_in_fp32=("e_score_correction_bias", "gate.weight"),
+        ),
+    ),
+    Family(
         name="kolibri1",
         model_types=("kolibri1",),
         converters=QWEN2_MOE,
@@ -412,7 +455,6 @@ FAMILIES: tuple[Family, ...] = (
 # Model types whose transformers rule merges experts but needs an operation convert cannot do
 # faithfully; they are refused by name rather than converted half-way.
 REFUSED: dict[str, str] = {
-    "kimi_k25": "GroupWeightRename of vision blocks and Chunk + PermuteForRope of wqkv",
     "sarvam_moe": "Split of query_key_value into q/k/v sized by the model's parameters",
     "qwen4_exp_text": "Concatenate of the wildcard ngram_embedding.shard_* tensors",
     "dots3_note_vision_encoder": "a rule scoped to the vision encoder inside a dots3_note model",

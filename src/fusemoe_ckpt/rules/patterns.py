@@ -158,6 +158,19 @@ class ChunkForRope(Converter):
     rope: tuple[str, ...] = ()
     rope_config: str = ""
     default_heads: int = 1
+    _outputs: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "_outputs", _alternation(self.targets, expert_groups=False))
+
+    def match_output(self, key: str) -> re.Match[str] | None:
+        """Where `key` is one of the outputs: any target, searched anywhere in the key, as transformers'
+        reverse converter (whose sources the targets are) searches it."""
+        return self._outputs.search(key)
+
+    def output_slot(self, match: re.Match[str]) -> int:
+        return _matched_branch(match)
 
     def output_names(self, first: str) -> tuple[str, ...]:
         """Every output key, from the key of the first target (as transformers expands them: the
