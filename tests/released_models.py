@@ -208,3 +208,86 @@ def dsv4_fp8_checkpoint(root: Path, *, shards: int = 3, seed: int = 0, mtp: bool
     src = write_checkpoint(root, tensors, shards=shards, config=document)
     _assert_transformers_loads_every_key(src, mtp=mtp, gpu_path=True)
     return src
+
+
+# Kimi-K2.5: in-memory name -> released name, applied in order (q, k and v are joined into wqkv apart).
+KIMI_RELEASED = [
+    (r"^model\.language_model\.", "language_model.model."),
+    (r"^lm_head\.", "language_model.lm_head."),
+    (r"^model\.vision_tower\.patch_embed\.pos_emb\.position_embeddings$", "vision_tower.patch_embed.pos_emb.weight"),
+    (r"^model\.vision_tower\.patch_embed\.", "vision_tower.patch_embed."),
+    (r"^model\.vision_tower\.final_layernorm\.", "vision_tower.encoder.final_layernorm."),
+    (r"^model\.vision_tower\.layers\.(\d+)\.norm1\.", r"vision_tower.encoder.blocks.\1.norm0."),
+    (r"^model\.vision_tower\.layers\.(\d+)\.norm2\.", r"vision_tower.encoder.blocks.\1.norm1."),
+    (r"^model\.vision_tower\.layers\.(\d+)\.mlp\.fc1\.", r"vision_tower.encoder.blocks.\1.mlp.fc0."),
+    (r"^model\.vision_tower\.layers\.(\d+)\.mlp\.fc2\.", r"vision_tower.encoder.blocks.\1.mlp.fc1."),
+    (r"^model\.vision_tower\.layers\.(\d+)\.attn\.proj\.", r"vision_tower.encoder.blocks.\1.wo."),
+    (r"^model\.mm_projector\.in_proj\.", "mm_projector.proj.0."),
+    (r"^model\.mm_projector\.out_proj\.", "mm_projector.proj.2."),
+    (r"^model\.mm_projector\.", "mm_projector."),
+]
+KIMI_VISION_HEADS = 16  # Kimi_K25VisionConfig's default, which the released config.json leaves to it
+
+
+def kimi_released_name(key: str) -> str:
+    for pattern, replacement in KIMI_RELEASED:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def _interleaved(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+    """q or k rows as the checkpoint stores them: transformers' `PermuteForRope(inverse=True)`."""
+    rows = tensor.shape[0]
+    half = rows // heads // 2
+    return tensor.reshape(heads, 2, half, -1).transpose(1, 2).reshape(tensor.shape).contiguous()
+
+
+def kimi_config():
+    from transformers import AutoConfig
+
+    kwargs = json.loads(json.dumps(TINY_MODELS["kimi_k25"]))
+    kwargs["text_config"]["model_type"] = "kimi_k2"  # as released; transformers reads it as deepseek_v3
+    kwargs["vision_config"] |= {"hidden_size": 64, "num_attention_heads": KIMI_VISION_HEADS}
+    kwargs["projection_hidden_size"] = 64
+    return AutoConfig.for_model("kimi_k25", **kwargs)
+
+
+def kimi_checkpoint(root: Path, *, shards: int = 3, seed: int = 0) -> Path:
+    """A tiny float32 Kimi-K2.5 under the released names; config.json names the vision heads as the
+    released one does (`vt_num_attention_heads`), so transformers uses its default head count."""
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(seed)
+    config = kimi_config()
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    tensors: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in model.state_dict().items():
+        found = re.fullmatch(r"model\.vision_tower\.layers\.(\d+)\.attn\.([qkv])_proj\.(weight|bias)", key)
+        if found:
+            block, part, kind = found.groups()
+            stored = _interleaved(value, KIMI_VISION_HEADS) if part in "qk" else value
+            qkv.setdefault(f"vision_tower.encoder.blocks.{block}.wqkv.{kind}", {})[part] = stored
+        elif key.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+            prefix = kimi_released_name(key.rpartition(".")[0]) + "."
+            for expert in range(value.shape[0]):
+                if key.endswith("gate_up_proj"):
+                    gate, up = value[expert].chunk(2)
+                    tensors[f"{prefix}{expert}.gate_proj.weight"] = gate.contiguous()
+                    tensors[f"{prefix}{expert}.up_proj.weight"] = up.contiguous()
+                else:
+                    tensors[f"{prefix}{expert}.down_proj.weight"] = value[expert].contiguous()
+        else:
+            tensors[kimi_released_name(key)] = value.contiguous()
+    for name, parts in qkv.items():
+        tensors[name] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    document = json.loads(config.to_json_string())
+    document["text_config"]["model_type"] = "kimi_k2"
+    vision = document["vision_config"]
+    vision["vt_num_attention_heads"] = vision.pop("num_attention_heads")
+    src = write_checkpoint(root, tensors, shards=shards, config=document)
+    loaded, info = AutoModelForImageTextToText.from_pretrained(src, output_loading_info=True, dtype=torch.float32)
+    assert (info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"]) == (set(), set(), set()), info
+    expected = model.state_dict()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in expected.items())
+    return src

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from accelerate import init_empty_weights, load_checkpoint_and_dispatch  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText  # noqa: E402
 
 from fusemoe_ckpt import convert, unfuse, verify  # noqa: E402
 
@@ -27,7 +28,12 @@ from .fp8_models import (  # noqa: E402
     load_checkpoint_or_file,
     use_reference_kernel,
 )
-from .released_models import dsv4_checkpoint, dsv4_fp8_checkpoint  # noqa: E402
+from .released_models import (  # noqa: E402
+    KIMI_VISION_HEADS,
+    dsv4_checkpoint,
+    dsv4_fp8_checkpoint,
+    kimi_checkpoint,
+)
 from .test_bad_input import refuse  # noqa: E402
 
 
@@ -183,3 +189,159 @@ def test_dsv4_fp4_experts_are_not_dequantized(dsv4_fp8, tmp_path):
     src, _, _ = dsv4_fp8
     message = refuse(tmp_path, src, tmp_path / "dst", "--dequantize")
     assert re.fullmatch(r"layers\.\d+\.ffn\.experts\.\d+\.w\d\.weight: FP4 experts cannot be dequantized .*", message)
+
+
+@pytest.fixture(scope="module")
+def kimi(tmp_path_factory):
+    """(released-name source, our conversion) of a tiny float32 Kimi-K2.5 whose config.json leaves the
+    vision head count to transformers' default, as the released one does."""
+    root = tmp_path_factory.mktemp("kimi")
+    src = kimi_checkpoint(root / "src")
+    convert(src, root / "ours", max_shard_size="40KB")
+    return src, root / "ours"
+
+
+def test_kimi_released_names_give_what_transformers_holds(kimi, tmp_path):
+    """Group renames (norm0/norm1 -> norm1/norm2, fc0/fc1 -> fc1/fc2), wqkv split into q/k/v with the
+    q and k rows permuted per head (16 heads, the config class default), the prefix, the experts."""
+    src, ours = kimi
+    reference = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32)
+    reference.save_pretrained(tmp_path / "theirs", save_original_format=False)
+    fused = load_checkpoint(ours)
+    assert_same_tensors(fused, load_checkpoint_or_file(tmp_path / "theirs"))
+    original = load_checkpoint(src)
+    wqkv = original["vision_tower.encoder.blocks.1.wqkv.weight"]
+    q = fused["model.vision_tower.layers.1.attn.q_proj.weight"]
+    half = q.shape[0] // KIMI_VISION_HEADS // 2
+    assert torch.equal(q[1], wqkv[2]) and torch.equal(q[half], wqkv[1])  # within a head: even rows, then odd
+    assert torch.equal(fused["model.vision_tower.layers.1.attn.v_proj.weight"], wqkv[2 * q.shape[0] :])
+    assert torch.equal(
+        fused["model.vision_tower.layers.1.norm2.weight"], original["vision_tower.encoder.blocks.1.norm1.weight"]
+    )
+
+
+def test_kimi_strict_dispatch_and_logits(kimi):
+    src, ours = kimi
+    config = AutoConfig.from_pretrained(ours)
+    with init_empty_weights():
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    model = load_checkpoint_and_dispatch(model, str(ours), device_map={"": "cpu"}, strict=True)
+    assert not [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    reference = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32)
+    tokens = torch.arange(10).unsqueeze(0)
+    assert torch.equal(_logits(model, tokens), _logits(reference, tokens))
+    assert verify(src, ours, load_check=True).problems == {}
+
+
+def test_kimi_unfuse_gives_transformers_own_original_format_and_converts_back(kimi, tmp_path):
+    """unfuse joins q/k/v into wqkv (rows put back in interleaved order) and undoes the group renames,
+    giving what transformers saves in the original format (`language_model.model.blocks.N…`, its
+    own reverse of `blocks` -> `layers`); converting that again gives the same bytes."""
+    src, ours = kimi
+    unfuse(ours, tmp_path / "back", max_shard_size="25KB")
+    AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32).save_pretrained(tmp_path / "theirs")
+    back = load_checkpoint(tmp_path / "back")
+    assert_same_tensors(back, load_checkpoint_or_file(tmp_path / "theirs"))
+    assert torch.equal(
+        back["vision_tower.encoder.blocks.1.wqkv.weight"],
+        load_checkpoint(src)["vision_tower.encoder.blocks.1.wqkv.weight"],
+    )
+    (tmp_path / "back" / "config.json").write_text((src / "config.json").read_text())
+    convert(tmp_path / "back", tmp_path / "again")
+    assert_same_tensors(load_checkpoint(tmp_path / "again"), load_checkpoint(ours))
+
+
+def _copy_source(src: Path, dst: Path, *, edit_tensors=None, edit_config=None) -> Path:
+    """A copy of `src` with its tensors or its config.json edited."""
+    from .conftest import write_checkpoint
+
+    tensors = load_checkpoint(src)
+    config = json.loads((src / "config.json").read_text())
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_config:
+        edit_config(config)
+    return write_checkpoint(dst, tensors, shards=2, config=config)
+
+
+def _pop(*keys):
+    return lambda tensors: [tensors.pop(key) for key in keys]
+
+
+def _heads(value):
+    return lambda config: config["vision_config"].__setitem__("num_attention_heads", value)
+
+
+@pytest.mark.parametrize(
+    ("edit_tensors", "edit_config", "message"),
+    [
+        (
+            _pop("vision_tower.encoder.blocks.1.norm0.weight", "vision_tower.encoder.blocks.1.norm0.bias"),
+            None,
+            r"vision_tower\.encoder\.blocks\.1\.norm0\.bias: missing: the key that tells transformers to rename "
+            r"vision_tower\.encoder\.blocks\.1\.norm1\.bias \(.*\.safetensors\); other blocks have theirs",
+        ),
+        (
+            None,
+            _heads(3),
+            r"vision_tower\.encoder\.blocks\.0\.wqkv\.bias: its 64 rows of attn\.q_proj do not divide into 3 heads "
+            r"\(vision_config\.num_attention_heads\) of rotary pairs \(.*\.safetensors\)",
+        ),
+        (None, _heads(0), r"config\.json: vision_config\.num_attention_heads 0 is not a positive integer"),
+        (
+            lambda t: t.__setitem__("vision_tower.encoder.blocks.0.wqkv.bias", torch.zeros(190)),
+            None,
+            r"vision_tower\.encoder\.blocks\.0\.wqkv\.bias: shape \[190\] does not split into 3 equal parts on dim 0 "
+            r"\(.*\.safetensors\)",
+        ),
+        (
+            None,
+            lambda c: c.__setitem__(
+                "quantization_config", {"quant_method": "compressed-tensors", "format": "pack-quantized"}
+            ),
+            r".*config\.json: quantization_config\.quant_method 'compressed-tensors' is not supported: "
+            r"compressed-tensors experts must be dequantized, which fusemoe-ckpt does not do yet",
+        ),
+    ],
+    ids=["missing-guard", "heads-do-not-divide", "heads-not-positive", "qkv-rows-not-divisible", "int4-experts"],
+)
+def test_bad_kimi_input_is_refused_in_one_line(kimi, tmp_path, edit_tensors, edit_config, message):
+    src = _copy_source(kimi[0], tmp_path / "src", edit_tensors=edit_tensors, edit_config=edit_config)
+    assert re.fullmatch(message, refuse(tmp_path, src, tmp_path / "dst"))
+
+
+def _fp4_scale_as_f32(tensors):
+    key = "layers.1.ffn.experts.2.w3.scale"
+    tensors[key] = tensors[key].float()
+
+
+def _fp4_experts_as_fp8(tensors):
+    for key in [k for k in tensors if k.startswith("layers.2.ffn.experts.") and k.endswith(".weight")]:
+        tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] * 2, dtype=torch.float8_e4m3fn)
+        tensors[key.removesuffix(".weight") + ".scale"] = torch.ones(1, 1).to(torch.float8_e8m0fnu)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            _fp4_scale_as_f32,
+            r"layers\.1\.ffn\.experts\.2\.w3\.scale: dtype F32, but transformers holds the scales of FP4 experts as "
+            r"F8_E8M0 \(scale_fmt ue8m0\) \(.*\.safetensors\)",
+        ),
+        (
+            _fp4_experts_as_fp8,
+            r"layers\.2\.ffn\.experts\.0\.w1\.weight: F8_E4M3 experts, but quantization_config's expert_dtype 'fp4' "
+            r"makes transformers hold model\.layers\.2\.mlp\.experts\.gate_up_proj as I8 \(FP4 packed\)",
+        ),
+        (
+            _pop("layers.1.ffn.experts.3.w2.scale"),
+            r"layers\.1\.ffn\.experts\.3\.w2\.scale: missing: "
+            r"the scale of I8 tensor layers\.1\.ffn\.experts\.3\.w2\.weight .*",
+        ),
+    ],
+    ids=["fp4-scale-dtype", "fp8-experts-declared-fp4", "missing-fp4-scale"],
+)
+def test_bad_dsv4_fp8_input_is_refused_in_one_line(dsv4_fp8, tmp_path, edit, message):
+    src = _copy_source(dsv4_fp8[0], tmp_path / "src", edit_tensors=edit)
+    assert re.fullmatch(message, refuse(tmp_path, src, tmp_path / "dst"))

@@ -11,6 +11,7 @@ from ..errors import CheckpointError, FamilyError
 from ..naming import natural_key
 from ..reading.quantization import (
     ACTIVATION_SCALE_NAMES,
+    DOT_SCALE,
     FP4_BLOCK,
     FP4_WEIGHT_DTYPE,
     SCALE_SIZES,
@@ -50,13 +51,21 @@ def paired_scales(tensors: dict[str, SourceTensor], quantization: Quantization) 
             continue
         if tensor.dtype not in quantized_dtypes:
             continue
-        scale = next((tensors[name] for name in scale_keys(key) if name in tensors), None)
+        names = scale_keys(key)
+        scale = next((tensors[name] for name in names if name in tensors), None)
         if scale is None:
-            raise CheckpointError(
-                f"{key + SCALE_SUFFIX}: missing: the scale of {tensor.dtype} tensor {key} ({tensor.file})"
-            )
+            # Named as this checkpoint names its scales: `x.scale` (DeepSeek-V4) or `x.weight_scale_inv`.
+            missing = names[-1] if any(name.endswith(DOT_SCALE) for name in _scale_names(tensors, found)) else names[0]
+            raise CheckpointError(f"{missing}: missing: the scale of {tensor.dtype} tensor {key} ({tensor.file})")
         found[key] = _scales(tensor, scale, quantization)
     return found
+
+
+def _scale_names(tensors: dict[str, SourceTensor], found: dict[str, Scales]) -> list[str]:
+    """The scale keys paired so far, or, before any, every key named like a scale of a present weight."""
+    if found:
+        return [s.name for s in found.values()]
+    return [k for k in tensors if (w := weight_of_scale(k)) is not None and w in tensors]
 
 
 def _scales(tensor: SourceTensor, scale: SourceTensor, quantization: Quantization) -> Scales:
