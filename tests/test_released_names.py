@@ -18,7 +18,7 @@ pytest.importorskip("accelerate")
 from accelerate import init_empty_weights, load_checkpoint_and_dispatch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText  # noqa: E402
 
-from fusemoe_ckpt import convert, unfuse, verify  # noqa: E402
+from fusemoe_ckpt import convert, inspect_checkpoint, unfuse, verify  # noqa: E402
 
 from .conftest import load_checkpoint  # noqa: E402
 from .fp8_models import (  # noqa: E402
@@ -345,3 +345,15 @@ def _fp4_experts_as_fp8(tensors):
 def test_bad_dsv4_fp8_input_is_refused_in_one_line(dsv4_fp8, tmp_path, edit, message):
     src = _copy_source(dsv4_fp8[0], tmp_path / "src", edit_tensors=edit)
     assert re.fullmatch(message, refuse(tmp_path, src, tmp_path / "dst"))
+
+
+def test_dsv4_fp8_fp4_inspect(dsv4_fp8):
+    """inspect counts the ignored mtp tensors and gives FP4 experts in values, not packed bytes."""
+    src, _, result = dsv4_fp8
+    report = inspect_checkpoint(src).to_json()
+    assert report["ignored_tensors"] == len(result.plan.dropped) > 0
+    assert report["quantization"]["expert_dtype"] == "fp4"
+    assert report["quantization"]["dropped_tensors"] == 0
+    module = next(m for m in report["moe_modules"] if m["module"] == "model.layers.1.mlp.experts")
+    assert (module["experts"], module["intermediate_size"], module["hidden_size"], module["dtype"]) == (4, 64, 64, "I8")
+    assert module["quantization"] == {"dtype": "I8", "scale_dtype": "F8_E8M0", "block": [1, 32], "dequantized": False}
