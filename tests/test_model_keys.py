@@ -101,7 +101,7 @@ def test_model_keys_and_their_prefixless_names_map_as_transformers_maps_them(mod
     transformers adds it by looking at the model, and taken-back renames stay taken back."""
     family = family_for_config({"model_type": model_type})
     quantization = Quantization("fp8", (128, 128), "float", "dynamic") if quantized else None
-    rule = for_quantization(family, quantization)
+    rule = for_quantization(family, quantization, rename_scales=True)
     with capable_gpu():
         model, quantizer = _meta_model(model_type, quantized)
     meta = model.state_dict()

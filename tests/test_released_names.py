@@ -357,3 +357,13 @@ def test_dsv4_fp8_fp4_inspect(dsv4_fp8):
     module = next(m for m in report["moe_modules"] if m["module"] == "model.layers.1.mlp.experts")
     assert (module["experts"], module["intermediate_size"], module["hidden_size"], module["dtype"]) == (4, 64, 64, "I8")
     assert module["quantization"] == {"dtype": "I8", "scale_dtype": "F8_E8M0", "block": [1, 32], "dequantized": False}
+
+
+@pytest.mark.parametrize("case", ["dsv4", "dsv4_fp8", "kimi"])
+def test_a_converted_checkpoint_converts_to_itself(case, request, tmp_path):
+    """Already in transformers' names, a fused output is copied through: `model.norm.weight` (and the
+    hyper-connection scales `attn_hc.scale`) keep their names, as transformers takes those renames back."""
+    ours = request.getfixturevalue(case)[1]
+    result = convert(ours, tmp_path / "again")
+    assert result.nothing_to_fuse
+    assert_same_tensors(load_checkpoint(tmp_path / "again"), load_checkpoint(ours))

@@ -28,6 +28,7 @@ from .quantization import (
     check_fused_scales,
     dequantized_dtype,
     dequantized_view,
+    names_scales_dot_scale,
     paired_scales,
     refuse_expert_activation_scales,
 )
@@ -78,7 +79,8 @@ def plan_conversion(
     quantization = quantization_of(source.config, source.root / "config.json")
     if dequantize and quantization is None:
         raise UsageError(f"{source.root}: --dequantize: config.json declares no quantization_config")
-    family = for_quantization(family, quantization, fuse_scales=not dequantize)
+    dot_scales = quantization is not None and names_scales_dot_scale(source.tensors, quantization)
+    family = for_quantization(family, quantization, fuse_scales=not dequantize, rename_scales=dot_scales)
     renames = family.all_renames()
     active, unguarded = active_groups(source.tensors, renames, family.model)
     _refuse_unguarded(unguarded, source)

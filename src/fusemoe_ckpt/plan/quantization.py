@@ -61,6 +61,16 @@ def paired_scales(tensors: dict[str, SourceTensor], quantization: Quantization) 
     return found
 
 
+def names_scales_dot_scale(tensors: dict[str, SourceTensor], quantization: Quantization) -> bool:
+    """Whether the checkpoint names the scale of a quantized `x.weight` `x.scale` (DeepSeek-V4)."""
+    for key in tensors:
+        if key.endswith(DOT_SCALE):
+            weight = tensors.get(weight_of_scale(key))
+            if weight is not None and weight.dtype in quantization.weight_dtypes:
+                return True
+    return False
+
+
 def _scale_names(tensors: dict[str, SourceTensor], found: dict[str, Scales]) -> list[str]:
     """The scale keys paired so far, or, before any, every key named like a scale of a present weight."""
     if found:

@@ -10,6 +10,8 @@ plan/quantization.py refuses a scale left beside a weight they fuse.
 
 The quantizer also puts two renames before the model's own (`update_weight_conversions` of the FP8
 quantizer): a DeepSeek-V4 scale `x.scale` and a Mistral `x.qscale_weight` become `x.weight_scale_inv`.
+They are applied to a checkpoint that names its scales so: elsewhere they rename nothing transformers
+keeps (a model's own `attn_hc.scale` is renamed and taken back, which is no rename at all).
 """
 
 from __future__ import annotations
@@ -27,9 +29,12 @@ SCALE_RENAMES = (
 )
 
 
-def for_quantization(family: Family, quantization: Quantization | None, *, fuse_scales: bool = True) -> Family:
-    """`family` with the renames and converters transformers adds for `quantization` (none when None);
-    without `fuse_scales` (a dequantized output, whose scales are consumed), the renames alone."""
+def for_quantization(
+    family: Family, quantization: Quantization | None, *, fuse_scales: bool = True, rename_scales: bool = False
+) -> Family:
+    """`family` with the converters transformers adds for `quantization` (none when None): the scale
+    twins, unless not `fuse_scales` (a dequantized output, whose scales are consumed); and with
+    `rename_scales` (a checkpoint naming scales `x.scale`), the quantizer's renames."""
     if quantization is None:
         return family
     converters: list[Converter] = []
@@ -38,7 +43,7 @@ def for_quantization(family: Family, quantization: Quantization | None, *, fuse_
         twin = scale_twin(converter) if fuse_scales else None
         if twin is not None:
             converters.append(twin)
-    return replace(family, converters=tuple(converters), quantizer_renames=SCALE_RENAMES)
+    return replace(family, converters=tuple(converters), quantizer_renames=SCALE_RENAMES if rename_scales else ())
 
 
 def scale_twin(converter: Converter) -> Converter | None:
