@@ -22,7 +22,8 @@ from transformers.core_model_loading import WeightConverter, WeightRenaming, ren
 from transformers.quantizers.auto import AutoHfQuantizer  # noqa: E402
 
 from fusemoe_ckpt.reading.quantization import Quantization  # noqa: E402
-from fusemoe_ckpt.rules.families import FAMILIES, ModelKeys, family_for_config  # noqa: E402
+from fusemoe_ckpt.rules.families import FAMILIES, family_for_config  # noqa: E402
+from fusemoe_ckpt.rules.model_keys import ModelKeys  # noqa: E402
 from fusemoe_ckpt.rules.patterns import ChunkForRope  # noqa: E402
 from fusemoe_ckpt.rules.quantized import for_quantization  # noqa: E402
 

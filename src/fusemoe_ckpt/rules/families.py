@@ -9,13 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import FamilyError
+from .model_keys import ModelKeys
 from .patterns import (
     ChunkForRope,
     Concatenate,
     Converter,
     ExpertMerge,
     GroupRename,
-    ModelKeys,
     Rename,
     Renaming,
     TransposeExperts,

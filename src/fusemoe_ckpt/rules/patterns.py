@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from .model_keys import ModelKeys
+
 # transformers appends this so `weight` matches `q_proj.weight` but not `q_proj.weight_scale_inv`.
 _NAME_END = r"(?!\w)"
 
@@ -249,43 +251,6 @@ Renaming = Rename | GroupRename
 
 
 @dataclass(frozen=True)
-class ModelKeys:
-    """What transformers decides by looking at the model it loads into, decided here from static
-    facts of the model class (tests/test_model_keys.py derives each from transformers' meta model).
-
-    - `prefix`: the base-model prefix transformers adds to a key the base model holds (`model.`),
-      i.e. to every key but those of `head` (top-level modules of the task model, `lm_head`).
-    - `kept`: whole source keys (regexes) that are already the model's names but that the renames
-      would take out of the model; transformers takes the rename back (`model.norm.weight`, which
-      `\\.norm\\.` -> `.kv_norm.` also hits).
-    - `ignored`: `_keys_to_ignore_on_load_unexpected`: keys (regexes, searched in the mapped key)
-      transformers drops at load, such as multi-token-prediction layers.
-    - `keep_in_fp32`: `_keep_in_fp32_modules_strict`: keys (searched) transformers holds in float32
-      when it loads the model in a 16-bit dtype.
-    """
-
-    prefix: str = ""
-    head: tuple[str, ...] = ()
-    kept: tuple[str, ...] = ()
-    ignored: tuple[str, ...] = ()
-    keep_in_fp32: tuple[str, ...] = ()
-
-    def keeps(self, key: str) -> bool:
-        return any(re.fullmatch(pattern, key) for pattern in self.kept)
-
-    def ignores(self, key: str) -> bool:
-        return any(re.search(pattern, key) for pattern in self.ignored)
-
-    def holds_in_fp32(self, key: str) -> bool:
-        return any(re.search(pattern.replace("*", ".*"), key) for pattern in self.keep_in_fp32)
-
-    def with_prefix(self, key: str) -> str:
-        if not self.prefix or key.startswith(self.prefix + ".") or key.split(".")[0] in self.head:
-            return key
-        return f"{self.prefix}.{key}"
-
-
-@dataclass(frozen=True)
 class KeyMapping:
     """Where a source key goes: a plain (possibly renamed) key, or one slot (and expert) of a converter."""
 
@@ -318,6 +283,7 @@ def map_key(
 
 
 def rename_all(key: str, renames: tuple[Renaming, ...], active: frozenset[GroupRename] = frozenset()) -> str:
+    """`key` through every rename in order; a group rename renames dependent keys only when in `active`."""
     for rename in renames:
         key = rename.apply(key, rename in active) if isinstance(rename, GroupRename) else rename.apply(key)
     return key
@@ -334,29 +300,22 @@ def active_groups(
     others loads half renamed; convert refuses it instead, naming the missing guard key.
     """
     model = model or ModelKeys()
-    keys = [key for key in keys if not model.keeps(key)]
-    partial = {key: key for key in keys}
+    # Each key as the renames before the current one leave it: a group matches keys at that point.
+    partial = {key: key for key in keys if not model.keeps(key)}
     active: set[GroupRename] = set()
     missing: dict[str, str] = {}
     for rename in renames:
         if isinstance(rename, GroupRename):
-            found = {key: rename.match(text) for key, text in partial.items()}
-            guards = {
-                (text[: m.start()], rename.groups(m, 0))
-                for key, text in partial.items()
-                if (hit := found[key]) and hit[0] == 0
-                for m in [hit[1]]
-            }
-            if guards:
+            hits = {key: hit for key, text in partial.items() if (hit := rename.match(text)) is not None}
+            # A block is named by the text before the match and the captured groups (the block number).
+            block = {key: (partial[key][: m.start()], rename.groups(m, slot)) for key, (slot, m) in hits.items()}
+            guarded = {block[key] for key, (slot, _) in hits.items() if slot == 0}
+            if guarded:
                 active.add(rename)
-                for key, hit in found.items():
-                    if hit and hit[0]:
-                        slot, match = hit
-                        text = partial[key]
-                        groups = rename.groups(match, slot)
-                        if (text[: match.start()], groups) not in guards:
-                            guard = rename.source_text(0, groups)
-                            missing[key] = text[: match.start()] + guard + text[match.end() :]
+                for key, (slot, match) in hits.items():
+                    if slot and block[key] not in guarded:
+                        before, groups = block[key]
+                        missing[key] = before + rename.source_text(0, groups) + partial[key][match.end() :]
             partial = {key: rename.apply(text, rename in active) for key, text in partial.items()}
         else:
             partial = {key: rename.apply(text) for key, text in partial.items()}
