@@ -168,7 +168,8 @@ def _config_dtype(config: dict | None) -> str | None:
 
 def _refuse_unguarded(unguarded: dict[str, str], source: SourceCheckpoint) -> None:
     """A key a group rename renames only after its guard, in a checkpoint whose guard keys stop short."""
-    for key in sorted(unguarded, key=natural_key):
+    if unguarded:
+        key = min(unguarded, key=natural_key)
         raise FamilyError(
             f"{unguarded[key]}: missing: the key that tells transformers to rename {key} "
             f"({source.tensors[key].file}); other blocks have theirs"
@@ -176,9 +177,10 @@ def _refuse_unguarded(unguarded: dict[str, str], source: SourceCheckpoint) -> No
 
 
 def cast_tensor(tensor: OutputTensor, dtype: str | None) -> OutputTensor:
-    """`tensor` with its pieces cast to `dtype` where it is floating and of another dtype."""
+    """`tensor` with its pieces cast to `dtype` where it is floating and of another dtype (a weight
+    planned dequantized is already planned in its output dtype)."""
     cast = cast_of(tensor.dtype, dtype)
-    if cast is None:
+    if cast is None or any(piece.scales is not None for piece in tensor.pieces):
         return tensor
     pieces = tuple(replace(piece, cast=cast) for piece in tensor.pieces)
     return OutputTensor(tensor.name, dtype, tensor.shape, pieces)
