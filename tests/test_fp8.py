@@ -228,6 +228,7 @@ def test_inspect_shows_the_quantization(tmp_path):
         "block": [128, 128],
         "scale_fmt": "float",
         "activation_scheme": "dynamic",
+        "expert_dtype": "fp8",
         "dequantize": False,
         "dropped_tensors": 0,
     }

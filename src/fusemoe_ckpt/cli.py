@@ -346,9 +346,12 @@ def families() -> None:
         click.echo(f"  model types: {', '.join(family.model_types)}")
         for converter in family.converters:
             operation = type(converter).__name__
-            click.echo(f"  {operation}: {' + '.join(converter.sources)} -> {converter.target}")
+            targets = getattr(converter, "targets", None) or (converter.target,)
+            click.echo(f"  {operation}: {' + '.join(converter.sources)} -> {' + '.join(targets)}")
         for rename in family.renames:
-            click.echo(f"  rename {' | '.join(rename.sources)} -> {rename.target}")
+            targets = getattr(rename, "targets", None) or (rename.target,)
+            kind = "group rename" if len(targets) > 1 else "rename"
+            click.echo(f"  {kind} {' | '.join(rename.sources)} -> {' | '.join(targets)}")
     click.echo("refused (the rule needs an operation fusemoe-ckpt does not do)")
     for model_type, reason in sorted(REFUSED.items()):
         click.echo(f"  {model_type}: {reason}")

@@ -42,7 +42,7 @@ class ConvertResult:
         kept = f" ({self.kept_shards} kept from the interrupted run)" if self.kept_shards else ""
         return (
             f"{len(self.plan.fused_modules)} layers fused, {self.plan.num_experts} experts{self._quantized()}"
-            f"{self._zero_rows()}, "
+            f"{self._zero_rows()}{self._ignored()}, "
             f"{format_size(self.bytes_written)} written in {len(self.plan.shards)} shards{kept}, "
             f"{self.seconds:.1f} s, {rate:.2f} GB/s -> {self.destination}"
         )
@@ -57,8 +57,20 @@ class ConvertResult:
             return ""
         if not plan.dequantized:
             return f", {plan.quantization.method} weights and scales fused"
-        dropped = f" ({len(plan.dropped)} activation scales dropped)" if plan.dropped else ""
+        scales = [key for key in plan.dropped if not self._ignored_at_load(key)]
+        dropped = f" ({len(scales)} activation scales dropped)" if scales else ""
         return f", {plan.quantization.method} dequantized{dropped}"
+
+    def _ignored_at_load(self, key: str) -> bool:
+        family = self.plan.family
+        return family.model.ignores(family.map_key(key).target)
+
+    def _ignored(self) -> str:
+        ignored = [key for key in self.plan.dropped if self._ignored_at_load(key)]
+        if not ignored:
+            return ""
+        patterns = ", ".join(self.plan.family.model.ignored)
+        return f", {len(ignored)} tensors dropped that transformers ignores at load ({patterns})"
 
 
 def convert(
