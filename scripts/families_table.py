@@ -32,9 +32,17 @@ def render(tested: set[str]) -> str:
     for family in FAMILIES:
         types = ", ".join(f"**{t}**" if t in tested else t for t in family.model_types)
         converters = "<br>".join(
-            f"{type(c).__name__}: {_code(c.sources)} → {_code([c.target])}" for c in family.converters
+            f"{type(c).__name__}: {_code(c.sources)} → {_code(getattr(c, 'targets', None) or [c.target])}"
+            for c in family.converters
         )
-        renames = "<br>".join(f"{_code(r.sources)} → {_code([r.target])}" for r in family.renames) or "—"
+        renames = (
+            "<br>".join(
+                f"{'GroupRename: ' if hasattr(r, 'targets') else ''}{_code(r.sources)} → "
+                f"{_code(getattr(r, 'targets', None) or [r.target])}"
+                for r in family.renames
+            )
+            or "—"
+        )
         lines.append(f"| `{family.name}` | {types} | {converters} | {renames} |")
     lines += ["", "Refused, with the operation named in the error:", ""]
     lines += [f"- `{name}`: {reason}" for name, reason in sorted(REFUSED.items())]

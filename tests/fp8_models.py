@@ -191,7 +191,22 @@ def fp8_model_on_meta(root: Path):
     return model
 
 
+_FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def _unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
+    """Two E2M1 values per I8 byte, the low nibble first, as float32 twice as wide."""
+    table = torch.tensor(_FP4_VALUES)
+    codes = packed.view(torch.uint8).long()
+    return torch.stack([table[codes & 0xF], table[codes >> 4]], dim=-1).flatten(-2)
+
+
 def _dequantized(weight: torch.Tensor, scale: torch.Tensor, block_size) -> torch.Tensor:
+    if weight.dtype == torch.int8:  # FP4 experts: a scale per row and 32 values, whatever block_size says
+        values = _unpack_fp4(weight)
+        rows, cols = values.shape[-2:]
+        block_size = (rows // scale.shape[-2], -(-cols // scale.shape[-1]))
+        weight = values
     rows, cols = weight.shape[-2:]
     if block_size is None:
         return weight.float() * scale.float()

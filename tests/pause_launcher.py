@@ -4,7 +4,8 @@
     python tests/pause_launcher.py POINT:COUNT:FLAG worker ENTRY_JSON RESULT_FILE
 
 The N-th (COUNT) time the run reaches POINT, it creates the file FLAG and waits there, until a
-SIGINT (which then interrupts the run as ^C does) or a kill. Points, each patched in from outside:
+SIGINT or SIGTERM (which then interrupts the run as it would have without the pause) or a kill.
+Points, each patched in from outside:
 
 - `piece`: after a byte range is copied into a shard (ShardWriter.copy), mid-shard;
 - `shard-done`: after a shard is written, flushed and recorded in the journal (Journal.record);
@@ -73,6 +74,22 @@ def _interrupt(signum, frame) -> None:
     signal.default_int_handler(signum, frame)
 
 
+_set_handler = signal.signal
+
+
+def _releasing(signum, handler):
+    """signal.signal for the code under test: a handler it sets for SIGINT or SIGTERM lets paused
+    threads go first, so the interruption it raises can stop the run as it would without the pause."""
+    if signum in (signal.SIGINT, signal.SIGTERM) and callable(handler):
+        inner = handler
+
+        def handler(signum, frame):
+            _released.set()
+            inner(signum, frame)
+
+    return _set_handler(signum, handler)
+
+
 def main(argv: list[str]) -> int:
     point, count, flag = argv[0].split(":", 2)
     spec = (point, int(count), Path(flag))
@@ -81,6 +98,7 @@ def main(argv: list[str]) -> int:
     output.install = _after(_before(output.install, "install", spec), "installed", spec)
     runner.WORKER_COMMAND = (sys.executable, os.path.abspath(__file__), argv[0], "worker")
     signal.signal(signal.SIGINT, _interrupt)
+    signal.signal = _releasing
     if argv[1] == "worker":
         from fusemoe_ckpt.batch.worker import main as worker_main
 

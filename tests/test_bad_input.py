@@ -45,9 +45,9 @@ def partial_of(dst: Path) -> Path:
     return dst.parent / f".{dst.name}.fusemoe-partial"
 
 
-def one_line_error(result: Result, code: int = 1) -> str:
-    """The single `Error: ` line of a failed run (exit `code`: 2 for a usage error), without its prefix."""
-    assert result.exit_code == code, (result.exit_code, result.output)
+def one_line_error(result: Result, exit_code: int = 1) -> str:
+    """The single `Error: ` line of a failed run, without its prefix (`exit_code` 2 for a usage error)."""
+    assert result.exit_code == exit_code, (result.exit_code, result.output)
     assert isinstance(result.exception, SystemExit), result.exception
     assert "Traceback" not in result.output
     assert result.stdout == ""
@@ -58,13 +58,12 @@ def one_line_error(result: Result, code: int = 1) -> str:
     return lines[0].removeprefix("Error: ")
 
 
-def refuse(tmp_path: Path, src: Path, dst: Path, *options: str, code: int = 1) -> str:
-    """Run `convert SRC DST`, check it fails cleanly (exit `code`) and changes nothing under `tmp_path`;
-    the message."""
+def refuse(tmp_path: Path, src: Path, dst: Path, *options: str, exit_code: int = 1) -> str:
+    """Run `convert SRC DST`, check it fails cleanly and changes nothing under `tmp_path`; the message."""
     before = snapshot(tmp_path)
     dst_existed, partial_existed = os.path.lexists(dst), os.path.lexists(partial_of(dst))
     result = CliRunner().invoke(cli, ["convert", str(src), str(dst), *options])
-    message = one_line_error(result, code)
+    message = one_line_error(result, exit_code)
     assert os.path.lexists(dst) == dst_existed
     assert os.path.lexists(partial_of(dst)) == partial_existed
     assert snapshot(tmp_path) == before
@@ -582,7 +581,7 @@ BAD_SIZES = {
 def test_bad_max_shard_size(tmp_path, value, phrase):
     """A --max-shard-size that is not a positive size names the value."""
     src = qwen_source(tmp_path)
-    message = refuse(tmp_path, src, tmp_path / "dst", "--max-shard-size", value, code=2)
+    message = refuse(tmp_path, src, tmp_path / "dst", "--max-shard-size", value, exit_code=2)
     assert message == f"max shard size {value!r} {phrase}"
 
 
@@ -590,7 +589,7 @@ def test_bad_max_shard_size(tmp_path, value, phrase):
 def test_bad_workers(tmp_path, value):
     """--workers below 1 is refused rather than silently replaced by the default."""
     src = qwen_source(tmp_path)
-    message = refuse(tmp_path, src, tmp_path / "dst", "--workers", value, code=2)
+    message = refuse(tmp_path, src, tmp_path / "dst", "--workers", value, exit_code=2)
     assert message == f"workers must be at least 1, not {value}"
 
 

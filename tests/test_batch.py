@@ -88,8 +88,9 @@ def test_broken_entry_fails_alone_and_the_report_names_it(zoo, tmp_path):
     )
     assert result.stderr.splitlines()[-1] == "Error: 1 of 4 entries failed: out/broken (line 5)"
     document = json.loads(report.read_text())
-    assert document["schema_version"] == 1
-    assert document["counts"] == {"converted": 3, "skipped": 0, "failed": 1, "pending": 0}
+    assert document["schema_version"] == 2
+    assert document["signal"] is None
+    assert document["counts"] == {"converted": 3, "skipped": 0, "failed": 1, "interrupted": 0, "pending": 0}
     assert document["shard"] == {"index": 0, "count": 1, "by": "dst"}
     assert [e["line"] for e in document["entries"]] == [2, 3, 5, 6]
     entries = entries_of(report)
@@ -332,7 +333,7 @@ def test_bad_shards_are_one_line_errors(zoo, environ, args, message):
     cleared = dict.fromkeys(
         ["SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX", "JOB_COMPLETION_INDEX"]
     )
-    assert one_line_error(batch(zoo, *args, env=cleared | environ), code=2) == message
+    assert one_line_error(batch(zoo, *args, env=cleared | environ), 2) == message
 
 
 def test_shard_by_dst_is_stable_when_the_manifest_changes(tmp_path):
@@ -397,7 +398,7 @@ def test_shard_by_dst_is_stable_when_the_manifest_changes(tmp_path):
 )
 def test_manifest_errors_name_the_line_and_field_and_run_nothing(tmp_path, lines, message):
     manifest = write_manifest(tmp_path / "zoo.jsonl", lines)
-    error = one_line_error(batch(manifest), code=2)
+    error = one_line_error(batch(manifest), 2)  # 2: fix the manifest, running again will not help
     expected = message.format(m=manifest)
     assert error.startswith(expected) if expected.endswith(": ") else error == expected
     assert sorted(p.name for p in tmp_path.iterdir()) == ["zoo.jsonl"]
@@ -406,10 +407,13 @@ def test_manifest_errors_name_the_line_and_field_and_run_nothing(tmp_path, lines
 def test_cluster_examples_run_batch_and_agree_on_the_count():
     examples = Path(__file__).resolve().parent.parent / "examples"
     sbatch = (examples / "slurm_batch.sbatch").read_text()
-    assert "#SBATCH --array=" in sbatch and "fusemoe-ckpt batch " in sbatch
+    assert "#SBATCH --array=" in sbatch and "FUSEMOE_CKPT=${FUSEMOE_CKPT:-fusemoe-ckpt}" in sbatch
+    assert 'exec $FUSEMOE_CKPT batch "$MANIFEST"' in sbatch  # tests/test_slurm.py runs it
     assert subprocess.run(["bash", "-n", str(examples / "slurm_batch.sbatch")]).returncode == 0
     job = (examples / "k8s_indexed_job.yaml").read_text()
-    assert "completionMode: Indexed" in job and "fusemoe-ckpt batch " in job
+    assert "completionMode: Indexed" in job and "exec fusemoe-ckpt batch " in job
+    # Exit 2 (a manifest error) fails the Job instead of being retried.
+    assert re.search(r"- action: FailJob.*\n\s+onExitCodes:\n\s+containerName: batch\n.*\n\s+values: \[2\]", job)
     completions = re.search(r"^  completions: (\d+)$", job, re.MULTILINE).group(1)
     count = re.search(r'name: FUSEMOE_SHARD_COUNT\n\s+value: "(\d+)"', job).group(1)
     assert completions == count
@@ -444,11 +448,13 @@ def test_interrupted_batch_stops_its_entries_and_says_how_to_resume(tmp_path):
     )
     a, b = entries_of(report)["a"], entries_of(report)["b"]
     partial = root / "out" / ".a.fusemoe-partial"
-    assert (a["status"], a["error"]) == (
-        "failed",
-        f"interrupted; {partial} keeps what was completed; run the batch again to resume",
+    assert (a["status"], a["signal"], a["error"]) == (
+        "interrupted",
+        "SIGINT",
+        f"interrupted by SIGINT; {partial} keeps what was completed; run the batch again to resume",
     )
     assert b["status"] == "pending"
+    assert json.loads(report.read_text())["signal"] == "SIGINT"
     assert partial.is_dir() and not (root / "out" / "b").exists()
     flag.unlink()
     assert batch(manifest, "--report", report).exit_code == 0
@@ -486,7 +492,7 @@ def test_entries_that_write_where_others_read_or_write_are_refused_up_front(tmp_
     """An entry whose dst is another's src (with overwrite) used to replace that source, and with --jobs 2
     the outcome depended on timing: refused before anything runs, naming both lines."""
     manifest = write_manifest(tmp_path / "zoo.jsonl", lines)
-    assert one_line_error(batch(manifest, "--jobs", "2"), code=2) == message.format(m=manifest, root=tmp_path)
+    assert one_line_error(batch(manifest, "--jobs", "2"), exit_code=2) == message.format(m=manifest, root=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["zoo.jsonl"]
 
 
@@ -497,6 +503,6 @@ def test_a_chain_through_a_symlink_is_found_too(tmp_path):
     manifest = write_manifest(
         tmp_path / "zoo.jsonl", [{"src": "./m/a", "dst": "out/a"}, {"src": "./m/b", "dst": "alias/a"}]
     )
-    assert one_line_error(batch(manifest), code=2).startswith(
+    assert one_line_error(batch(manifest), exit_code=2).startswith(
         f"{manifest}:2: field \"dst\": 'alias/a' is the src of line 1"
     )

@@ -81,6 +81,30 @@ def test_family_option_overrides_config(qwen_checkpoint, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "model.layers.0.mlp.experts.gate_up_proj" in load_checkpoint(tmp_path / "out")
+    assert result.stderr == (
+        "Warning: --family qwen2_moe overrides config.json's model_type 'some_new_moe' (no family rule); "
+        "check the result against the model with `fusemoe-ckpt verify --load-check SRC DST`\n"
+    )
+
+
+def test_family_that_config_json_names_anyway_gives_no_warning(qwen_checkpoint, tmp_path):
+    result = CliRunner().invoke(
+        cli, ["convert", "-q", "--family", "qwen2_moe", str(qwen_checkpoint), str(tmp_path / "out")]
+    )
+    assert (result.exit_code, result.stderr) == (0, "")
+
+
+def test_a_model_holding_a_refused_sub_model_gets_no_family_hint(qwen_checkpoint, tmp_path):
+    """dots3_note's text experts match qwen2_moe, but its vision encoder's rule is beyond it: no hint,
+    since following one would convert the wrong plan without a word."""
+    (qwen_checkpoint / "config.json").write_text('{"model_type": "dots3_note"}')
+    result = CliRunner().invoke(cli, ["convert", str(qwen_checkpoint), str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"Error: {qwen_checkpoint}: model_type 'dots3_note' is not supported: it holds a dots3_note_vision_encoder "
+        "whose transformers rule needs a rule scoped to the vision encoder inside a dots3_note model; no family "
+        "rule accounts for all its keys\n"
+    )
 
 
 def test_example_converts(tmp_path):
@@ -122,14 +146,14 @@ def test_families_lists_refused_model_types_with_the_reason():
 def test_click_usage_errors_are_one_line_with_exit_2(args, message):
     """click's own usage errors used to print the usage, a hint and the error on three lines."""
     result = CliRunner().invoke(cli, args, prog_name="fusemoe-ckpt")
-    assert one_line_error(result, code=2) == message or message is None
+    assert one_line_error(result, exit_code=2) == message or message is None
     assert "Usage:" not in result.output
 
 
 def test_dst_that_is_a_file_is_a_one_line_usage_error(tmp_path):
     (tmp_path / "file").write_text("x")
     result = CliRunner().invoke(cli, ["convert", str(tmp_path), str(tmp_path / "file")], prog_name="fusemoe-ckpt")
-    assert one_line_error(result, code=2) == (
+    assert one_line_error(result, exit_code=2) == (
         f"Invalid value for 'DST': Directory '{tmp_path / 'file'}' is a file; see 'fusemoe-ckpt convert --help'"
     )
 
@@ -137,9 +161,9 @@ def test_dst_that_is_a_file_is_a_one_line_usage_error(tmp_path):
 def test_our_usage_errors_exit_2_and_other_errors_1(qwen_checkpoint, tmp_path):
     runner = CliRunner()
     usage = runner.invoke(cli, ["convert", str(qwen_checkpoint), str(tmp_path / "a"), "--max-shard-size", "huge"])
-    assert one_line_error(usage, code=2).startswith("max shard size 'huge' is not a number of bytes")
+    assert one_line_error(usage, exit_code=2).startswith("max shard size 'huge' is not a number of bytes")
     failed = runner.invoke(cli, ["convert", str(tmp_path / "missing"), str(tmp_path / "b")])
-    assert one_line_error(failed, code=1) == f"{tmp_path / 'missing'}: source is not a directory"
+    assert one_line_error(failed, exit_code=1) == f"{tmp_path / 'missing'}: source is not a directory"
 
 
 @pytest.mark.parametrize("name", ["new\nline", "esc\x1b[31mred", "tab\tand\rreturn"])

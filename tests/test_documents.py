@@ -245,14 +245,14 @@ def test_manifest_lines_that_are_not_json(tmp_path, line, message):
     manifest = tmp_path / "zoo.jsonl"
     manifest.write_text(line + "\n")
     result = CliRunner().invoke(cli, ["batch", str(manifest)])
-    assert one_line_error(result, code=2) == message.format(m=manifest)
+    assert one_line_error(result, exit_code=2) == message.format(m=manifest)
 
 
 def test_a_manifest_that_is_a_fifo_is_refused_without_blocking(tmp_path, no_hang):  # noqa: F811
     manifest = tmp_path / "zoo.jsonl"
     os.mkfifo(manifest)
     result = CliRunner().invoke(cli, ["batch", str(manifest)])
-    assert one_line_error(result, code=2) == f"{manifest}: not a regular file"
+    assert one_line_error(result, exit_code=2) == f"{manifest}: not a regular file"
 
 
 def test_a_journal_line_that_is_not_json_ends_what_resume_keeps(tmp_path):

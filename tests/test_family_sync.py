@@ -12,13 +12,17 @@ pytest.importorskip("transformers")
 
 from transformers.conversion_mapping import _build_checkpoint_conversion_mapping  # noqa: E402
 from transformers.core_model_loading import (  # noqa: E402
+    Chunk,
+    GroupWeightRename,
     MergeModulelist,
+    PermuteForRope,
     Transpose,
     WeightConverter,
     WeightRenaming,
 )
 
 from fusemoe_ckpt.rules.families import FAMILIES, LEGACY_RENAMES, REFUSED, Family, family_for_config  # noqa: E402
+from fusemoe_ckpt.rules.patterns import ChunkForRope, GroupRename  # noqa: E402
 
 MAPPING = _build_checkpoint_conversion_mapping()
 
@@ -38,7 +42,6 @@ def _touches_experts(transforms) -> bool:
 # Refused although every operation is one we have: the rule only works with the model at hand.
 MODEL_DEPENDENT = {
     "dots3_note_vision_encoder": "scoped to the vision encoder inside a dots3_note model",
-    "deepseek_v4": "transformers drops a rename when the model lacks the result (model.norm.weight)",
 }
 
 EXPERT_RULES = sorted(name for name, transforms in MAPPING.items() if _touches_experts(transforms))
@@ -61,26 +64,57 @@ def _operation(converter: WeightConverter) -> str:
         and (ops[0].dim0, ops[0].dim1, ops[0].check_dims) == (1, 2, True)
     ):
         return "TransposeExperts"
+    if (
+        kinds == ["Chunk", "PermuteForRope"]
+        and isinstance(ops[0], Chunk)
+        and (ops[0].dim, ops[0].num_shards_attribute) == (0, None)
+        and isinstance(ops[1], PermuteForRope)
+        and not ops[1].inverse
+        and len(converter._original_source_patterns) == 1
+    ):
+        rope = ops[1]
+        return f"ChunkForRope(rope={tuple(rope.permute_layer_names or ())}, rope_config={rope.subconfig_key!r})"
     return "unsupported: " + " + ".join(kinds) + (" over a wildcard" if wildcard else "")
+
+
+def _targets(transform) -> str | tuple[str, ...]:
+    """A transform's target, or all of them where one source becomes several (a group, a chunk)."""
+    targets = tuple(transform._original_target_patterns)
+    return targets if isinstance(transform, GroupWeightRename) or len(targets) > 1 else targets[0]
 
 
 def _transformers_rule(transforms) -> tuple[list, list]:
     renames = [
-        (type(t).__name__, tuple(t._original_source_patterns), t._original_target_patterns[0])
+        (type(t).__name__, tuple(t._original_source_patterns), _targets(t))
         for t in transforms
         if isinstance(t, WeightRenaming)
     ]
     converters = [
-        (_operation(t), tuple(t._original_source_patterns), t._original_target_patterns[0])
+        (_operation(t), tuple(t._original_source_patterns), _targets(t))
         for t in transforms
         if isinstance(t, WeightConverter)
     ]
     return renames, converters
 
 
+def _our_operation(converter) -> str:
+    if isinstance(converter, ChunkForRope):
+        return f"ChunkForRope(rope={converter.rope}, rope_config={converter.rope_config!r})"
+    return type(converter).__name__
+
+
+def _our_rename(rename) -> tuple:
+    if isinstance(rename, GroupRename):
+        return ("GroupWeightRename", rename.sources, rename.targets)
+    return ("PrefixChange" if rename.prefix_change else "WeightRenaming", rename.sources, rename.target)
+
+
 def _our_rule(family: Family) -> tuple[list, list]:
-    renames = [("PrefixChange" if r.prefix_change else "WeightRenaming", r.sources, r.target) for r in family.renames]
-    converters = [(type(c).__name__, c.sources, c.target) for c in family.converters]
+    renames = [_our_rename(r) for r in family.renames]
+    converters = [
+        (_our_operation(c), c.sources, c.targets if isinstance(c, ChunkForRope) else c.target)
+        for c in family.converters
+    ]
     return renames, converters
 
 

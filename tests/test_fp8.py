@@ -228,6 +228,7 @@ def test_inspect_shows_the_quantization(tmp_path):
         "block": [128, 128],
         "scale_fmt": "float",
         "activation_scheme": "dynamic",
+        "expert_dtype": "fp8",
         "dequantize": False,
         "dropped_tensors": 0,
     }
@@ -369,7 +370,7 @@ def test_dequantize_needs_a_quantized_checkpoint(tmp_path):
     )
     src_text = str(src)
     result = CliRunner().invoke(cli, ["convert", "--dequantize", src_text, str(tmp_path / "dst")])
-    assert one_line_error(result, code=2) == f"{src_text}: --dequantize: config.json declares no quantization_config"
+    assert one_line_error(result, 2) == f"{src_text}: --dequantize: config.json declares no quantization_config"
 
 
 def test_by_eye_dequantization(tmp_path):
@@ -464,3 +465,18 @@ def test_batch_entry_dequantizes_and_then_skips(tmp_path):
     changed = CliRunner().invoke(cli, ["batch", str(manifest)])
     assert changed.exit_code == 1
     assert "family/dtype/dequantized qwen2_moe/None/True recorded, qwen2_moe/None/False planned" in changed.output
+
+
+@pytest.mark.parametrize("scale_shape", [(), (1,), (256,), (256, 1)], ids=["scalar", "one", "rows", "rows-by-one"])
+def test_per_tensor_and_per_channel_scales_dequantize(tmp_path, scale_shape):
+    """Without weight_block_size a scale covers the whole matrix or one row: q[i, j] * s (or s[i])."""
+    weight = torch.randn(256, 384).clamp(-3, 3).to(torch.float8_e4m3fn)
+    scale = torch.rand(scale_shape) + 0.5
+    tensors = {"model.layers.0.mlp.down_proj.weight": weight, "model.layers.0.mlp.down_proj.weight_scale_inv": scale}
+    config = {"model_type": "qwen3_moe", "quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic"}}
+    src = write_checkpoint(tmp_path / "src", tensors, config=config)
+    convert(src, tmp_path / "bf16", dequantize=True)
+    ours = load_checkpoint(tmp_path / "bf16")["model.layers.0.mlp.down_proj.weight"]
+    expected = (weight.float() * scale.float().reshape(-1, 1)).to(torch.bfloat16)
+    assert torch.equal(ours, expected)
+    assert verify(src, tmp_path / "bf16").ok

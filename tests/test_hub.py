@@ -185,9 +185,9 @@ def test_revision_selects_the_source_commit(hub, source_repo, tmp_path):
     assert _metadata(tmp_path / "out")["fusemoe_ckpt_source_revision"] == first
 
 
-def _one_line_error(result, code: int = 1) -> str:
+def _one_line_error(result, exit_code: int = 1) -> str:
     """The last line of stderr, after any of huggingface_hub's progress bars, is the only error line."""
-    assert result.exit_code == code, result.output
+    assert result.exit_code == exit_code, result.output
     assert "Traceback" not in result.output
     errors = [line for line in result.stderr.splitlines() if "Error" in line]
     assert len(errors) == 1 and errors[0].startswith("Error: "), result.stderr
@@ -226,7 +226,7 @@ def test_hub_down(set_hub_env, tmp_path):
     line = _one_line_error(CliRunner().invoke(cli, ["convert", "org/tiny-moe", str(tmp_path / "out")]))
     assert line.startswith(f"Error: org/tiny-moe: cannot reach the Hub at {url} (ConnectError: ")
     assert line.endswith(f"and the cache {tmp_path / 'hf-home' / 'hub'} lacks it; check the network or HF_ENDPOINT")
-    line = _one_line_error(CliRunner().invoke(cli, ["push", str(tmp_path), "me/x"]), code=2)
+    line = _one_line_error(CliRunner().invoke(cli, ["push", str(tmp_path), "me/x"]), exit_code=2)
     assert line.startswith(f"Error: {tmp_path}: no readable model.safetensors.index.json")
     write_example(tmp_path / "tiny")
     convert(tmp_path / "tiny", tmp_path / "fused")

@@ -33,6 +33,7 @@ SCHEMA = {
     "fuse_bytes": int,
     "passthrough_bytes": int,
     "renamed_tensors": int,
+    "ignored_tensors": int,
     "quantization": (dict, type(None)),
     "moe_modules": list,
     "output": dict,

@@ -133,10 +133,17 @@ def test_killed_conversion_resumes_to_the_same_bytes(src, reference, tmp_path, p
 
 
 def test_sigterm_and_two_workers(src, reference, tmp_path):
-    """SIGTERM (a scheduler's first signal) with two writers mid-shard leaves a resumable directory too."""
+    """SIGTERM (a scheduler's first signal) with two writers mid-shard stops the run as ^C does: the
+    completed shards kept, one line, exit 143 (128 + 15, as a shell reports it); --resume finishes."""
     dst = tmp_path / "dst"
-    code, _ = stop(start_paused(src, dst, "piece", 12, "--workers", "2"), signal.SIGTERM)
-    assert code == -signal.SIGTERM
+    code, stderr = stop(start_paused(src, dst, "piece", 12, "--workers", "2"), signal.SIGTERM)
+    assert code == 143
+    assert stderr == (
+        f"Error: interrupted by SIGTERM; {partial_of(dst)} keeps the completed shards; rerun with --resume to "
+        "continue, or remove it\n"
+    )
+    assert journaled(dst)
+    assert not lock_path(dst).exists()
     resume(src, dst, "--workers", "2")
     assert files_of(dst) == files_of(reference)
 

@@ -337,6 +337,51 @@ TINY_MODELS: dict[str, dict] = {
             "encoder_config": dict(_TEXT),
         },
     },
+    "deepseek_v4": {  # FULL_KWARGS: BASE's intermediate_size would set moe_intermediate_size (attribute_map)
+        **{k: v for k, v in BASE.items() if k != "intermediate_size"},
+        "num_hidden_layers": 3,
+        "head_dim": 8,
+        "partial_rotary_factor": 0.5,
+        "q_lora_rank": 8,
+        **_MOE,
+        "n_shared_experts": 1,
+        "hc_mult": 2,
+        "hc_sinkhorn_iters": 2,
+        "o_groups": 2,
+        "o_lora_rank": 4,
+        "index_n_heads": 2,
+        "index_head_dim": 8,
+        "index_topk": 4,
+        "sliding_window": 4,
+        # one layer of each attention: sliding window, compressed sparse (with its indexer), heavily compressed
+        "layer_types": ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"],
+        "mlp_layer_types": ["hash_moe", "moe", "moe"],
+        "compress_rates": {"compressed_sparse_attention": 2, "heavily_compressed_attention": 4},
+    },
+    "kimi_k25": {  # FULL_KWARGS: a DeepSeek-V3 text model and a MoonViT vision tower
+        "tie_word_embeddings": False,
+        "projection_hidden_size": 16,
+        "text_config": _TEXT
+        | {
+            "model_type": "deepseek_v3",
+            **_MLA,
+            **_MOE,
+            "n_shared_experts": 1,
+            "first_k_dense_replace": 1,
+            "n_group": 1,
+            "topk_group": 1,
+        },
+        "vision_config": {
+            "hidden_size": 16,
+            "intermediate_size": 24,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "patch_size": 2,
+            "pos_emb_height": 4,
+            "pos_emb_width": 4,
+            "pos_emb_time": 2,
+        },
+    },
     "glm4_moe": {**_MOE, "n_shared_experts": 1, "first_k_dense_replace": 1, "head_dim": 8},
     "deepseek_v2": {**_MLA, **_MOE, "n_shared_experts": 1, "first_k_dense_replace": 1},
     "hunyuan_v1_moe": {"num_experts": 4, "moe_topk": 2, "head_dim": 8},
@@ -377,14 +422,15 @@ TINY_MODELS: dict[str, dict] = {
         "num_key_value_heads": 2,
         "n_routed_experts": 4,
         "moe_topk": 2,
-        # transformers gives zero experts gate/up rows but no down rows; real checkpoints have none
-        "zero_expert_num": 0,
+        # transformers gives zero (identity) experts gate/up rows but no down rows; released checkpoints
+        # store none of them (tests/test_longcat.py)
+        "zero_expert_num": 2,
         "expert_ffn_hidden_size": 8,
     },
 }
 
 # Nested configs: pass TINY_MODELS[t] as the full kwargs, do NOT merge with BASE.
-FULL_KWARGS = {"qwen3_vl_moe", "minimax_m3_vl", "deepseek_ocr2"}
+FULL_KWARGS = {"qwen3_vl_moe", "minimax_m3_vl", "deepseek_ocr2", "deepseek_v4", "kimi_k25"}
 
 AUTO_CLASS = {
     "glm5_next": "AutoModelForImageTextToText",
@@ -393,6 +439,7 @@ AUTO_CLASS = {
     "qwen3_vl_moe": "AutoModelForImageTextToText",
     "minimax_m3_vl": "AutoModelForImageTextToText",
     "deepseek_ocr2": "AutoModelForImageTextToText",
+    "kimi_k25": "AutoModelForImageTextToText",
 }
 
 # Base models without lm_head: output has .last_hidden_state, not .logits.

@@ -4,7 +4,7 @@ from importlib.metadata import version as _version
 
 from .batch.cluster import Shard, resolve_shard, select
 from .batch.manifest import Entry, load_manifest
-from .batch.runner import BatchError, BatchResult, EntryResult, run_batch
+from .batch.runner import BatchError, BatchInterrupted, BatchResult, EntryResult, run_batch
 from .commands.convert import ConvertResult, convert
 from .commands.inspect import Inspection, inspect_checkpoint
 from .commands.unfuse import UnfuseResult, unfuse
@@ -16,6 +16,7 @@ from .errors import (
     FamilyError,
     FusemoeError,
     HubError,
+    Interrupted,
     ManifestError,
     UsageError,
 )
@@ -43,6 +44,7 @@ def __getattr__(name: str):
 __all__ = [
     "FAMILIES",
     "BatchError",
+    "BatchInterrupted",
     "BatchResult",
     "CheckpointError",
     "ConversionInterrupted",
@@ -56,6 +58,7 @@ __all__ = [
     "FusemoeError",
     "HubError",
     "Inspection",
+    "Interrupted",
     "ManifestError",
     "Shard",
     "SourceCheckpoint",

@@ -13,19 +13,22 @@ import click
 
 from . import __version__
 from .batch.cluster import SHARD_BY, resolve_shard
-from .batch.runner import EntryResult, plan_batch, run_batch
+from .batch.runner import BatchInterrupted, EntryResult, plan_batch, run_batch
 from .commands.convert import convert as convert_checkpoint
 from .commands.example import write_example
 from .commands.inspect import inspect_checkpoint
 from .commands.unfuse import unfuse as unfuse_checkpoint
 from .commands.verify import VerifyResult
 from .commands.verify import verify as verify_checkpoint
-from .errors import UsageError, one_line, printable
+from .errors import UsageError, interrupted_by, one_line, printable
+from .interrupts import signals_as_interrupts
 from .plan.cast import OUTPUT_DTYPES
 from .rules.families import FAMILIES, REFUSED
 
-# Exit statuses, as README.md and --help state them.
-EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+# Exit statuses, as README.md and --help state them; an interruption exits 128 + the signal.
+EXIT_FAILED = 1
+# click's own status for a usage error: fix the command line or the manifest, rerunning will not help.
+EXIT_USAGE = 2
 # click >= 8.2 raises this for a bare `fusemoe-ckpt` and shows the help; older click exits itself.
 _HELP_SHOWN = tuple(
     getattr(click.exceptions, name) for name in ["NoArgsIsHelpError"] if hasattr(click.exceptions, name)
@@ -34,7 +37,8 @@ _HELP_SHOWN = tuple(
 
 class _Group(click.Group):
     """Renders every error in one place: one line on stderr, a traceback only with --debug; exit 2
-    for a usage error (click's own, a bad option value, a bad manifest), 130 for ^C, else 1."""
+    for a usage error (click's own, a bad option value, a bad manifest), 128 + the signal for an
+    interruption (130 for ^C, 143 for SIGTERM), else 1."""
 
     def make_context(self, info_name, args, parent=None, **extra) -> click.Context:
         # The group's own options are parsed here, outside invoke().
@@ -54,7 +58,9 @@ class _Group(click.Group):
             _fail(_click_message(e), e.exit_code)
         except KeyboardInterrupt as e:
             detail = str(e) or "nothing was written to the destination"
-            _fail(f"interrupted; {detail}", EXIT_INTERRUPTED)
+            sig = interrupted_by(e)
+            by = "" if sig == signal.SIGINT else f" by {sig.name}"
+            _fail(f"interrupted{by}; {detail}", 128 + sig)  # 130 for ^C, 143 for SIGTERM, as a shell reports
         except Exception as e:  # noqa: BLE001 - the one place errors become a message
             if ctx.obj and ctx.obj.get("debug"):
                 traceback.print_exc()
@@ -89,9 +95,12 @@ def cli(ctx: click.Context, debug: bool) -> None:
       0    done
       1    failed (bad input, a full disk, a failed check or batch entry)
       2    usage error: a bad option or argument, a bad manifest
-      130  interrupted (^C); convert --resume continues
+      130  interrupted by ^C (SIGINT); convert --resume continues
+      143  interrupted by SIGTERM (scancel, a time limit, preemption)
     """
     ctx.obj = {"debug": debug}
+    # SIGTERM (scancel, a job's time limit, preemption, a pod's deletion) stops a command as ^C does.
+    ctx.with_resource(signals_as_interrupts())
 
 
 @cli.command()
@@ -104,7 +113,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option(
     "--resume", is_flag=True, help="Keep the shards an interrupted convert into DST completed; redo the rest."
 )
-@click.option("--workers", type=int, default=None, help="Copy threads [default: min(4, CPUs)].")
+@click.option("--workers", type=int, default=None, help="Copy threads [default: min(4, usable CPUs)].")
 @click.option("--no-fsync", is_flag=True, help="Skip flushing files to disk before the final rename.")
 @click.option(
     "--dtype",
@@ -140,6 +149,14 @@ def convert(
     """Fuse the per-expert tensors of checkpoint SRC into a new checkpoint at DST.
 
     SRC is a local directory or, when no such path exists, a Hub repo id (org/name).
+
+    \b
+    Exit status:
+      0    converted
+      1    an error: bad input, a full disk, a failed --verify or push
+      2    a usage error
+      130  interrupted by ^C (SIGINT)       the completed shards are kept:
+      143  interrupted by SIGTERM           rerun with --resume to continue
     """
     if private and push_to is None:
         raise click.UsageError("--private applies to the repo --push-to-hub creates; pass --push-to-hub REPO_ID")
@@ -211,7 +228,7 @@ def _report(result: VerifyResult, *, quiet: bool = False) -> None:
 @click.option("--family", help="Family rule to use instead of the one config.json names.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists and is not empty.")
-@click.option("--workers", type=int, default=None, help="Copy threads [default: min(4, CPUs)].")
+@click.option("--workers", type=int, default=None, help="Copy threads [default: min(4, usable CPUs)].")
 @click.option("--no-fsync", is_flag=True, help="Skip flushing files to disk before the final rename.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 def unfuse(
@@ -248,7 +265,7 @@ def unfuse(
 @click.option("--family", help="Family rule to use instead of the one config.json names.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
 @click.option("--dtype", type=click.Choice(sorted(OUTPUT_DTYPES)), help="Plan a cast to this dtype.")
-@click.option("--workers", type=int, default=None, help="Workers convert would use [default: min(4, CPUs)].")
+@click.option("--workers", type=int, default=None, help="Workers convert would use [default: min(4, usable CPUs)].")
 @click.option("--dequantize", is_flag=True, help="Plan FP8 weights dequantized, as convert --dequantize does.")
 def inspect(
     src: str,
@@ -320,7 +337,16 @@ def batch(
     """Convert every entry of MANIFEST (JSON Lines), each in its own process.
 
     Finished entries are skipped and interrupted ones resumed, so rerunning does only what is left.
-    A table of the entries (status, seconds, size, error) ends the output; exit 1 if any failed.
+    A table of the entries (status, seconds, size, error) ends the output.
+
+    \b
+    Exit status:
+      0    every entry converted or skipped
+      1    an entry failed or was interrupted: worth running again
+      2    a usage or manifest error: nothing ran; fix it, rerunning will not help
+      130  interrupted by ^C (SIGINT)       running entries keep their completed
+      143  interrupted by SIGTERM           shards; run again to resume them
+           (scancel, a time limit, preemption, a pod's deletion)
     """
     chosen = resolve_shard(shard)
     if dry_run:
@@ -334,15 +360,19 @@ def batch(
         detail = f": {outcome.error}" if outcome.error else ""
         click.echo(f"{outcome.status} {outcome.entry.dst_text} ({outcome.seconds:.1f} s){detail}", err=True)
 
-    result = run_batch(
-        manifest,
-        jobs=jobs,
-        shard=chosen,
-        shard_by=shard_by,
-        check_bytes=check_bytes,
-        report=report,
-        on_result=finished,
-    )
+    try:
+        result = run_batch(
+            manifest,
+            jobs=jobs,
+            shard=chosen,
+            shard_by=shard_by,
+            check_bytes=check_bytes,
+            report=report,
+            on_result=finished,
+        )
+    except BatchInterrupted as e:
+        click.echo("\n".join(e.result.table()))  # what was done, interrupted and not started
+        raise
     click.echo("\n".join(result.table()))
     result.raise_if_failed()
 
@@ -355,9 +385,12 @@ def families() -> None:
         click.echo(f"  model types: {', '.join(family.model_types)}")
         for converter in family.converters:
             operation = type(converter).__name__
-            click.echo(f"  {operation}: {' + '.join(converter.sources)} -> {converter.target}")
+            targets = getattr(converter, "targets", None) or (converter.target,)
+            click.echo(f"  {operation}: {' + '.join(converter.sources)} -> {' + '.join(targets)}")
         for rename in family.renames:
-            click.echo(f"  rename {' | '.join(rename.sources)} -> {rename.target}")
+            targets = getattr(rename, "targets", None) or (rename.target,)
+            kind = "group rename" if len(targets) > 1 else "rename"
+            click.echo(f"  {kind} {' | '.join(rename.sources)} -> {' | '.join(targets)}")
     click.echo("refused (the rule needs an operation fusemoe-ckpt does not do)")
     for model_type, reason in sorted(REFUSED.items()):
         click.echo(f"  {model_type}: {reason}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 
 class FusemoeError(Exception):
     """Base class of every error fusemoe-ckpt raises on purpose."""
@@ -31,11 +33,33 @@ class HubError(FusemoeError):
     """The Hugging Face Hub could not be reached, or refused a repo, revision or upload."""
 
 
-class ConversionInterrupted(KeyboardInterrupt):
-    """^C during a conversion; the message says where the completed shards were kept.
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by a signal: ^C (SIGINT), or SIGTERM (scancel, a time limit, preemption, a pod's
+    deletion) turned into this exception by `interrupts.signals_as_interrupts`.
 
-    A KeyboardInterrupt still, so code that stops on ^C keeps stopping.
+    A KeyboardInterrupt, so every place that stops safely on ^C stops the same way on SIGTERM.
     """
+
+    def __init__(self, message: str = "", *, signal: signal.Signals = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signal = signal
+
+
+class ConversionInterrupted(Interrupted):
+    """A conversion stopped by ^C or SIGTERM; the message says where the completed shards were kept."""
+
+
+def interrupted_by(error: BaseException) -> signal.Signals:
+    """The signal that raised `error` or the interruption it was raised from; SIGINT for a plain
+    KeyboardInterrupt, which is what Python raises on ^C."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, Interrupted):
+            return current.signal
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return signal.SIGINT
 
 
 def one_line(error: BaseException) -> str:

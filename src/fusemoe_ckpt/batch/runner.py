@@ -7,6 +7,7 @@ same command again after a failure, a time limit or a lost node does only what i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -20,20 +21,35 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import CheckpointError, FusemoeError, UsageError
+from ..errors import CheckpointError, FusemoeError, Interrupted, UsageError, interrupted_by
 from ..reading.json_document import read_json
 from ..sizes import format_size
+from ..write.workers import default_workers
 from .cluster import ALL, Shard, select
 from .manifest import Entry, load_manifest
 
-REPORT_VERSION = 1
+# 2: interrupted entries have their own status and the signal (1 recorded them as failed).
+REPORT_VERSION = 2
 # What an entry's process runs, followed by the entry as JSON and the file its result goes to.
 WORKER_COMMAND = (sys.executable, "-m", "fusemoe_ckpt.batch.worker")
-STATUSES = ("converted", "skipped", "failed", "pending")
+STATUSES = ("converted", "skipped", "failed", "interrupted", "pending")
+# Shown in the summary only when some entry has them.
+_RARE_STATUSES = ("interrupted", "pending")
+# An entry process ended by these stopped at a safe point: run again to resume it.
+_INTERRUPTING = (signal.SIGINT, signal.SIGTERM)
 
 
 class BatchError(FusemoeError):
-    """One or more entries of a batch failed; the report says which and why."""
+    """One or more entries of a batch failed or were interrupted; the report says which and why."""
+
+
+class BatchInterrupted(Interrupted):
+    """The batch itself was stopped by ^C or SIGTERM: its running entries were interrupted (keeping
+    their completed shards), the rest not started. `result` holds every entry as it ended."""
+
+    def __init__(self, message: str, *, signal: signal.Signals, result: BatchResult) -> None:
+        super().__init__(message, signal=signal)
+        self.result = result
 
 
 @dataclass
@@ -47,6 +63,7 @@ class EntryResult:
     bytes_written: int = 0  # by this run: less than `bytes` when resumed, 0 when skipped
     kept_shards: int = 0
     error: str | None = None
+    signal: str | None = None  # the signal that interrupted the entry, e.g. "SIGTERM"
     warnings: list[str] = field(default_factory=list)
     pushed_to: str | None = None
 
@@ -62,6 +79,7 @@ class EntryResult:
             "bytes_written": self.bytes_written,
             "kept_shards": self.kept_shards,
             "error": self.error,
+            "signal": self.signal,
             "warnings": self.warnings,
             "pushed_to": self.pushed_to,
         }
@@ -77,10 +95,15 @@ class BatchResult:
     manifest_entries: int
     results: list[EntryResult]
     seconds: float = 0.0
+    signal: str | None = None  # the signal that stopped the batch itself, e.g. "SIGTERM"
 
     @property
     def failed(self) -> list[EntryResult]:
         return [r for r in self.results if r.status == "failed"]
+
+    @property
+    def interrupted(self) -> list[EntryResult]:
+        return [r for r in self.results if r.status == "interrupted"]
 
     @property
     def ok(self) -> bool:
@@ -96,16 +119,17 @@ class BatchResult:
             "shard": {"index": self.shard.index, "count": self.shard.count, "by": self.shard_by},
             "manifest_entries": self.manifest_entries,
             "seconds": round(self.seconds, 3),
+            "signal": self.signal,
             "counts": self.counts(),
             "entries": [r.to_json() for r in self.results],
         }
 
     def table(self) -> list[str]:
         """The report for people: a row per entry, each error on the line below its row, a summary."""
-        rows = [f"{'line':>5}  {'status':<9}  {'seconds':>8}  {'size':>10}  dst"]
+        rows = [f"{'line':>5}  {'status':<11}  {'seconds':>8}  {'size':>10}  dst"]
         for r in self.results:
             size = format_size(r.bytes) if r.bytes is not None else "-"
-            rows.append(f"{r.entry.line:>5}  {r.status:<9}  {r.seconds:>8.1f}  {size:>10}  {r.entry.dst_text}")
+            rows.append(f"{r.entry.line:>5}  {r.status:<11}  {r.seconds:>8.1f}  {size:>10}  {r.entry.dst_text}")
             if r.error:
                 rows.append(f"{'':>5}  error: {r.error}")
         rows.append(self.summary())
@@ -113,14 +137,23 @@ class BatchResult:
 
     def summary(self) -> str:
         counts = self.counts()
-        done = ", ".join(f"{counts[s]} {s}" for s in STATUSES if counts[s] or s != "pending")
+        done = ", ".join(f"{counts[s]} {s}" for s in STATUSES if counts[s] or s not in _RARE_STATUSES)
         where = "" if self.shard.count == 1 else f" (shard {self.shard} by {self.shard_by})"
         return f"{len(self.results)} of {self.manifest_entries} entries{where}: {done}, {self.seconds:.1f} s"
 
     def raise_if_failed(self) -> None:
-        if self.failed:
-            names = ", ".join(f"{r.entry.dst_text} (line {r.entry.line})" for r in self.failed)
-            raise BatchError(f"{len(self.failed)} of {len(self.results)} entries failed: {names}")
+        """Raise BatchError when an entry failed or was interrupted: running again is worth it."""
+        left = [r for r in self.results if r.status in ("failed", "interrupted")]
+        if not left:
+            return
+        kinds = {r.status for r in left}
+        what = "failed" if kinds == {"failed"} else "were interrupted" if kinds == {"interrupted"} else None
+        if what is None:
+            what = "failed or were interrupted"
+            names = ", ".join(f"{r.entry.dst_text} (line {r.entry.line}, {r.status})" for r in left)
+        else:
+            names = ", ".join(f"{r.entry.dst_text} (line {r.entry.line})" for r in left)
+        raise BatchError(f"{len(left)} of {len(self.results)} entries {what}: {names}")
 
 
 def plan_batch(
@@ -151,12 +184,17 @@ def run_batch(
         report: a JSON file rewritten (atomically) as each entry ends, so a killed batch leaves one.
         on_result: called with each EntryResult as its entry ends, from worker threads, one at a time.
 
+    An entry without `workers` gets its share of the CPUs this process may use (see
+    `write.workers.default_workers`), so `jobs` entries together use the CPUs a task was given.
+
     Returns the results whatever they are; `BatchResult.raise_if_failed` raises for failures.
 
     Raises:
         ManifestError: the manifest is invalid (nothing has run).
-        KeyboardInterrupt: ^C; the running entries are interrupted (their partial output kept for
-            the next run), the report written, the rest not started.
+        BatchInterrupted: ^C, or SIGTERM where the caller turns it into `Interrupted` (the CLI does,
+            with `interrupts.signals_as_interrupts`): the running entries are interrupted, keeping
+            their completed shards for the next run, the rest not started, the report written with
+            them as `interrupted` and `pending`; `.result` holds it. The scratch folder is removed.
     """
     if jobs < 1:
         raise UsageError(f"jobs must be at least 1, not {jobs}")
@@ -173,9 +211,12 @@ def run_batch(
             _write_json(Path(report), result.to_json())
 
     def run_one(outcome: EntryResult, scratch: Path) -> None:
-        if stopping.is_set():
+        entry = outcome.entry
+        if entry.workers is None:
+            workers = default_workers(dequantize=entry.dequantize, sharing=min(jobs, len(result.results)))
+            entry = dataclasses.replace(entry, workers=workers)
+        if not _run_in_process(outcome, entry, scratch, check_bytes, children, lock, stopping):
             return
-        _run_in_process(outcome, scratch, check_bytes, children, lock)
         with lock:
             write_report()
             if on_result is not None:
@@ -188,15 +229,18 @@ def run_batch(
             futures = [pool.submit(run_one, outcome, Path(scratch)) for outcome in result.results]
             for future in futures:
                 future.result()
-        except KeyboardInterrupt:
-            stopping.set()
-            _interrupt(children, lock)
+        except KeyboardInterrupt as e:
+            sig = interrupted_by(e)
+            _interrupt(children, lock, stopping, sig)
             pool.shutdown(wait=True, cancel_futures=True)
             with lock:
+                result.signal = sig.name
                 write_report()
             left = result.counts()["pending"]
-            raise KeyboardInterrupt(
-                f"batch stopped, {left} of {len(result.results)} entries not run; run the same command again to resume"
+            raise BatchInterrupted(
+                f"batch stopped, {left} of {len(result.results)} entries not run; run the same command again to resume",
+                signal=sig,
+                result=result,
             ) from None
         pool.shutdown()
     with lock:
@@ -205,18 +249,31 @@ def run_batch(
 
 
 def _run_in_process(
-    outcome: EntryResult, scratch: Path, check_bytes: bool, children: set[subprocess.Popen], lock: threading.Lock
-) -> None:
-    entry = outcome.entry
+    outcome: EntryResult,
+    entry: Entry,
+    scratch: Path,
+    check_bytes: bool,
+    children: set[subprocess.Popen],
+    lock: threading.Lock,
+    stopping: threading.Event,
+) -> bool:
+    """Run `entry` in a process of its own and record how it ended in `outcome`; False when the batch
+    was stopping and it was not started."""
     result_file = scratch / f"entry-{entry.line}.json"
     command = [*WORKER_COMMAND, json.dumps(entry.to_json()), str(result_file)]
     if check_bytes:
         command.append("--verify")
     started = time.perf_counter()
-    process = subprocess.Popen(
-        command, env=_child_environment(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    with lock:
+    with lock:  # under the lock that _interrupt takes: a process is either interrupted or never started
+        if stopping.is_set():
+            return False
+        process = subprocess.Popen(
+            command,
+            env=_child_environment(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         children.add(process)
     try:
         _, stderr = process.communicate()
@@ -227,31 +284,45 @@ def _run_in_process(
     try:
         found = read_json(result_file)
     except CheckpointError:
-        outcome.status, outcome.error = "failed", _died(process.returncode, stderr.decode("utf-8", "replace"))
-        return
+        code = process.returncode
+        outcome.status, outcome.error = "failed", _died(code, stderr.decode("utf-8", "replace"))
+        if -code in _INTERRUPTING:  # stopped before it could record how: nothing lost, run again
+            outcome.status, outcome.signal = "interrupted", signal.Signals(-code).name
+        return True
     outcome.status = found["status"]
     outcome.error = found.get("error")
+    outcome.signal = found.get("signal")
     outcome.bytes = found.get("bytes")
     outcome.bytes_written = found.get("bytes_written", 0)
     outcome.kept_shards = found.get("kept_shards", 0)
     outcome.warnings = found.get("warnings", [])
     outcome.pushed_to = found.get("pushed_to")
+    return True
 
 
-def _interrupt(children: set[subprocess.Popen], lock: threading.Lock, grace: float = 2.0) -> None:
-    """Interrupt the running entries, as ^C does: each keeps its partial output for the next run.
+def _interrupt(
+    children: set[subprocess.Popen],
+    lock: threading.Lock,
+    stopping: threading.Event,
+    sig: signal.Signals,
+    grace: float = 2.0,
+) -> None:
+    """Interrupt the running entries with `sig`: each stops at a safe point, keeping its completed
+    shards for the next run; start no more.
 
-    A ^C at a terminal reaches the entry processes too (one process group); they get a SIGINT of
-    ours only if still running after `grace` seconds, so a second one does not cut their cleanup.
+    A ^C at a terminal reaches the entry processes too (one process group), and Slurm signals every
+    process of the job; Kubernetes and `kill` signal this one only. So they get `sig` from us only
+    if still running after `grace` seconds (and ignore it if already stopping).
     """
     with lock:
+        stopping.set()
         running = list(children)
     deadline = time.monotonic() + grace
     for child in running:
         try:
             child.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            child.send_signal(signal.SIGINT)
+            child.send_signal(sig)
 
 
 def _died(code: int, stderr: str) -> str:
@@ -259,6 +330,8 @@ def _died(code: int, stderr: str) -> str:
     if code < 0:
         name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
         why = " (out of memory? the kernel's OOM killer sends it)" if -code == signal.SIGKILL else ""
+        if -code in _INTERRUPTING:
+            why = " before it could record a result"
         return f"the entry's process was killed by {name}{why}; run again to resume it"
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     last = lines[-1] if lines else "no message"

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from ..commands.convert import convert
 from ..commands.verify import verify
-from ..errors import DestinationError, one_line
+from ..errors import DestinationError, interrupted_by, one_line
+from ..interrupts import signals_as_interrupts
 from ..plan.conversion import plan_for
 from ..reading.converted import recorded_metadata
 from ..reading.json_document import parse_json
@@ -134,24 +135,32 @@ def _tree_bytes(root: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one entry and write its outcome; the exit status is 0, 1 (failed), or 128 + the signal
+    that interrupted it (130 for SIGINT, 143 for SIGTERM)."""
     args = sys.argv[1:] if argv is None else argv
     entry = Entry.from_json(parse_json(args[0].encode("utf-8"), "the entry argument"))
     result_file = Path(args[1])
     if hasattr(signal, "SIGXFSZ"):
         # Past a file size limit the write must fail with EFBIG, as in `convert`, not kill the process.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    try:
-        outcome = run_entry(entry, check_bytes="--verify" in args[2:])
-        code = 0
-    except KeyboardInterrupt:
-        # Not convert's own advice (--resume): the batch resumes by itself when run again.
-        detail = f"{partial_path(entry.dst)} keeps what was completed; run the batch again to resume"
-        outcome, code = {"status": "failed", "error": f"interrupted; {detail}"}, 130
-    except Exception as e:  # noqa: BLE001 - one entry's error of any kind is recorded, not raised
-        outcome, code = {"status": "failed", "error": one_line(e)}, 1
-    written = result_file.with_name(result_file.name + ".new")
-    written.write_text(json.dumps(outcome), encoding="utf-8")
-    os.replace(written, result_file)
+    # SIGTERM (scancel, a time limit, preemption) stops the entry as ^C does. Until the outcome is
+    # written a repeated signal (the batch passing on one Slurm already sent) is ignored.
+    with signals_as_interrupts((signal.SIGINT, signal.SIGTERM)):
+        try:
+            outcome = run_entry(entry, check_bytes="--verify" in args[2:])
+            code = 0
+        except KeyboardInterrupt as e:
+            sig = interrupted_by(e)
+            partial = partial_path(entry.dst)
+            kept = f"{partial} keeps what was completed" if partial.exists() else "nothing was kept"
+            # Not convert's own advice (--resume): the batch resumes by itself when run again.
+            error = f"interrupted by {sig.name}; {kept}; run the batch again to resume"
+            outcome, code = {"status": "interrupted", "signal": sig.name, "error": error}, 128 + sig
+        except Exception as e:  # noqa: BLE001 - one entry's error of any kind is recorded, not raised
+            outcome, code = {"status": "failed", "error": one_line(e)}, 1
+        written = result_file.with_name(result_file.name + ".new")
+        written.write_text(json.dumps(outcome), encoding="utf-8")
+        os.replace(written, result_file)
     return code
 
 

@@ -13,6 +13,7 @@ from ..hub.repo_id import is_hub_source
 from ..plan.conversion import plan_for
 from ..plan.layout import ConversionPlan
 from ..reading.source import SourceCheckpoint
+from ..rules.selection import override_warning
 from ..sizes import format_size
 from ..write.destination import (
     check_destination,
@@ -25,6 +26,7 @@ from ..write.destination import (
 from ..write.finished import planned_reason, recorded_reason
 from ..write.lock import DestinationLock
 from ..write.output import finish_installed, write_plan
+from ..write.workers import default_workers
 
 
 @dataclass
@@ -54,10 +56,15 @@ class ConvertResult:
         rate = self.bytes_written / self.seconds / 1e9 if self.seconds > 0 else float("inf")
         kept = f" ({self.kept_shards} kept from the interrupted run)" if self.kept_shards else ""
         return (
-            f"{len(self.plan.fused_modules)} layers fused, {self.plan.num_experts} experts{self._quantized()}, "
+            f"{len(self.plan.fused_modules)} layers fused, {self.plan.num_experts} experts{self._quantized()}"
+            f"{self._zero_rows()}{self._ignored()}, "
             f"{format_size(self.bytes_written)} written in {len(self.plan.shards)} shards{kept}, "
             f"{self.seconds:.1f} s, {rate:.2f} GB/s -> {self.destination}"
         )
+
+    def _zero_rows(self) -> str:
+        filled = sum(1 for t in self.plan.tensors.values() for p in t.pieces if p.file is None)
+        return f", {filled // 2} zero experts' gate/up rows written as zeros" if filled else ""
 
     def _quantized(self) -> str:
         plan = self.plan
@@ -65,8 +72,20 @@ class ConvertResult:
             return ""
         if not plan.dequantized:
             return f", {plan.quantization.method} weights and scales fused"
-        dropped = f" ({len(plan.dropped)} activation scales dropped)" if plan.dropped else ""
+        scales = [key for key in plan.dropped if not self._ignored_at_load(key)]
+        dropped = f" ({len(scales)} activation scales dropped)" if scales else ""
         return f", {plan.quantization.method} dequantized{dropped}"
+
+    def _ignored_at_load(self, key: str) -> bool:
+        family = self.plan.family
+        return family.model.ignores(family.map_key(key).target)
+
+    def _ignored(self) -> str:
+        ignored = [key for key in self.plan.dropped if self._ignored_at_load(key)]
+        if not ignored:
+            return ""
+        patterns = ", ".join(self.plan.family.model.ignored)
+        return f", {len(ignored)} tensors dropped that transformers ignores at load ({patterns})"
 
 
 def convert(
@@ -93,9 +112,9 @@ def convert(
         overwrite: replace a non-empty `dst`, and discard a partial directory unless `resume`.
         resume: keep the shards an interrupted conversion of the same plan completed; without a
             partial directory, start afresh.
-        workers: copy threads; default min(4, CPU count), or with `dequantize` every CPU this process
-            may use. Shards are written at once, and with fewer shards than workers, parts of one
-            shard too.
+        workers: copy threads; default min(4, CPUs this process may use: its affinity, Slurm's
+            SLURM_CPUS_PER_TASK), or with `dequantize` every one of them. Shards are written at once,
+            and with fewer shards than workers, parts of one shard too.
         durable: fsync every file and directory before recording a shard and before the final rename.
         dtype: "bfloat16", "float16" or "float32": cast floating tensors to it while copying (the
             only path that imports torch); integer, boolean and FP8 tensors are copied untouched.
@@ -108,7 +127,8 @@ def convert(
     Raises:
         FusemoeError: bad input or destination, a full disk; `dst` is then left as it was and the
             partial directory removed. HubError when a repo id cannot be downloaded.
-        ConversionInterrupted: ^C; the partial directory is kept for `resume`.
+        ConversionInterrupted: ^C, or SIGTERM where the caller turns it into `Interrupted` (the CLI
+            does); the partial directory is kept for `resume`.
     """
     started = time.perf_counter()
     src_path = Path(src).absolute()
@@ -131,8 +151,8 @@ def convert(
     elif revision is not None:
         raise UsageError(f"{src}: a revision applies to a Hub repo id, and this is a local path")
     check_paths(src_path, dst_path)
-    if workers is None and dequantize:
-        workers = usable_cpus()  # dequantizing is arithmetic, not copying: every CPU it may use
+    if workers is None:
+        workers = default_workers(dequantize=dequantize)
     source, plan = plan_for(src_path, family=family, max_shard_size=max_shard_size, dtype=dtype, dequantize=dequantize)
     if holds_files(dst_path) and not overwrite:
         if resume and _finish_if_complete(dst_path, plan):
@@ -142,7 +162,7 @@ def convert(
                 plan=plan,
                 bytes_written=0,
                 seconds=time.perf_counter() - started,
-                warnings=warnings + _warnings(source),
+                warnings=warnings + _warnings(source, plan, family),
                 kept_shards=len(plan.shards),
                 source_dir=src_path,
                 already_complete=True,
@@ -165,7 +185,7 @@ def convert(
         bytes_written=written,
         seconds=time.perf_counter() - started,
         copied_files=extras,
-        warnings=warnings + _warnings(source),
+        warnings=warnings + _warnings(source, plan, family),
         kept_shards=kept,
         source_dir=src_path,
     )
@@ -195,15 +215,11 @@ def _refuse_non_empty(dst: Path, src: str, this_conversion: bool) -> None:
     raise DestinationError(f"{dst}: exists and is not empty; pass --overwrite to replace it")
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask, which taskset and cgroups set)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def _warnings(source: SourceCheckpoint) -> list[str]:
+def _warnings(source: SourceCheckpoint, plan: ConversionPlan, family: str | None) -> list[str]:
     warnings = []
+    overridden = override_warning(source, plan.family) if family is not None else None
+    if overridden is not None:
+        warnings.append(overridden)
     if source.config and "auto_map" in source.config:
         warnings.append(
             f"{source.root / 'config.json'}: has auto_map (remote code); remote modeling code "

@@ -16,15 +16,15 @@ from ..plan.conversion import plan_for
 from ..plan.layout import ConversionPlan
 from ..plan.operations import HIDDEN_AXIS
 from ..plan.pieces import OutputTensor
-from ..reading.quantization import SCALE_SUFFIX
+from ..reading.quantization import ACTIVATION_SCALE_NAMES, FP4_WEIGHT_DTYPE, SCALE_SUFFIX
 from ..reading.source import SourceCheckpoint
 from ..rules.families import Family
 from ..rules.patterns import ExpertMerge, TransposeExperts
 from ..rules.quantized import is_scale_twin
 from ..sizes import format_size, parse_size
 from ..write.streams import DEQUANTIZE_CHUNK, READ_CHUNK
+from ..write.workers import default_workers
 from ..write.writer import FALLBACK_BUFFER
-from .convert import usable_cpus
 
 SCHEMA_VERSION = 1
 # Python memory of planning per source tensor (parsed headers, source entries, output tensors, pieces):
@@ -114,6 +114,7 @@ class Inspection:
             "fuse_bytes": self.fuse_bytes,
             "passthrough_bytes": total - self.fuse_bytes,
             "renamed_tensors": self.renamed_tensors,
+            "ignored_tensors": len(_ignored(self.plan)),
             "quantization": _described(self.plan),
             "moe_modules": [
                 {
@@ -193,9 +194,16 @@ def _described(plan: ConversionPlan) -> dict | None:
         "block": list(q.block) if q.block else None,
         "scale_fmt": q.scale_fmt,
         "activation_scheme": q.activation_scheme,
+        "expert_dtype": q.expert_dtype,
         "dequantize": plan.dequantized,
-        "dropped_tensors": len(plan.dropped),
+        "dropped_tensors": len([k for k in plan.dropped if k.rpartition(".")[2] in ACTIVATION_SCALE_NAMES]),
     }
+
+
+def _ignored(plan: ConversionPlan) -> list[str]:
+    """Source tensors dropped because transformers ignores them at load (`mtp.*` of DeepSeek-V4)."""
+    family = plan.family
+    return [key for key in plan.dropped if family.model.ignores(family.map_key(key).target)]
 
 
 def _scales_note(quantization: dict | None) -> str:
@@ -221,7 +229,7 @@ def inspect_checkpoint(
         plan=plan,
         modules=_moe_modules(plan),
         fuse_bytes=_fuse_bytes(source, plan),
-        workers=workers or (usable_cpus() if dequantize else min(4, os.cpu_count() or 1)),
+        workers=workers or default_workers(dequantize=dequantize),
         max_shard_size=parse_size(max_shard_size),
     )
 
@@ -257,19 +265,27 @@ def _moe_modules(plan: ConversionPlan) -> list[MoeModule]:
         tensor, sources, _ = min(entries, key=lambda e: e[1])  # one source (down_proj) gives I directly
         axis = HIDDEN_AXIS.get(tensor.name.rpartition(".")[2], 2)
         first = tensor.pieces[0] if tensor.pieces else None
+        shape = _logical_shape(tensor)
         modules.append(
             MoeModule(
                 module=module,
                 state=entries[0][2],
-                experts=tensor.shape[0],
-                intermediate_size=tensor.shape[3 - axis] // sources,
-                hidden_size=tensor.shape[axis],
+                experts=shape[0],
+                intermediate_size=shape[3 - axis] // sources,
+                hidden_size=shape[axis],
                 dtype=first.cast[0] if first is not None and first.cast else tensor.dtype,
                 nbytes=sum(p.length for t, _, _ in entries for p in t.pieces),
                 quantization=_quantization(tensor, outputs),
             )
         )
     return modules
+
+
+def _logical_shape(tensor: OutputTensor) -> tuple[int, ...]:
+    """The shape of the values a fused expert tensor holds: FP4 experts pack two in each I8 byte."""
+    if tensor.dtype == FP4_WEIGHT_DTYPE and tensor.shape:
+        return (*tensor.shape[:-1], tensor.shape[-1] * 2)
+    return tensor.shape
 
 
 def _quantization(tensor: OutputTensor, outputs: dict[str, OutputTensor]) -> dict | None:
@@ -285,7 +301,7 @@ def _quantization(tensor: OutputTensor, outputs: dict[str, OutputTensor]) -> dic
     fused_scales = outputs.get(tensor.name + SCALE_SUFFIX)
     if fused_scales is None:
         return None
-    _, rows, cols = tensor.shape
+    _, rows, cols = _logical_shape(tensor)
     _, grid_rows, grid_cols = fused_scales.shape
     block = [-(-rows // grid_rows), -(-cols // grid_cols)]
     return {"dtype": tensor.dtype, "scale_dtype": fused_scales.dtype, "block": block, "dequantized": False}

@@ -60,12 +60,15 @@ def load_check_problems(dst: Path, shapes: dict[str, tuple[int, ...]]) -> list[t
 
 
 def _build(transformers, config):
-    """The model class config.json names, else the causal-LM auto class, else the base auto class."""
+    """The model class config.json names, else the causal-LM auto class, else the image-text-to-text
+    one (a vision-language model whose config names a remote-code class), else the base auto class."""
     for architecture in getattr(config, "architectures", None) or []:
         model_class = getattr(transformers, architecture, None)
         if model_class is not None:
             return model_class._from_config(config)
-    try:
-        return transformers.AutoModelForCausalLM.from_config(config)
-    except ValueError:
-        return transformers.AutoModel.from_config(config)
+    for auto_class in (transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText):
+        try:
+            return auto_class.from_config(config)
+        except ValueError:
+            continue
+    return transformers.AutoModel.from_config(config)

@@ -15,18 +15,20 @@ from ..naming import natural_key
 from ..reading.quantization import quantization_of
 from ..reading.source import EXPERT_COUNT_FIELDS, SourceCheckpoint, SourceTensor, open_checkpoint
 from ..rules.families import Family
-from ..rules.patterns import Converter, ExpertMerge, TransposeExperts, map_key
+from ..rules.patterns import ChunkForRope, Converter, ExpertMerge, TransposeExperts, active_groups, map_key
 from ..rules.quantized import for_quantization
 from ..rules.selection import resolve_family
 from ..sizes import parse_size
 from .cast import cast_of, output_dtype
 from .layout import ConversionPlan, lay_out
-from .operations import Slots, concatenate, fuse_experts, transpose_experts
+from .operations import Slots, chunk_for_rope, concatenate, fuse_experts, transpose_experts
 from .pieces import FusedGroup, OutputTensor, piece_of
 from .quantization import (
+    CONFIG_DTYPES,
     check_fused_scales,
     dequantized_dtype,
     dequantized_view,
+    names_scales_dot_scale,
     paired_scales,
     refuse_expert_activation_scales,
 )
@@ -75,25 +77,35 @@ def plan_conversion(
         UsageError: `dequantize` of a checkpoint that is not quantized.
     """
     quantization = quantization_of(source.config, source.root / "config.json")
-    tensors, dropped, config = source.tensors, [], None
+    if dequantize and quantization is None:
+        raise UsageError(f"{source.root}: --dequantize: config.json declares no quantization_config")
+    dot_scales = quantization is not None and names_scales_dot_scale(source.tensors, quantization)
+    family = for_quantization(family, quantization, fuse_scales=not dequantize, rename_scales=dot_scales)
+    renames = family.all_renames()
+    active, unguarded = active_groups(source.tensors, renames, family.model)
+    _refuse_unguarded(unguarded, source)
+    mappings = {key: map_key(key, renames, family.converters, family.model, active) for key in source.tensors}
+    # Keys transformers ignores at load (multi-token-prediction layers, say) are dropped as it drops them.
+    ignored = sorted((key for key, m in mappings.items() if family.model.ignores(m.target)), key=natural_key)
+    tensors = {key: t for key, t in source.tensors.items() if not family.model.ignores(mappings[key].target)}
+    # Keys already in the model's names that the renames would spoil are no scales, whatever their name.
+    named = {key: t for key, t in tensors.items() if not family.model.keeps(key)}
+    dropped, config = [], None
     if dequantize:
-        if quantization is None:
-            raise UsageError(f"{source.root}: --dequantize: config.json declares no quantization_config")
         output = dequantized_dtype(source.config, dtype)
-        tensors, dropped = dequantized_view(source, paired_scales(source, quantization), output)
+        scales = paired_scales(named, quantization)
+        tensors, dropped = dequantized_view(tensors, scales, output)
         config = {k: v for k, v in source.config.items() if k != "quantization_config"}
     elif quantization is not None:
-        paired_scales(source, quantization)
-        refuse_expert_activation_scales(source)
-        family = for_quantization(family, quantization)
-    renames = family.all_renames()
+        scales = paired_scales(named, quantization)
+        refuse_expert_activation_scales(tensors)
     passthrough: dict[str, SourceTensor] = {}
     groups: dict[str, Slots] = defaultdict(lambda: defaultdict(dict))
     converter_of: dict[str, Converter] = {}
 
     for key in sorted(tensors, key=natural_key):
         tensor = tensors[key]
-        mapping = map_key(key, renames, family.converters)
+        mapping = mappings[key]
         if mapping.converter is None:
             _claim(passthrough, mapping.target, tensor)
             continue
@@ -109,43 +121,92 @@ def plan_conversion(
         name: OutputTensor(name, t.dtype, t.shape, (piece_of(t),)) for name, t in passthrough.items()
     }
     _refuse_missing_merges(groups, converter_of, family)
-    num_experts = _expected_experts(groups, converter_of, source.config)
+    num_experts, zero_experts = _expected_experts(groups, converter_of, source.config)
     # Modules in order, and within one the family's converter order, so gate keys are checked before down keys.
     position = {converter: i for i, converter in enumerate(family.converters)}
     fused_groups = []
     for target in sorted(groups, key=lambda t: (natural_key(t.rpartition(".")[0]), position[converter_of[t]])):
-        if target in outputs:
-            raise CheckpointError(f"{target}: both a converted tensor and a tensor of the checkpoint")
-        tensor, group = _apply(target, converter_of[target], groups[target], family, source.config, num_experts)
-        outputs[target] = tensor
+        converter = converter_of[target]
+        # transformers gives LongCat-Flash's zero experts gate/up rows (never read), but no down rows.
+        extra = zero_experts if isinstance(converter, ExpertMerge) and len(converter.sources) == 2 else 0
+        made, group = _apply(target, converter, groups[target], family, source.config, num_experts, extra)
+        for tensor in made:
+            if tensor.name in outputs:
+                raise CheckpointError(f"{tensor.name}: both a converted tensor and a tensor of the checkpoint")
+            outputs[tensor.name] = tensor
         fused_groups.append(group)
     _refuse_leftover_experts(passthrough, fused_groups, family)
     if quantization is not None and not dequantize:
-        check_fused_scales(outputs, fused_groups, quantization, source)
+        check_fused_scales(outputs, fused_groups, quantization, tensors, scales)
 
-    ordered = sorted((cast_tensor(t, dtype) for t in outputs.values()), key=lambda t: natural_key(t.name))
+    held = held_dtypes(family, source.config, dtype)
+    ordered = sorted((cast_tensor(t, held(t.name)) for t in outputs.values()), key=lambda t: natural_key(t.name))
     plan = lay_out(family, ordered, fused_groups, max_shard_size, dtype=dtype)
-    plan.quantization, plan.dequantized, plan.dropped, plan.config = quantization, dequantize, dropped, config
+    plan.quantization, plan.dequantized, plan.config = quantization, dequantize, config
+    plan.dropped = sorted(dropped + ignored, key=natural_key)
     return plan
 
 
+def held_dtypes(family: Family, config: dict | None, dtype: str | None):
+    """For each output key, the floating dtype to plan it in (None: as stored).
+
+    Without `dtype`, tensors keep their dtype; with it, floating tensors are cast to it. For a
+    family whose model class keeps modules in float32 (`ModelKeys.keep_in_fp32`), the dtype
+    transformers holds: the model's dtype (`dtype`, else config.json's) for every floating tensor,
+    float32 for those it keeps in float32 when that dtype is 16-bit.
+    """
+    keep = family.model.keep_in_fp32
+    model_dtype = dtype or (CONFIG_DTYPES.get(_config_dtype(config)) if keep else None)
+    if not keep or model_dtype is None:
+        return lambda name: dtype
+    if model_dtype not in ("BF16", "F16"):
+        return lambda name: model_dtype
+    return lambda name: "F32" if family.model.holds_in_fp32(name) else model_dtype
+
+
+def _config_dtype(config: dict | None) -> str | None:
+    config = config or {}
+    return config.get("dtype") or config.get("torch_dtype")
+
+
+def _refuse_unguarded(unguarded: dict[str, str], source: SourceCheckpoint) -> None:
+    """A key a group rename renames only after its guard, in a checkpoint whose guard keys stop short."""
+    if unguarded:
+        key = min(unguarded, key=natural_key)
+        raise FamilyError(
+            f"{unguarded[key]}: missing: the key that tells transformers to rename {key} "
+            f"({source.tensors[key].file}); other blocks have theirs"
+        )
+
+
 def cast_tensor(tensor: OutputTensor, dtype: str | None) -> OutputTensor:
-    """`tensor` with its pieces cast to `dtype` where it is floating and of another dtype."""
+    """`tensor` with its pieces cast to `dtype` where it is floating and of another dtype (a weight
+    planned dequantized is already planned in its output dtype)."""
     cast = cast_of(tensor.dtype, dtype)
-    if cast is None:
+    if cast is None or any(piece.scales is not None for piece in tensor.pieces):
         return tensor
     pieces = tuple(replace(piece, cast=cast) for piece in tensor.pieces)
     return OutputTensor(tensor.name, dtype, tensor.shape, pieces)
 
 
 def _apply(
-    target: str, converter: Converter, slots: Slots, family: Family, config: dict | None, num_experts: int
-) -> tuple[OutputTensor, FusedGroup]:
+    target: str,
+    converter: Converter,
+    slots: Slots,
+    family: Family,
+    config: dict | None,
+    num_experts: int,
+    zero_experts: int = 0,
+) -> tuple[list[OutputTensor], FusedGroup]:
+    if isinstance(converter, ChunkForRope):
+        return chunk_for_rope(target, converter, slots, family.name, config)
     if isinstance(converter, ExpertMerge):
-        return fuse_experts(target, converter, slots, family.name, num_experts)
-    if isinstance(converter, TransposeExperts):
-        return transpose_experts(target, slots, family.name, config_hidden_size(config))
-    return concatenate(target, converter, slots, family.name)
+        tensor, group = fuse_experts(target, converter, slots, family.name, num_experts, zero_experts)
+    elif isinstance(converter, TransposeExperts):
+        tensor, group = transpose_experts(target, slots, family.name, config_hidden_size(config))
+    else:
+        tensor, group = concatenate(target, converter, slots, family.name)
+    return [tensor], group
 
 
 def _config_int(config: dict | None, names: tuple[str, ...]) -> int | None:
@@ -164,21 +225,36 @@ def config_hidden_size(config: dict | None) -> int | None:
     return _config_int(config, ("hidden_size",))
 
 
-def _expected_experts(groups: dict[str, Slots], converter_of: dict[str, Converter], config: dict | None) -> int:
-    """How many experts every fused module must hold: config.json's count where it gives one, else the
-    highest expert id in the checkpoint plus one (so a missing last expert is noticed too)."""
-    ids = [
-        expert
-        for target, slots in groups.items()
-        if isinstance(converter_of[target], ExpertMerge)
-        for members in slots.values()
-        for expert in members
-    ]
-    seen = max(ids, default=-1) + 1
+def _expected_experts(
+    groups: dict[str, Slots], converter_of: dict[str, Converter], config: dict | None
+) -> tuple[int, int]:
+    """(routed experts every fused module must hold, zero experts after them in gate_up only).
+
+    Routed experts: config.json's count where it gives one, else the highest expert id in the
+    checkpoint plus one (so a missing last expert is noticed too). Zero experts: LongCat-Flash's
+    `zero_expert_num` identity experts, whose gate/up rows a checkpoint may or may not store.
+    """
+    zero = _config_int(config, ("zero_expert_num",)) or 0
+    highest = {}
+    for target, slots in groups.items():
+        converter = converter_of[target]
+        if isinstance(converter, ExpertMerge):
+            for members in slots.values():
+                for expert in members:
+                    if expert > highest.get(len(converter.sources), -1):
+                        highest[len(converter.sources)] = expert
     declared = _config_int(config, EXPERT_COUNT_FIELDS)
-    if declared is not None and seen > declared:
-        raise FamilyError(f"the checkpoint has expert {seen - 1}, but config.json declares {declared} experts")
-    return declared if declared is not None and ids else seen
+    if not highest:
+        return 0, 0
+    seen = max(highest.values()) + 1
+    if declared is None:
+        return seen, 0
+    for sources, expert in highest.items():
+        allowed = declared + (zero if sources == 2 else 0)
+        if expert >= allowed:
+            zeros = f" and {zero} zero experts" if zero and sources == 2 else ""
+            raise FamilyError(f"the checkpoint has expert {expert}, but config.json declares {declared} experts{zeros}")
+    return declared, zero
 
 
 def _refuse_missing_merges(groups: dict[str, Slots], converter_of: dict[str, Converter], family: Family) -> None:

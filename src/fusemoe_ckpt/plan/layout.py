@@ -142,7 +142,8 @@ def _page_residue(tensors: list[OutputTensor]) -> int:
         if all(p.transpose is None and p.cast is None for p in tensor.pieces):
             at = position
             for piece in tensor.pieces:
-                weights[(piece.offset - at) % PAGE_SIZE] += piece.length
+                if piece.file is not None:
+                    weights[(piece.offset - at) % PAGE_SIZE] += piece.length
                 at += piece.length
         position += tensor.nbytes
     aligned = {residue: n for residue, n in weights.items() if residue % HEADER_ALIGNMENT == 0}

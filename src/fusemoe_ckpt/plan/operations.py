@@ -1,7 +1,9 @@
-"""The operations of a family rule, laid out as byte pieces: stack experts, concatenate, transpose.
+"""The operations of a family rule, laid out as byte pieces: stack experts, concatenate, transpose,
+chunk with a rotary row permutation.
 
 Each function checks its group of source tensors (complete, uniform) and returns the output tensor
-with the ordered pieces that fill it. Only transposition changes bytes; the others are pure copies.
+(or tensors) with the ordered pieces that fill it. Only transposition changes bytes; the others are
+pure copies.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ import re
 from ..errors import FamilyError
 from ..reading.safetensors_format import DTYPE_SIZES
 from ..reading.source import SourceTensor
-from ..rules.patterns import Converter, ExpertMerge
-from .pieces import FusedGroup, OutputTensor, Piece, coalesce, piece_of
+from ..rules.patterns import ChunkForRope, Converter, ExpertMerge
+from .pieces import FusedGroup, OutputTensor, Piece, coalesce, piece_of, zeros
 
 # The in-memory fused layout of transformers 5: which axis holds the hidden size.
 HIDDEN_AXIS = {"gate_up_proj": 2, "up_proj": 2, "down_proj": 1}
@@ -42,10 +44,12 @@ def _check_concatenable(tensors: list[SourceTensor]) -> None:
 
 
 def fuse_experts(
-    target: str, merge: ExpertMerge, slots: Slots, family: str, num_experts: int
+    target: str, merge: ExpertMerge, slots: Slots, family: str, num_experts: int, zero_experts: int = 0
 ) -> tuple[OutputTensor, FusedGroup]:
     """Stack experts 0..E-1 (and concatenate gate with up): for each expert in order, each slot's
-    bytes in turn (gate rows, then up rows)."""
+    bytes in turn (gate rows, then up rows). Then `zero_experts` more (LongCat-Flash's identity
+    experts, which transformers gives gate/up rows it never reads): their rows as stored, or zeros
+    where the checkpoint holds none."""
     _require_slots(target, merge, slots, family)
     for slot in range(len(merge.sources)):
         for expert in range(num_experts):
@@ -66,13 +70,18 @@ def fuse_experts(
                 )
     _check_concatenable([slots[slot][0] for slot in range(len(merge.sources))])
     ordered_slots = [slots[slot] for slot in range(len(merge.sources))]
-    pieces = coalesce(piece_of(experts[e]) for e in range(num_experts) for experts in ordered_slots)
+    total = num_experts + zero_experts
+    pieces = coalesce(
+        piece_of(experts[e]) if e in experts else zeros(experts[0].nbytes)
+        for e in range(total)
+        for experts in ordered_slots
+    )
     rows = sum(experts[0].shape[0] for experts in ordered_slots)
-    shape = (num_experts, rows, *first.shape[1:])
-    keys = tuple(experts[e].name for e in range(num_experts) for experts in ordered_slots)
+    shape = (total, rows, *first.shape[1:])
+    keys = tuple(experts[e].name for e in range(total) for experts in ordered_slots if e in experts)
     return (
         OutputTensor(target, first.dtype, shape, tuple(pieces)),
-        FusedGroup(target, "merge_experts", num_experts, keys),
+        FusedGroup(target, "merge_experts", total, keys),
     )
 
 
@@ -135,3 +144,68 @@ def transpose_experts(
         OutputTensor(target, tensor.dtype, shape, pieces),
         FusedGroup(target, "transpose_experts", experts, (tensor.name,)),
     )
+
+
+def rope_rows(rows: int, heads: int, *, inverse: bool = False) -> list[int]:
+    """For each output row of `PermuteForRope`, the input row it is: within each head of 2h rows,
+    rows 0, 2, 4, ... then 1, 3, 5, ... (interleaved rotary pairs to halves); `inverse` undoes it."""
+    half = rows // heads // 2
+    forward = [h * 2 * half + i * 2 + j for h in range(heads) for j in range(2) for i in range(half)]
+    if not inverse:
+        return forward
+    backward = [0] * rows
+    for out_row, in_row in enumerate(forward):
+        backward[in_row] = out_row
+    return backward
+
+
+def rope_heads(converter: ChunkForRope, config: dict | None, where: str) -> int:
+    """The head count `PermuteForRope` reads: `num_attention_heads` of the converter's sub-config in
+    config.json, or transformers' default for that config class where it is absent.
+
+    Raises:
+        FamilyError: the value is not a positive integer (`where` names config.json).
+    """
+    sub = (config or {}).get(converter.rope_config)
+    value = sub.get("num_attention_heads", converter.default_heads) if isinstance(sub, dict) else None
+    value = converter.default_heads if value is None else value
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise FamilyError(f"{where}: {converter.rope_config}.num_attention_heads {value!r} is not a positive integer")
+    return value
+
+
+def row_pieces(tensor: SourceTensor, start: int, rows: int, order: list[int] | None = None) -> tuple[Piece, ...]:
+    """Rows start..start+rows of `tensor` (dim 0) as pieces, in `order` (relative row numbers) if given."""
+    row_bytes = tensor.nbytes // tensor.shape[0]
+    order = range(rows) if order is None else order
+    return tuple(coalesce(Piece(tensor.file, tensor.offset + (start + row) * row_bytes, row_bytes) for row in order))
+
+
+def chunk_for_rope(
+    target: str, converter: ChunkForRope, slots: Slots, family: str, config: dict | None
+) -> tuple[list[OutputTensor], FusedGroup]:
+    """One tensor split on dim 0 into one equal part per target (q, k, v rows of a fused qkv), the
+    parts of rotary targets with their rows permuted head by head (`Chunk` then `PermuteForRope`)."""
+    _require_slots(target, converter, slots, family)
+    tensor = slots[0][None]
+    parts = len(converter.targets)
+    if not tensor.shape or tensor.shape[0] % parts:
+        raise FamilyError(
+            f"{tensor.name}: shape {list(tensor.shape)} does not split into {parts} equal parts on dim 0 "
+            f"({tensor.file})"
+        )
+    rows = tensor.shape[0] // parts
+    outputs = []
+    for i, name in enumerate(converter.output_names(target)):
+        order = None
+        if converter.permuted(converter.targets[i]):
+            heads = rope_heads(converter, config, "config.json")
+            if rows % (2 * heads):
+                raise FamilyError(
+                    f"{tensor.name}: its {rows} rows of {converter.targets[i]} do not divide into "
+                    f"{heads} heads ({converter.rope_config}.num_attention_heads) of rotary pairs ({tensor.file})"
+                )
+            order = rope_rows(rows, heads)
+        pieces = row_pieces(tensor, i * rows, rows, order)
+        outputs.append(OutputTensor(name, tensor.dtype, (rows, *tensor.shape[1:]), pieces))
+    return outputs, FusedGroup(target, "chunk_for_rope", 0, (tensor.name,))

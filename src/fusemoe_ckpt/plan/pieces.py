@@ -16,9 +16,10 @@ from ..reading.source import SourceTensor
 class Piece:
     """A run of `length` bytes from a source file; with `transpose` = (rows, cols), a row-major matrix
     that is written transposed; with `cast` = (source dtype, output dtype), elements converted; with
-    `scales` too, a quantized matrix dequantized by its scales into the output dtype."""
+    `scales` too, a quantized matrix dequantized by its scales into the output dtype. With no `file`,
+    `length` zero bytes: rows transformers allocates that the checkpoint does not hold."""
 
-    file: Path
+    file: Path | None
     offset: int
     length: int
     transpose: tuple[int, int] | None = None
@@ -56,6 +57,11 @@ class FusedGroup:
     operation: str
     num_experts: int
     source_keys: tuple[str, ...]
+
+
+def zeros(length: int) -> Piece:
+    """`length` zero bytes."""
+    return Piece(None, 0, length)
 
 
 def piece_of(tensor: SourceTensor) -> Piece:

@@ -11,46 +11,71 @@ from ..errors import CheckpointError, FamilyError
 from ..naming import natural_key
 from ..reading.quantization import (
     ACTIVATION_SCALE_NAMES,
-    FP8_WEIGHT_DTYPES,
+    DOT_SCALE,
+    FP4_BLOCK,
+    FP4_WEIGHT_DTYPE,
     SCALE_SIZES,
     SCALE_SUFFIX,
     Quantization,
     Scales,
     scale_grid,
+    scale_keys,
+    weight_of_scale,
 )
-from ..reading.source import SourceCheckpoint, SourceTensor
+from ..reading.source import SourceTensor
 from .pieces import FusedGroup, OutputTensor
 
 # config.json's dtype names, as safetensors names them: what a dequantized weight becomes by default.
 CONFIG_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
-def paired_scales(source: SourceCheckpoint, quantization: Quantization) -> dict[str, Scales]:
-    """The scales of every quantized tensor of `source`, by the quantized tensor's key.
+def paired_scales(tensors: dict[str, SourceTensor], quantization: Quantization) -> dict[str, Scales]:
+    """The scales of every quantized tensor among `tensors`, by the quantized tensor's key.
+
+    A scale is `x.weight_scale_inv`, or `x.scale` (DeepSeek-V4) where `x.weight` is quantized.
 
     Raises:
         CheckpointError: a quantized tensor without its scale, a scale without its quantized tensor,
             a scale of the wrong dtype or a shape that does not match the block; named by key.
     """
-    tensors = source.tensors
+    quantized_dtypes = quantization.weight_dtypes
     found: dict[str, Scales] = {}
     for key in sorted(tensors, key=natural_key):
         tensor = tensors[key]
-        if key.endswith(SCALE_SUFFIX):
-            quantized = tensors.get(key.removesuffix(SCALE_SUFFIX))
-            if quantized is None or quantized.dtype not in FP8_WEIGHT_DTYPES:
+        weight = weight_of_scale(key)
+        if weight is not None and (key.endswith(SCALE_SUFFIX) or weight in tensors):
+            quantized = tensors.get(weight)
+            if quantized is None or quantized.dtype not in quantized_dtypes:
                 what = "no tensor" if quantized is None else f"{quantized.dtype} tensor"
-                raise CheckpointError(f"{key}: a scale of {what} {key.removesuffix(SCALE_SUFFIX)!r} ({tensor.file})")
+                raise CheckpointError(f"{key}: a scale of {what} {weight!r} ({tensor.file})")
             continue
-        if tensor.dtype not in FP8_WEIGHT_DTYPES:
+        if tensor.dtype not in quantized_dtypes:
             continue
-        scale = tensors.get(key + SCALE_SUFFIX)
+        names = scale_keys(key)
+        scale = next((tensors[name] for name in names if name in tensors), None)
         if scale is None:
-            raise CheckpointError(
-                f"{key + SCALE_SUFFIX}: missing: the scale of {tensor.dtype} tensor {key} ({tensor.file})"
-            )
+            # Named as this checkpoint names its scales: `x.scale` (DeepSeek-V4) or `x.weight_scale_inv`.
+            missing = names[-1] if any(name.endswith(DOT_SCALE) for name in _scale_names(tensors, found)) else names[0]
+            raise CheckpointError(f"{missing}: missing: the scale of {tensor.dtype} tensor {key} ({tensor.file})")
         found[key] = _scales(tensor, scale, quantization)
     return found
+
+
+def names_scales_dot_scale(tensors: dict[str, SourceTensor], quantization: Quantization) -> bool:
+    """Whether the checkpoint names the scale of a quantized `x.weight` `x.scale` (DeepSeek-V4)."""
+    for key in tensors:
+        if key.endswith(DOT_SCALE):
+            weight = tensors.get(weight_of_scale(key))
+            if weight is not None and weight.dtype in quantization.weight_dtypes:
+                return True
+    return False
+
+
+def _scale_names(tensors: dict[str, SourceTensor], found: dict[str, Scales]) -> list[str]:
+    """The scale keys paired so far, or, before any, every key named like a scale of a present weight."""
+    if found:
+        return [s.name for s in found.values()]
+    return [k for k in tensors if (w := weight_of_scale(k)) is not None and w in tensors]
 
 
 def _scales(tensor: SourceTensor, scale: SourceTensor, quantization: Quantization) -> Scales:
@@ -66,20 +91,30 @@ def _scales(tensor: SourceTensor, scale: SourceTensor, quantization: Quantizatio
         raise CheckpointError(
             f"{scale.name}: shape {list(scale.shape)} does not start with the {experts[0]} experts of {tensor.name}"
         )
+    shape, block = tensor.shape[-2:], quantization.block
+    if tensor.dtype == FP4_WEIGHT_DTYPE:
+        # Two FP4 values per byte; transformers allocates one scale per row and 32 values, E8M0 or F32.
+        shape, block = (shape[0], 2 * shape[1]), FP4_BLOCK
+        expected = "F8_E8M0" if quantization.scale_fmt == "ue8m0" else "F32"
+        if scale.dtype != expected:
+            raise CheckpointError(
+                f"{scale.name}: dtype {scale.dtype}, but transformers holds the scales of FP4 experts as "
+                f"{expected} (scale_fmt {quantization.scale_fmt}) ({scale.file})"
+            )
     try:
-        grid, block = scale_grid(tensor.shape[-2:], quantization.block, scale.shape[len(experts) :])
+        grid, block = scale_grid(shape, block, scale.shape[len(experts) :])
     except ValueError as e:
         raise CheckpointError(
             f"{scale.name}: shape {list(scale.shape)} does not match {tensor.name} {list(tensor.shape)}: "
             f"{e} ({scale.file})"
         ) from None
-    return Scales(scale.name, scale.file, scale.offset, scale.dtype, grid, block, tensor.shape[-2:], tensor.dtype)
+    return Scales(scale.name, scale.file, scale.offset, scale.dtype, grid, block, shape, tensor.dtype)
 
 
-def refuse_expert_activation_scales(source: SourceCheckpoint) -> None:
+def refuse_expert_activation_scales(tensors: dict[str, SourceTensor]) -> None:
     """Static activation scales of experts: transformers 5.24 leaves them unloaded (and `input_scale`
     anywhere), so a fused FP8 output would not load them either."""
-    for key in sorted(source.tensors, key=natural_key):
+    for key in sorted(tensors, key=natural_key):
         name = key.rpartition(".")[2]
         if name == "input_scale" or (name == "activation_scale" and ".experts." in key):
             raise FamilyError(
@@ -90,18 +125,19 @@ def refuse_expert_activation_scales(source: SourceCheckpoint) -> None:
 
 
 def dequantized_view(
-    source: SourceCheckpoint, scales: dict[str, Scales], output: str
+    source: dict[str, SourceTensor], scales: dict[str, Scales], output: str
 ) -> tuple[dict[str, SourceTensor], list[str]]:
-    """`source`'s tensors with every quantized matrix planned dequantized to `output`, its scale
+    """The `source` tensors with every quantized matrix planned dequantized to `output`, its scale
     consumed; activation scales dropped (a dequantized model has none). Returns (tensors, dropped keys).
 
     Raises:
-        CheckpointError: a quantized tensor that is not one matrix (a fused [E, rows, cols] one).
+        CheckpointError: a quantized tensor that is not one matrix (a fused [E, rows, cols] one), or
+            FP4 experts (not dequantized here yet).
     """
     tensors: dict[str, SourceTensor] = {}
     dropped = []
     consumed = {s.name for s in scales.values()}
-    for key, tensor in source.tensors.items():
+    for key, tensor in source.items():
         if key in consumed:
             continue
         if key.rpartition(".")[2] in ACTIVATION_SCALE_NAMES:
@@ -110,6 +146,11 @@ def dequantized_view(
         scale = scales.get(key)
         if scale is None:
             tensors[key] = tensor
+        elif tensor.dtype == FP4_WEIGHT_DTYPE:
+            raise CheckpointError(
+                f"{key}: FP4 experts cannot be dequantized by fusemoe-ckpt yet; convert without --dequantize "
+                "(the fused FP4 layout transformers holds on a GPU)"
+            )
         elif len(tensor.shape) != 2:
             raise CheckpointError(
                 f"{key}: fused {tensor.dtype} experts {list(tensor.shape)} cannot be dequantized; "
@@ -129,25 +170,38 @@ def dequantized_dtype(config: dict | None, dtype: str | None) -> str:
 
 
 def check_fused_scales(
-    outputs: dict[str, OutputTensor], groups: list[FusedGroup], quantization: Quantization, source: SourceCheckpoint
+    outputs: dict[str, OutputTensor],
+    groups: list[FusedGroup],
+    quantization: Quantization,
+    tensors: dict[str, SourceTensor],
+    scales: dict[str, Scales],
 ) -> None:
-    """Refuse what transformers cannot hold as fused FP8.
+    """Refuse what transformers cannot hold as fused FP8 (or FP4).
 
     - A concatenation (gate then up) whose parts do not end on a block boundary: transformers reads
       the scale of fused row r at r // block rows, which is then another part's scale, and it
       allocates max(ceil(2I/B), 2) rows where concatenation gives 2 * ceil(I/B).
+    - Experts in another dtype than the one `expert_dtype` makes transformers allocate.
     - A scale left beside a weight that a converter without a scale twin fused (it would not load).
     """
+    block_of = {s.name: s.block for s in scales.values()}
     for group in groups:
-        if not group.target.endswith(SCALE_SUFFIX) or quantization.block is None:
+        if not group.num_experts:
             continue
-        weights = group.source_keys
-        parts = len(weights) // max(1, group.num_experts)
-        rows = source.tensors[weights[0].removesuffix(SCALE_SUFFIX)].shape[0]
-        block_rows, block_cols = quantization.block
+        if not group.target.endswith(SCALE_SUFFIX):
+            _check_expert_dtype(outputs[group.target], quantization, group)
+            continue
+        first = group.source_keys[0]
+        weight = tensors[weight_of_scale(first)]
+        fp4 = weight.dtype == FP4_WEIGHT_DTYPE
+        if quantization.block is None and not fp4:
+            continue
+        parts = len(group.source_keys) // group.num_experts
+        rows = weight.shape[0]
+        block_rows, block_cols = block_of[first]
         if parts > 1 and rows % block_rows:
             fused = outputs[group.target].shape
-            cols = source.tensors[weights[0].removesuffix(SCALE_SUFFIX)].shape[1]
+            cols = weight.shape[1]
             allocated = [group.num_experts, max(-(-parts * rows // block_rows), 2), -(-cols // block_cols)]
             module = group.target.rpartition(".")[0]
             raise FamilyError(
@@ -160,3 +214,13 @@ def check_fused_scales(
             raise FamilyError(
                 f"{name}: the scale of a weight this family fuses without its scales; convert with --dequantize"
             )
+
+
+def _check_expert_dtype(fused: OutputTensor, quantization: Quantization, group: FusedGroup) -> None:
+    fp4 = quantization.expert_dtype == "fp4"
+    if fp4 != (fused.dtype == FP4_WEIGHT_DTYPE) and (fp4 or fused.dtype in quantization.weight_dtypes):
+        held = "I8 (FP4 packed)" if fp4 else "FP8"
+        raise FamilyError(
+            f"{group.source_keys[0]}: {fused.dtype} experts, but quantization_config's expert_dtype "
+            f"{quantization.expert_dtype!r} makes transformers hold {fused.name} as {held}"
+        )

@@ -10,18 +10,30 @@ its bounded memory are convert's.
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 from ..errors import FamilyError
 from ..naming import natural_key
 from ..reading.quantization import quantization_of
 from ..reading.safetensors_format import DTYPE_SIZES
 from ..reading.source import CONFIG_NAME, SourceCheckpoint, SourceTensor
 from ..rules.families import Family
-from ..rules.patterns import Concatenate, Converter, ExpertMerge, Rename, TransposeExperts, map_key
+from ..rules.patterns import (
+    ChunkForRope,
+    Concatenate,
+    Converter,
+    ExpertMerge,
+    GroupRename,
+    TransposeExperts,
+    active_groups,
+    map_key,
+    rename_all,
+)
 from ..rules.quantized import for_quantization
 from .conversion import config_hidden_size
 from .layout import ConversionPlan, lay_out
-from .operations import hidden_axis
-from .pieces import FusedGroup, OutputTensor, Piece
+from .operations import hidden_axis, rope_heads, rope_rows, row_pieces
+from .pieces import FusedGroup, OutputTensor, Piece, coalesce
 
 
 def plan_unfuse(source: SourceCheckpoint, family: Family, *, max_shard_size: int) -> ConversionPlan:
@@ -32,44 +44,100 @@ def plan_unfuse(source: SourceCheckpoint, family: Family, *, max_shard_size: int
             name would not convert back to the key it came from.
     """
     family = for_quantization(family, quantization_of(source.config, source.root / CONFIG_NAME))
-    reverse_renames = tuple(r.reversed() for r in reversed(family.renames) if not r.prefix_change)
+    reverse_renames = tuple(r.reversed() for r in reversed(family.renames) if not getattr(r, "prefix_change", False))
     hidden_size = config_hidden_size(source.config)
-    outputs: dict[str, OutputTensor] = {}
-    groups: list[FusedGroup] = []
+    # (key, name before renames, part, converter, slot, expert) for every output tensor
+    parts: list[tuple[str, str, OutputTensor, Converter | None, int | None, int | None]] = []
+    chunks: dict[str, dict[int, SourceTensor]] = defaultdict(dict)
+    chunk_of: dict[str, ChunkForRope] = {}
     for key in sorted(source.tensors, key=natural_key):
         tensor = source.tensors[key]
         already = map_key(key, (), family.converters).converter
-        if isinstance(already, ExpertMerge | Concatenate):
+        if isinstance(already, ExpertMerge | Concatenate | ChunkForRope):
             raise FamilyError(
                 f"{key}: already in the per-expert layout of family {family.name}; unfuse takes a fused checkpoint"
             )
         converter = next((c for c in family.converters if c.match_output(key)), None)
-        if converter is None:
-            parts = [(key, OutputTensor(key, tensor.dtype, tensor.shape, (_whole(tensor),)), None, None)]
+        if isinstance(converter, ChunkForRope):
+            match = converter.match_output(key)
+            joined = key[: match.start()] + converter.source_texts()[0] + key[match.end() :]
+            chunks[joined][converter.output_slot(match)] = tensor
+            chunk_of[joined] = converter
+        elif converter is None:
+            whole = OutputTensor(key, tensor.dtype, tensor.shape, (_whole(tensor),))
+            parts.append((key, key, whole, None, None, None))
         else:
-            parts = _split(tensor, converter, hidden_size)
-        names = []
-        for unrenamed, part, slot, expert in parts:
-            name = _rename_all(unrenamed, reverse_renames)
-            _check_forward(name, key, family, converter, slot, expert)
-            if name in outputs:
-                raise FamilyError(f"{key}: unfuses to {name!r}, which another tensor also becomes")
-            outputs[name] = OutputTensor(name, part.dtype, part.shape, part.pieces)
-            names.append(name)
+            parts += [
+                (key, name, part, converter, slot, expert)
+                for name, part, slot, expert in _split(tensor, converter, hidden_size)
+            ]
+    for joined in sorted(chunks, key=natural_key):
+        first, tensor = _join_chunks(joined, chunks[joined], chunk_of[joined], source.config)
+        parts.append((first, joined, tensor, chunk_of[joined], 0, None))
+
+    reverse_active, _ = active_groups([p[1] for p in parts], reverse_renames)
+    named = [(key, rename_all(unrenamed, reverse_renames, reverse_active), *rest) for key, unrenamed, *rest in parts]
+    forward_active, _ = active_groups([n[1] for n in named], family.all_renames(), family.model)
+    outputs: dict[str, OutputTensor] = {}
+    names_of: dict[str, list[str]] = defaultdict(list)
+    converter_of: dict[str, Converter] = {}
+    for key, name, part, converter, slot, expert in named:
+        _check_forward(name, key, family, converter, slot, expert, forward_active)
+        if name in outputs:
+            raise FamilyError(f"{key}: unfuses to {name!r}, which another tensor also becomes")
+        outputs[name] = OutputTensor(name, part.dtype, part.shape, part.pieces)
         if converter is not None:
-            groups.append(FusedGroup(key, f"split_{type(converter).__name__}", len(parts), tuple(names)))
+            names_of[key].append(name)
+            converter_of[key] = converter
+    groups = [
+        FusedGroup(key, f"split_{type(converter_of[key]).__name__}", len(names), tuple(names))
+        for key, names in names_of.items()
+    ]
     ordered = sorted(outputs.values(), key=lambda t: natural_key(t.name))
     return lay_out(family, ordered, groups, max_shard_size)
 
 
+def _join_chunks(
+    joined: str, found: dict[int, SourceTensor], converter: ChunkForRope, config: dict | None
+) -> tuple[str, OutputTensor]:
+    """The fused source tensor (`wqkv`) again: the parts concatenated on dim 0 in target order, the
+    rows of rotary parts put back in interleaved order (transformers' `PermuteForRope(inverse=True)`
+    then `Concatenate`). Returns (the key of the first part, the joined tensor)."""
+    names = converter.output_names(joined.replace(converter.source_texts()[0], _plain(converter.targets[0]), 1))
+    for slot, name in enumerate(names):
+        if slot not in found:
+            raise FamilyError(f"{name}: missing: the {converter.targets[slot]} part of {joined}")
+    first = found[0]
+    for tensor in found.values():
+        if tensor.dtype != first.dtype or tensor.shape != first.shape:
+            raise FamilyError(
+                f"{tensor.name}: {tensor.dtype} {list(tensor.shape)} cannot be joined with "
+                f"{first.name}: {first.dtype} {list(first.shape)}"
+            )
+    rows = first.shape[0] if first.shape else 0
+    pieces: list[Piece] = []
+    for slot in range(len(names)):
+        tensor = found[slot]
+        order = None
+        if converter.permuted(converter.targets[slot]):
+            heads = rope_heads(converter, config, "config.json")
+            if rows % (2 * heads):
+                raise FamilyError(
+                    f"{tensor.name}: its {rows} rows do not divide into {heads} heads "
+                    f"({converter.rope_config}.num_attention_heads) of rotary pairs"
+                )
+            order = rope_rows(rows, heads, inverse=True)
+        pieces += row_pieces(tensor, 0, rows, order)
+    shape = (rows * len(names), *first.shape[1:])
+    return first.name, OutputTensor(joined, first.dtype, shape, tuple(coalesce(pieces)))
+
+
+def _plain(pattern: str) -> str:
+    return pattern.removeprefix("^").replace(r"\.", ".")
+
+
 def _whole(tensor: SourceTensor) -> Piece:
     return Piece(tensor.file, tensor.offset, tensor.nbytes)
-
-
-def _rename_all(key: str, renames: tuple[Rename, ...]) -> str:
-    for rename in renames:
-        key = rename.apply(key)
-    return key
 
 
 def _replace_target(key: str, converter: Converter, text: str) -> str:
@@ -129,10 +197,16 @@ def _turn_back(tensor: SourceTensor, hidden_size: int | None) -> OutputTensor:
 
 
 def _check_forward(
-    name: str, key: str, family: Family, converter: Converter | None, slot: int | None, expert: int | None
+    name: str,
+    key: str,
+    family: Family,
+    converter: Converter | None,
+    slot: int | None,
+    expert: int | None,
+    active: frozenset[GroupRename] = frozenset(),
 ) -> None:
     """Refuse a reversed name that convert would not map back to `key` (a rename that cannot be undone)."""
-    mapping = family.map_key(name)
+    mapping = family.map_key(name, active)
     expected_expert = None if expert is None else str(expert)
     if (
         mapping.target == key

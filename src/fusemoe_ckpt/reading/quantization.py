@@ -1,8 +1,10 @@
 """A checkpoint's quantization, from config.json's `quantization_config`: which format, which blocks.
 
 fusemoe-ckpt reads FP8 block-quantized checkpoints (`quant_method: "fp8"`: F8_E4M3 weights, each
-with a `weight_scale_inv` over `weight_block_size` blocks, F32 or E8M0 scales). Other methods are
-refused by name, with the reason.
+with a `weight_scale_inv` over `weight_block_size` blocks, F32 or E8M0 scales), and the DeepSeek-V4
+variant whose routed experts are FP4 (`expert_dtype: "fp4"`: two E2M1 values packed in each I8 byte,
+one scale per row and 32 values) and whose scales are named `.scale`. Other methods are refused by
+name, with the reason.
 """
 
 from __future__ import annotations
@@ -14,11 +16,20 @@ from pathlib import Path
 from ..errors import CheckpointError
 
 FP8_WEIGHT_DTYPES = ("F8_E4M3", "F8_E5M2")
+# FP4 (E2M1) experts: two values per I8 byte, the low nibble first; one scale per row and 32 values.
+FP4_WEIGHT_DTYPE = "I8"
+FP4_BLOCK = (1, 32)
 # F32 (scale_fmt "float"), BF16, and E8M0 exponents (scale_fmt "ue8m0") stored as F8_E8M0 or raw U8.
 SCALE_SIZES = {"F32": 4, "BF16": 2, "F8_E8M0": 1, "U8": 1}
 SCALE_SUFFIX = "_scale_inv"  # `weight` -> `weight_scale_inv`, and `gate_up_proj` -> `gate_up_proj_scale_inv`
+# DeepSeek-V4 names the scale of `x.weight` `x.scale`; transformers' FP8 quantizer renames it `x.weight_scale_inv`.
+DOT_SCALE = ".scale"
 # Static activation scales: transformers 5.24 loads `activation_scale` of plain linears, never of experts.
 ACTIVATION_SCALE_NAMES = ("activation_scale", "input_scale")
+EXPERT_DTYPES = ("fp8", "fp4")
+# Model types whose config class moves a top-level `expert_dtype` into quantization_config (DeepSeek-V4
+# checkpoints ship it beside quantization_config).
+_EXPERT_DTYPE_AT_TOP = ("deepseek_v4",)
 
 _REFUSED_METHODS = {
     "gptq": "transformers 5.24 does not fuse GPTQ experts (qweight/qzeros/scales stay per expert)",
@@ -35,10 +46,17 @@ class Quantization:
     block: tuple[int, int] | None  # (rows, cols) of one scale; None: per tensor or per channel
     scale_fmt: str
     activation_scheme: str
+    expert_dtype: str = "fp8"  # "fp4": routed experts are FP4 packed in I8
+
+    @property
+    def weight_dtypes(self) -> tuple[str, ...]:
+        """The dtypes of quantized weights, each with a scale."""
+        return FP8_WEIGHT_DTYPES + ((FP4_WEIGHT_DTYPE,) if self.expert_dtype == "fp4" else ())
 
     def describe(self) -> str:
         block = f"block {self.block[0]}x{self.block[1]}" if self.block else "per-tensor/per-channel scales"
-        return f"{self.method} ({block}, scale_fmt {self.scale_fmt}, {self.activation_scheme} activations)"
+        experts = ", FP4 experts" if self.expert_dtype == "fp4" else ""
+        return f"{self.method} ({block}, scale_fmt {self.scale_fmt}, {self.activation_scheme} activations{experts})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,9 +94,14 @@ def quantization_of(config: dict | None, path: Path) -> Quantization | None:
     if method != "fp8":
         reason = _REFUSED_METHODS.get(method, "fusemoe-ckpt reads FP8 block-quantized checkpoints (quant_method fp8)")
         raise CheckpointError(f"{path}: quantization_config.quant_method {method!r} is not supported: {reason}")
-    expert_dtype = spec.get("expert_dtype", "fp8")
-    if expert_dtype != "fp8":
-        raise CheckpointError(f"{path}: quantization_config.expert_dtype {expert_dtype!r} is not supported (only fp8)")
+    expert_dtype = spec.get("expert_dtype")
+    if expert_dtype is None and config.get("model_type") in _EXPERT_DTYPE_AT_TOP:
+        expert_dtype = config.get("expert_dtype")
+    expert_dtype = expert_dtype or "fp8"
+    if expert_dtype not in EXPERT_DTYPES:
+        raise CheckpointError(
+            f"{path}: quantization_config.expert_dtype {expert_dtype!r} is not supported (fp8 or fp4)"
+        )
     block = spec.get("weight_block_size")
     if block is not None:
         if not (isinstance(block, list) and len(block) == 2 and all(_positive(b) for b in block)):
@@ -92,7 +115,23 @@ def quantization_of(config: dict | None, path: Path) -> Quantization | None:
         raise CheckpointError(
             f"{path}: quantization_config.activation_scheme {activation_scheme!r} is not 'dynamic' or 'static'"
         )
-    return Quantization("fp8", block, scale_fmt, activation_scheme)
+    return Quantization("fp8", block, scale_fmt, activation_scheme, expert_dtype)
+
+
+def scale_keys(weight: str) -> tuple[str, ...]:
+    """The keys the scale of quantized tensor `weight` may have: `weight_scale_inv`, or DeepSeek-V4's `.scale`."""
+    if weight.endswith(".weight"):
+        return weight + SCALE_SUFFIX, weight.removesuffix(".weight") + DOT_SCALE
+    return (weight + SCALE_SUFFIX,)
+
+
+def weight_of_scale(key: str) -> str | None:
+    """The key of the weight that scale `key` belongs to by its name, or None if `key` is no scale name."""
+    if key.endswith(SCALE_SUFFIX):
+        return key.removesuffix(SCALE_SUFFIX)
+    if key.endswith(DOT_SCALE):
+        return key.removesuffix(DOT_SCALE) + ".weight"
+    return None
 
 
 def scale_grid(

@@ -16,7 +16,7 @@ SINGLE_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 # Numbers of config.json (or of its text_config) that planning reads.
 EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-CONFIG_COUNTS = ("hidden_size", *EXPERT_COUNT_FIELDS)
+CONFIG_COUNTS = ("hidden_size", "zero_expert_num", *EXPERT_COUNT_FIELDS)
 
 
 @dataclass(frozen=True, slots=True)

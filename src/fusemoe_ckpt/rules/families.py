@@ -9,32 +9,47 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import FamilyError
-from .patterns import Concatenate, Converter, ExpertMerge, Rename, TransposeExperts, map_key
+from .model_keys import ModelKeys
+from .patterns import (
+    ChunkForRope,
+    Concatenate,
+    Converter,
+    ExpertMerge,
+    GroupRename,
+    Rename,
+    Renaming,
+    TransposeExperts,
+    map_key,
+)
 
 
 @dataclass(frozen=True)
 class Family:
     """One conversion rule and the model types (or architecture class names) that use it.
 
-    `renames` and `converters` are transformers' `WeightRenaming`s and `WeightConverter`s for these
-    model types, each list in transformers' order.
+    `renames` and `converters` are transformers' `WeightRenaming`s (and `GroupWeightRename`s) and
+    `WeightConverter`s for these model types, each list in transformers' order. `model` holds what
+    transformers decides from the model class (base-model prefix, renames taken back, keys ignored).
+    `quantizer_renames` are the renames a quantizer puts before all others (rules/quantized.py).
     """
 
     name: str
     model_types: tuple[str, ...]
     converters: tuple[Converter, ...]
-    renames: tuple[Rename, ...] = ()
+    renames: tuple[Renaming, ...] = ()
+    model: ModelKeys = ModelKeys()
+    quantizer_renames: tuple[Rename, ...] = ()
 
     @property
     def source_patterns(self) -> tuple[str, ...]:
         return tuple(source for converter in self.converters for source in converter.sources)
 
-    def all_renames(self) -> tuple[Rename, ...]:
-        # transformers appends its "legacy" renamings to every model's own list.
-        return self.renames + LEGACY_RENAMES
+    def all_renames(self) -> tuple[Renaming, ...]:
+        # transformers appends its "legacy" renamings to every model's own list; a quantizer puts its own first.
+        return self.quantizer_renames + self.renames + LEGACY_RENAMES
 
-    def map_key(self, key: str):
-        return map_key(key, self.all_renames(), self.converters)
+    def map_key(self, key: str, active: frozenset[GroupRename] = frozenset()):
+        return map_key(key, self.all_renames(), self.converters, self.model, active)
 
 
 LEGACY_RENAMES = (
@@ -222,6 +237,108 @@ FAMILIES: tuple[Family, ...] = (
         renames=(*LINEAR_ATTENTION_RENAMES, Rename((r"\.block_sparse_moe\.",), r"\.mlp\.")),
     ),
     Family(
+        name="deepseek_v4",
+        model_types=("deepseek_v4",),
+        converters=ESCAPED_W_EXPERTS,
+        renames=(
+            Rename((r"\.attn\.",), r".self_attn."),
+            Rename((r"\.ffn\.",), r".mlp."),
+            Rename((r"\.indexer\.compressor\.",), r"\.compressor\.indexer\."),
+            Rename((r"^embed\.weight",), "embed_tokens.weight"),
+            Rename((r"^head\.weight",), "lm_head.weight"),
+            Rename((r"^hc_head_fn",), "hc_head.hc_fn"),
+            Rename((r"^hc_head_base",), "hc_head.hc_base"),
+            Rename((r"^hc_head_scale",), "hc_head.hc_scale"),
+            Rename((r"\.attn_norm\.",), r".input_layernorm."),
+            Rename((r"\.ffn_norm\.",), r".post_attention_layernorm."),
+            Rename((r"\.hc_attn_fn",), r".attn_hc.fn"),
+            Rename((r"\.hc_attn_base",), r".attn_hc.base"),
+            Rename((r"\.hc_attn_scale",), r".attn_hc.scale"),
+            Rename((r"\.hc_ffn_fn",), r".ffn_hc.fn"),
+            Rename((r"\.hc_ffn_base",), r".ffn_hc.base"),
+            Rename((r"\.hc_ffn_scale",), r".ffn_hc.scale"),
+            Rename((r"\.attn_sink",), r".sinks"),
+            Rename((r"\.indexer\.weights_proj\.",), r"\.compressor\.indexer\.scorer\.weights_proj\."),
+            Rename((r"\.indexer\.wq_b\.",), r"\.compressor\.indexer\.q_b_proj\."),
+            Rename((r"\.norm\.",), r"\.kv_norm\."),
+            Rename((r"\.ape",), r"\.position_bias"),
+            Rename((r"\.wq_a\.",), r".q_a_proj."),
+            Rename((r"\.self_attn\.wq_b\.",), r"\.self_attn\.q_b_proj\."),
+            Rename((r"\.wkv\.",), r".kv_proj."),
+            Rename((r"\.wgate\.",), r".gate_proj."),
+            Rename((r"\.wo_a\.",), r".o_a_proj."),
+            Rename((r"\.wo_b\.",), r".o_b_proj."),
+            Rename((r"\.q_norm\.",), r".q_a_norm."),
+            Rename((r"\.gate\.bias",), r".gate.e_score_correction_bias"),
+            Rename((r"\.shared_experts\.w1\.",), r".shared_experts.gate_proj."),
+            Rename((r"\.shared_experts\.w2\.",), r".shared_experts.down_proj."),
+            Rename((r"\.shared_experts\.w3\.",), r".shared_experts.up_proj."),
+        ),
+        model=ModelKeys(
+            prefix="model",
+            head=("lm_head",),
+            # `\.norm\.` -> `.kv_norm.` hits the final norm, and the FP8 quantizer's `.scale` ->
+            # `.weight_scale_inv` the hyper-connection scales, of a checkpoint already in transformers' names.
+            kept=(r"model\.norm\.weight", r"model\.layers\.\d+\.attn_hc\.scale", r"model\.layers\.\d+\.ffn_hc\.scale"),
+            ignored=(r"(^|\.)mtp\..*",),
+            keep_in_fp32=(
+                "attn_hc",
+                "ffn_hc",
+                "hc_head",
+                "sinks",
+                "position_bias",
+                "e_score_correction_bias",
+                "q_a_norm",
+                "kv_norm",
+                "input_layernorm",
+                "post_attention_layernorm",
+                "norm",
+            ),
+        ),
+    ),
+    Family(
+        name="kimi_k25",
+        model_types=("kimi_k25",),
+        converters=(
+            ChunkForRope(
+                ("wqkv",),
+                "attn.q_proj",
+                targets=("attn.q_proj", "attn.k_proj", "attn.v_proj"),
+                rope=("q_proj", "k_proj"),
+                rope_config="vision_config",
+                default_heads=16,  # Kimi_K25VisionConfig's; the released config.json says vt_num_attention_heads
+            ),
+            *QWEN2_MOE,
+        ),
+        renames=(
+            Rename(("language_model.model",), "model.language_model"),
+            Rename(("language_model.lm_head",), "lm_head"),
+            GroupRename(
+                (r"vision_tower.encoder.blocks.(\d+).norm0", r"vision_tower.encoder.blocks.(\d+).norm1"),
+                (r"vision_tower.encoder.blocks.\1.norm1", r"vision_tower.encoder.blocks.\1.norm2"),
+            ),
+            GroupRename(
+                (r"vision_tower.encoder.blocks.(\d+).mlp.fc0", r"vision_tower.encoder.blocks.(\d+).mlp.fc1"),
+                (r"vision_tower.encoder.blocks.\1.mlp.fc1", r"vision_tower.encoder.blocks.\1.mlp.fc2"),
+            ),
+            Rename((r"vision_tower.encoder.blocks.(\d+).wo",), r"vision_tower.encoder.blocks.\1.attn.proj"),
+            Rename(("vision_tower.encoder",), "model.vision_tower"),
+            Rename(("mm_projector.proj.0",), "model.mm_projector.in_proj"),
+            Rename(("mm_projector.proj.2",), "model.mm_projector.out_proj"),
+            Rename(("blocks",), "layers"),
+            Rename(
+                ("vision_tower.patch_embed.pos_emb.weight",),
+                "model.vision_tower.patch_embed.pos_emb.position_embeddings",
+            ),
+        ),
+        model=ModelKeys(
+            prefix="model",
+            head=("lm_head",),
+            ignored=(r"model\.layers\.61.*",),  # DeepSeek-V3's multi-token-prediction layer
+            keep_in_fp32=("e_score_correction_bias", "gate.weight"),
+        ),
+    ),
+    Family(
         name="kolibri1",
         model_types=("kolibri1",),
         converters=QWEN2_MOE,
@@ -338,16 +455,15 @@ FAMILIES: tuple[Family, ...] = (
 # Model types whose transformers rule merges experts but needs an operation convert cannot do
 # faithfully; they are refused by name rather than converted half-way.
 REFUSED: dict[str, str] = {
-    "kimi_k25": "GroupWeightRename of vision blocks and Chunk + PermuteForRope of wqkv",
     "sarvam_moe": "Split of query_key_value into q/k/v sized by the model's parameters",
     "qwen4_exp_text": "Concatenate of the wildcard ngram_embedding.shard_* tensors",
     "dots3_note_vision_encoder": "a rule scoped to the vision encoder inside a dots3_note model",
     "nemo_speechlm": "Chunk of w_qkv and an unconditional Transpose of the mixer experts",
-    "deepseek_v4": (
-        "renames that transformers takes back where the model lacks the renamed key (`.norm.` -> `.kv_norm.` "
-        "also matches the final norm) and a base-model prefix added by looking at the model's keys"
-    ),
 }
+
+# Whole models whose checkpoint holds a sub-model of a refused model type: no family rule covers all
+# their keys, so none is suggested for them either.
+CONTAINS_REFUSED: dict[str, str] = {"dots3_note": "dots3_note_vision_encoder"}
 
 FAMILIES_BY_NAME = {family.name: family for family in FAMILIES}
 

@@ -1,16 +1,20 @@
 """Key patterns with the exact matching semantics of transformers 5's conversion mapping.
 
 transformers renames a checkpoint key by applying every `WeightRenaming` in order, then at most one
-`WeightConverter`. A pattern is a regular expression searched anywhere in the key, where `*.` stands
+`WeightConverter`, then decides by looking at the model whether to add its base-model prefix or to
+take a rename back. A pattern is a regular expression searched anywhere in the key, where `*.` stands
 for any run of characters followed by a dot and a pattern that ends in a letter or digit must end on
 a name boundary. The first match is replaced by the target. We compile the same patterns the same way,
-so a rule copied from `conversion_mapping.py` renames keys exactly as `from_pretrained` does.
+so a rule copied from `conversion_mapping.py` renames keys exactly as `from_pretrained` does; what
+transformers decides from the model is decided here from `ModelKeys`, static facts of its model class.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+
+from .model_keys import ModelKeys
 
 # transformers appends this so `weight` matches `q_proj.weight` but not `q_proj.weight_scale_inv`.
 _NAME_END = r"(?!\w)"
@@ -144,6 +148,109 @@ class TransposeExperts(Converter):
 
 
 @dataclass(frozen=True)
+class ChunkForRope(Converter):
+    """Split one tensor along dim 0 into equal parts, one per target, in order (`Chunk(dim=0)`),
+    then reorder the rows of the targets whose name contains one of `rope` from interleaved to
+    halved rotary pairs, head by head (`PermuteForRope`): a row permutation, so each output row is
+    one run of source bytes. The head count is `num_attention_heads` of config.json's
+    `rope_config` sub-config, or `default_heads` (transformers' config class default) where absent.
+    `target` is the first of `targets`, the name transformers gives the source key."""
+
+    targets: tuple[str, ...] = ()
+    rope: tuple[str, ...] = ()
+    rope_config: str = ""
+    default_heads: int = 1
+    _outputs: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "_outputs", _alternation(self.targets, expert_groups=False))
+
+    def match_output(self, key: str) -> re.Match[str] | None:
+        """Where `key` is one of the outputs: any target, searched anywhere in the key, as transformers'
+        reverse converter (whose sources the targets are) searches it."""
+        return self._outputs.search(key)
+
+    def output_slot(self, match: re.Match[str]) -> int:
+        return _matched_branch(match)
+
+    def output_names(self, first: str) -> tuple[str, ...]:
+        """Every output key, from the key of the first target (as transformers expands them: the
+        text before and after the first occurrence of the first target, around each target)."""
+        before, _, after = first.partition(_target_text(self.targets[0]))
+        return tuple(before + _target_text(target) + after for target in self.targets)
+
+    def permuted(self, name: str) -> bool:
+        return any(layer in name for layer in self.rope)
+
+
+@dataclass(frozen=True)
+class GroupRename:
+    """Paired renames active only in a checkpoint that holds the first source, the guard (a
+    transformers `GroupWeightRename`): `norm0 -> norm1` with `norm1 -> norm2` must not rename a
+    checkpoint that already says `norm1` and `norm2`. A key matching the guard is always renamed; a
+    key matching another source only when the group is active (see `active_groups`)."""
+
+    sources: tuple[str, ...]
+    targets: tuple[str, ...]
+    _regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if len(self.sources) != len(self.targets):
+            raise ValueError(f"GroupRename needs one target per source: {self.sources} -> {self.targets}")
+        object.__setattr__(self, "_regex", _alternation(self.sources, expert_groups=False))
+
+    @property
+    def target(self) -> str:
+        return self.targets[0]
+
+    def match(self, key: str) -> tuple[int, re.Match[str]] | None:
+        """(source slot, match) of `key`, or None."""
+        match = self._regex.search(key)
+        return None if match is None else (_matched_branch(match), match)
+
+    def groups(self, match: re.Match[str], slot: int) -> tuple[str, ...]:
+        """The capture groups of source `slot` in `match` (the block number, say)."""
+        start = self._regex.groupindex[f"s{slot}"]
+        count = re.compile(_source_regex(self.sources[slot])).groups
+        return tuple(match.group(start + 1 + i) for i in range(count))
+
+    def source_text(self, slot: int, groups: tuple[str, ...]) -> str:
+        """Source pattern `slot` as key text, its capture groups filled with `groups`."""
+        text = self.sources[slot]
+        for value in groups:
+            text = re.sub(r"\((?:[^()\\]|\\.)*\)", lambda _: value, text, count=1)  # noqa: B023
+        return _target_text(text)
+
+    def apply(self, key: str, active: bool) -> str:
+        found = self.match(key)
+        if found is None:
+            return key
+        slot, match = found
+        if slot and not active:
+            return key
+        target = _target_text(self.targets[slot])
+        start = self._regex.groupindex[f"s{slot}"]
+        target = re.sub(r"\\(\d+)", lambda m: match.group(start + int(m.group(1))), target)
+        return key.replace(match.group(0), target, 1)
+
+    def reversed(self) -> GroupRename:
+        """The group transformers applies when it saves the original format: each pair swapped, the
+        capture group moved to the other side, and the pairs ordered so the guard comes first."""
+        pairs = []
+        for source, target in zip(self.sources, self.targets, strict=True):
+            group = re.search(r"\(.+?\)", source)
+            new_source = target.replace(r"\1", group.group(0), 1) if group else target
+            new_target = source.replace(group.group(0), r"\1", 1) if group else source
+            pairs.append((target, new_source, new_target))
+        pairs.sort()
+        return GroupRename(tuple(p[1] for p in pairs), tuple(p[2] for p in pairs))
+
+
+Renaming = Rename | GroupRename
+
+
+@dataclass(frozen=True)
 class KeyMapping:
     """Where a source key goes: a plain (possibly renamed) key, or one slot (and expert) of a converter."""
 
@@ -153,13 +260,63 @@ class KeyMapping:
     expert: str | None = None
 
 
-def map_key(key: str, renames: tuple[Rename, ...], converters: tuple[Converter, ...]) -> KeyMapping:
-    """Every rename in order, then the first converter that matches: transformers' order of operations."""
-    for rename in renames:
-        key = rename.apply(key)
+def map_key(
+    key: str,
+    renames: tuple[Renaming, ...],
+    converters: tuple[Converter, ...],
+    model: ModelKeys | None = None,
+    active: frozenset[GroupRename] = frozenset(),
+) -> KeyMapping:
+    """Every rename in order, then the first converter that matches, then the base-model prefix:
+    transformers' order of operations. A key `model` keeps is only given the prefix (the renames
+    taken back); a group rename renames dependent keys only when it is in `active`."""
+    model = model or ModelKeys()
+    if model.keeps(key):
+        return KeyMapping(target=model.with_prefix(key))
+    key = rename_all(key, renames, active)
     for converter in converters:
         found = converter.match(key)
         if found is not None:
             target, slot, expert = found
-            return KeyMapping(target=target, converter=converter, slot=slot, expert=expert)
-    return KeyMapping(target=key)
+            return KeyMapping(target=model.with_prefix(target), converter=converter, slot=slot, expert=expert)
+    return KeyMapping(target=model.with_prefix(key))
+
+
+def rename_all(key: str, renames: tuple[Renaming, ...], active: frozenset[GroupRename] = frozenset()) -> str:
+    """`key` through every rename in order; a group rename renames dependent keys only when in `active`."""
+    for rename in renames:
+        key = rename.apply(key, rename in active) if isinstance(rename, GroupRename) else rename.apply(key)
+    return key
+
+
+def active_groups(
+    keys, renames: tuple[Renaming, ...], model: ModelKeys | None = None
+) -> tuple[frozenset[GroupRename], dict[str, str]]:
+    """The group renames a checkpoint with `keys` activates (some key reaches its guard), and for
+    each key a dependent source renames, the guard key it lacks (empty when none is missing).
+
+    transformers activates a group at the first guard key in sorted key order and leaves dependent
+    keys met before it unrenamed, so a checkpoint that has a guard key for some blocks and not for
+    others loads half renamed; convert refuses it instead, naming the missing guard key.
+    """
+    model = model or ModelKeys()
+    # Each key as the renames before the current one leave it: a group matches keys at that point.
+    partial = {key: key for key in keys if not model.keeps(key)}
+    active: set[GroupRename] = set()
+    missing: dict[str, str] = {}
+    for rename in renames:
+        if isinstance(rename, GroupRename):
+            hits = {key: hit for key, text in partial.items() if (hit := rename.match(text)) is not None}
+            # A block is named by the text before the match and the captured groups (the block number).
+            block = {key: (partial[key][: m.start()], rename.groups(m, slot)) for key, (slot, m) in hits.items()}
+            guarded = {block[key] for key, (slot, _) in hits.items() if slot == 0}
+            if guarded:
+                active.add(rename)
+                for key, (slot, match) in hits.items():
+                    if slot and block[key] not in guarded:
+                        before, groups = block[key]
+                        missing[key] = before + rename.source_text(0, groups) + partial[key][match.end() :]
+            partial = {key: rename.apply(text, rename in active) for key, text in partial.items()}
+        else:
+            partial = {key: rename.apply(text) for key, text in partial.items()}
+    return frozenset(active), missing

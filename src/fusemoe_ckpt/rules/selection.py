@@ -4,7 +4,21 @@ from __future__ import annotations
 
 from ..errors import FamilyError
 from ..reading.source import SourceCheckpoint
-from .families import REFUSED, Family, families_matching, family_by_name, family_for_config
+from .families import CONTAINS_REFUSED, REFUSED, Family, families_matching, family_by_name, family_for_config
+
+
+def override_warning(source: SourceCheckpoint, family: Family) -> str | None:
+    """A warning when `--family` chose `family` where config.json's model type maps to another rule
+    (or to none): convert and verify then prove DST equals the plan, not that the plan is the model's."""
+    config = source.config or {}
+    named = family_for_config(config)
+    if named is not None and named.name == family.name:
+        return None
+    what = f"family {named.name}" if named is not None else "no family rule"
+    return (
+        f"--family {family.name} overrides config.json's model_type {config.get('model_type')!r} ({what}); "
+        "check the result against the model with `fusemoe-ckpt verify --load-check SRC DST`"
+    )
 
 
 def resolve_family(source: SourceCheckpoint, name: str | None) -> Family:
@@ -22,6 +36,12 @@ def resolve_family(source: SourceCheckpoint, name: str | None) -> Family:
         raise FamilyError(
             f"{source.root}: model_type {model_type!r} is not supported: its transformers rule needs "
             f"{REFUSED[model_type]}"
+        )
+    if model_type in CONTAINS_REFUSED:
+        inner = CONTAINS_REFUSED[model_type]
+        raise FamilyError(
+            f"{source.root}: model_type {model_type!r} is not supported: it holds a {inner} whose transformers "
+            f"rule needs {REFUSED[inner]}; no family rule accounts for all its keys"
         )
     family = family_for_config(source.config)
     if family is not None:

@@ -39,7 +39,11 @@ def plan_fingerprint(source: SourceCheckpoint, plan: ConversionPlan) -> str:
         [
             shard.filename,
             hashlib.sha256(shard.header).hexdigest(),
-            [[str(p.file.resolve()), p.offset, p.length, p.transpose] for t in shard.tensors for p in t.pieces],
+            [
+                [p.file and str(p.file.resolve()), p.offset, p.length, p.transpose]
+                for t in shard.tensors
+                for p in t.pieces
+            ],
         ]
         for shard in plan.shards
     ]

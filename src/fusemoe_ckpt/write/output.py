@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
 
-from ..errors import ConversionInterrupted, DestinationError, UsageError
+from ..errors import ConversionInterrupted, DestinationError, UsageError, interrupted_by
 from ..naming import natural_key
 from ..plan.layout import ConversionPlan, ShardPlan
 from ..reading.files import open_regular
@@ -32,6 +32,7 @@ from .destination import (
 from .journal import JOURNAL_NAME, Journal, plan_fingerprint
 from .lock import DestinationLock
 from .no_follow import open_own_file, write_new_file
+from .workers import default_workers
 from .writer import DISK_FULL, disk_full_error, write_shard
 
 
@@ -51,7 +52,7 @@ def write_plan(
     (journaled, so `resume` can keep completed ones), then the index and the other files of the
     source, then one rename into place. Returns (bytes written, files copied, shards kept)."""
     if workers is None:
-        workers = min(4, os.cpu_count() or 1)
+        workers = default_workers()
     if workers < 1:
         raise UsageError(f"workers must be at least 1, not {workers}")
     extras = side_files(source)
@@ -90,7 +91,8 @@ def write_plan(
                 shutil.rmtree(partial, ignore_errors=True)
                 raise
             raise ConversionInterrupted(
-                f"{partial} keeps the completed shards; rerun with --resume to continue, or remove it"
+                f"{partial} keeps the completed shards; rerun with --resume to continue, or remove it",
+                signal=interrupted_by(e),
             ) from e
         except OSError as e:
             shutil.rmtree(partial, ignore_errors=True)

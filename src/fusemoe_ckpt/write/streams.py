@@ -32,6 +32,10 @@ def piece_chunks(fd: int, piece: Piece, *, chunk: int | None = None) -> Iterator
     """The output bytes of `piece`, read from `fd` (its open file) in order, each chunk at most
     `chunk` (default READ_CHUNK) bytes of source, except a transposed matrix, which is turned whole."""
     chunk = chunk or READ_CHUNK
+    if piece.file is None:
+        for start in range(0, piece.length, chunk):
+            yield bytes(min(chunk, piece.length - start))
+        return
     if piece.scales is not None:
         yield from _dequantized_chunks(fd, piece, min(chunk, DEQUANTIZE_CHUNK))
         return

@@ -65,21 +65,23 @@ class ShardWriter:
         self.state = WriterState.OPEN
         for tensor in self.shard.tensors:
             for piece in tensor.pieces:
-                self._source_fd(piece.file)
+                if piece.file is not None:
+                    self._source_fd(piece.file)
         self._pwrite_all(self.shard.header, 0)
         self._count(len(self.shard.header))
 
     def copy(self, piece: Piece, at: int, progress: Progress | None = None) -> None:
         """Write `piece` at output offset `at`."""
         self._expect(WriterState.OPEN, "copy")
-        src_fd = self._sources[piece.file]
-        if piece.transpose is not None or piece.cast is not None:
+        if piece.file is None or piece.transpose is not None or piece.cast is not None:
+            src_fd = self._sources.get(piece.file, -1)
             # Bytes that change on the way pass through our memory, one bounded chunk at a time.
             for data in piece_chunks(src_fd, piece):
                 self._pwrite_all(data, at)
                 at += len(data)
                 self._count(len(data), progress)
             return
+        src_fd = self._sources[piece.file]
         offset, remaining = piece.offset, piece.length
         while remaining:
             if self.stop is not None and self.stop.is_set():
