@@ -9,7 +9,8 @@ Points, each patched in from outside:
 
 - `piece`: after a byte range is copied into a shard (ShardWriter.copy), mid-shard;
 - `shard-done`: after a shard is written, flushed and recorded in the journal (Journal.record);
-- `install`: everything written, just before the partial directory is renamed into place.
+- `install`: everything written, just before the partial directory is renamed into place;
+- `installed`: just after that rename, before the journal is removed from DST.
 
 With `cli batch ...`, the batch's entry processes are started through this launcher as well
 (`worker`), so the pause happens inside the entry being converted.
@@ -94,7 +95,7 @@ def main(argv: list[str]) -> int:
     spec = (point, int(count), Path(flag))
     ShardWriter.copy = _after(ShardWriter.copy, "piece", spec)
     Journal.record = _after(Journal.record, "shard-done", spec)
-    output.install = _before(output.install, "install", spec)
+    output.install = _after(_before(output.install, "install", spec), "installed", spec)
     runner.WORKER_COMMAND = (sys.executable, os.path.abspath(__file__), argv[0], "worker")
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal = _releasing

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 import struct
 from collections.abc import Callable
@@ -60,11 +61,11 @@ def one_line_error(result: Result, exit_code: int = 1) -> str:
 def refuse(tmp_path: Path, src: Path, dst: Path, *options: str, exit_code: int = 1) -> str:
     """Run `convert SRC DST`, check it fails cleanly and changes nothing under `tmp_path`; the message."""
     before = snapshot(tmp_path)
-    dst_existed, partial_existed = dst.exists(), partial_of(dst).exists()
+    dst_existed, partial_existed = os.path.lexists(dst), os.path.lexists(partial_of(dst))
     result = CliRunner().invoke(cli, ["convert", str(src), str(dst), *options])
     message = one_line_error(result, exit_code)
-    assert dst.exists() == dst_existed
-    assert partial_of(dst).exists() == partial_existed
+    assert os.path.lexists(dst) == dst_existed
+    assert os.path.lexists(partial_of(dst)) == partial_existed
     assert snapshot(tmp_path) == before
     return message
 

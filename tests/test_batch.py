@@ -459,3 +459,50 @@ def test_interrupted_batch_stops_its_entries_and_says_how_to_resume(tmp_path):
     flag.unlink()
     assert batch(manifest, "--report", report).exit_code == 0
     assert [e["kept_shards"] > 0 for e in entries_of(report).values()] == [True, False]
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (
+            [{"src": "./m/a", "dst": "out/a"}, {"src": "./m/b", "dst": "m/a", "overwrite": True}],
+            "{m}:2: field \"dst\": 'm/a' is the src of line 1 ({root}/m/a); no entry may write where another reads",
+        ),
+        (
+            [{"src": "./m/a", "dst": "out/a"}, {"src": "./m/b", "dst": "m/a/fused"}],
+            "{m}:2: field \"dst\": 'm/a/fused' lies inside the src of line 1 ({root}/m/a); "
+            "no entry may write where another reads",
+        ),
+        (
+            [{"src": "./m/a", "dst": "out/a"}, {"src": "./x", "dst": "m"}],
+            "{m}:2: field \"dst\": 'm' holds the src of line 1 ({root}/m/a); no entry may write where another reads",
+        ),
+        (
+            [{"src": "./m/a", "dst": "out/a"}, {"src": "./m/b", "dst": "out/a/b"}],
+            "{m}:2: field \"dst\": 'out/a/b' lies inside the dst of line 1; no entry may write inside another's output",
+        ),
+        (
+            [{"src": "./m/a", "dst": "out/a/b"}, {"src": "./m/b", "dst": "out/a"}],
+            "{m}:1: field \"dst\": 'out/a/b' lies inside the dst of line 2; no entry may write inside another's output",
+        ),
+    ],
+    ids=["dst-is-src", "dst-inside-src", "dst-holds-src", "dst-inside-dst", "dst-inside-a-later-dst"],
+)
+def test_entries_that_write_where_others_read_or_write_are_refused_up_front(tmp_path, lines, message):
+    """An entry whose dst is another's src (with overwrite) used to replace that source, and with --jobs 2
+    the outcome depended on timing: refused before anything runs, naming both lines."""
+    manifest = write_manifest(tmp_path / "zoo.jsonl", lines)
+    assert one_line_error(batch(manifest, "--jobs", "2"), exit_code=2) == message.format(m=manifest, root=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["zoo.jsonl"]
+
+
+def test_a_chain_through_a_symlink_is_found_too(tmp_path):
+    """Paths are compared resolved: a dst reached through a link to another entry's src is that src."""
+    (tmp_path / "m" / "a").mkdir(parents=True)
+    (tmp_path / "alias").symlink_to(tmp_path / "m")
+    manifest = write_manifest(
+        tmp_path / "zoo.jsonl", [{"src": "./m/a", "dst": "out/a"}, {"src": "./m/b", "dst": "alias/a"}]
+    )
+    assert one_line_error(batch(manifest), exit_code=2).startswith(
+        f"{manifest}:2: field \"dst\": 'alias/a' is the src of line 1"
+    )

@@ -14,6 +14,7 @@ from fusemoe_ckpt.cli import cli
 from fusemoe_ckpt.rules.families import REFUSED
 
 from .conftest import load_checkpoint
+from .test_bad_input import one_line_error
 
 
 def _commands() -> list[str]:
@@ -125,3 +126,85 @@ def test_families_lists_refused_model_types_with_the_reason():
     output = CliRunner().invoke(cli, ["families"]).output
     for model_type, reason in REFUSED.items():
         assert f"  {model_type}: {reason}\n" in output
+
+
+# --- errors: one line each, exit 2 for usage, 1 for the rest ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--bogus"], "No such option '--bogus'; see 'fusemoe-ckpt --help'"),
+        (["nothing"], "No such command 'nothing'; see 'fusemoe-ckpt --help'"),
+        (["convert"], "Missing argument 'SRC'; see 'fusemoe-ckpt convert --help'"),
+        (["convert", "a", "b", "--dtype", "fp4"], None),
+        (["verify", "a"], "Missing argument 'DST'; see 'fusemoe-ckpt verify --help'"),
+        (["batch", "m", "--jobs", "0"], None),
+    ],
+    ids=["group-option", "command", "argument", "choice", "verify-argument", "range"],
+)
+def test_click_usage_errors_are_one_line_with_exit_2(args, message):
+    """click's own usage errors used to print the usage, a hint and the error on three lines."""
+    result = CliRunner().invoke(cli, args, prog_name="fusemoe-ckpt")
+    assert one_line_error(result, exit_code=2) == message or message is None
+    assert "Usage:" not in result.output
+
+
+def test_dst_that_is_a_file_is_a_one_line_usage_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    result = CliRunner().invoke(cli, ["convert", str(tmp_path), str(tmp_path / "file")], prog_name="fusemoe-ckpt")
+    assert one_line_error(result, exit_code=2) == (
+        f"Invalid value for 'DST': Directory '{tmp_path / 'file'}' is a file; see 'fusemoe-ckpt convert --help'"
+    )
+
+
+def test_our_usage_errors_exit_2_and_other_errors_1(qwen_checkpoint, tmp_path):
+    runner = CliRunner()
+    usage = runner.invoke(cli, ["convert", str(qwen_checkpoint), str(tmp_path / "a"), "--max-shard-size", "huge"])
+    assert one_line_error(usage, exit_code=2).startswith("max shard size 'huge' is not a number of bytes")
+    failed = runner.invoke(cli, ["convert", str(tmp_path / "missing"), str(tmp_path / "b")])
+    assert one_line_error(failed, exit_code=1) == f"{tmp_path / 'missing'}: source is not a directory"
+
+
+@pytest.mark.parametrize("name", ["new\nline", "esc\x1b[31mred", "tab\tand\rreturn"])
+def test_a_path_with_control_characters_cannot_split_the_line(tmp_path, name):
+    """A newline in a path used to split the one-line error; an escape sequence reached the terminal."""
+    src = tmp_path / name
+    src.mkdir()
+    result = CliRunner().invoke(cli, ["convert", str(src), str(tmp_path / "dst")])
+    shown = str(src).encode("unicode_escape").decode("ascii")
+    assert one_line_error(result) == f"{shown}: no model.safetensors.index.json or model.safetensors found"
+
+
+def test_a_tensor_key_with_a_newline_cannot_split_the_line(tmp_path):
+    from .test_bad_input import entry, shard_bytes
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text('{"model_type": "qwen3_moe"}')
+    key = "model.layers.0\n.mlp.experts.x.gate_proj.weight"
+    (src / "model.safetensors").write_bytes(shard_bytes({key: entry(0, 8)}, bytes(8)))
+    result = CliRunner().invoke(cli, ["convert", str(src), str(tmp_path / "dst")])
+    assert (
+        one_line_error(result) == "model.layers.0\\n.mlp.experts.x.gate_proj.weight: expert index 'x' is not a number"
+    )
+
+
+def test_help_documents_the_exit_statuses():
+    output = CliRunner().invoke(cli, ["--help"]).output
+    for line in ("0    done", "1    failed", "2    usage error", "130  interrupted"):
+        assert line in output
+
+
+def test_warnings_are_one_line_too(qwen_checkpoint, tmp_path):
+    """A warning names paths as errors do: a newline in one cannot split it."""
+    (tmp_path / "target").mkdir()
+    link = tmp_path / "d\nst"
+    link.symlink_to(tmp_path / "target")
+    result = CliRunner().invoke(cli, ["convert", "-q", str(qwen_checkpoint), str(link)])
+    assert result.exit_code == 0, result.output
+    shown = str(link).replace("\n", "\\n")
+    assert (
+        result.stderr
+        == f"Warning: {shown}: is a symbolic link; the output is written to its target {tmp_path / 'target'}\n"
+    )

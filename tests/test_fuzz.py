@@ -13,8 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from fusemoe_ckpt import FusemoeError, family_by_name, open_checkpoint, plan_conversion
-from fusemoe_ckpt.errors import CheckpointError
+from fusemoe_ckpt import FusemoeError, family_by_name, open_checkpoint, plan_conversion, plan_for
+from fusemoe_ckpt.batch.manifest import FIELDS, load_manifest
+from fusemoe_ckpt.errors import CheckpointError, ManifestError
 from fusemoe_ckpt.reading.safetensors_format import DTYPE_SIZES, TensorInfo, encode_header, read_header
 
 SETTINGS = settings(derandomize=True, max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -242,3 +243,120 @@ def test_planner_returns_a_consistent_plan_or_our_error(workdir, tensors, config
 def _one_module(shard) -> bool:
     """A module's fused tensors are kept together even when together they exceed the limit."""
     return len({t.name.rpartition(".")[0] for t in shard.tensors}) == 1
+
+
+# --- the index, config.json and the manifest: every JSON document goes through one parser ----------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**65), 2**65) | st.floats() | st.text(max_size=6),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
+    max_leaves=12,
+)
+
+
+@st.composite
+def json_documents(draw, value) -> bytes:
+    """`value` as JSON text (floats may come out as NaN or Infinity, which are not JSON), then maybe
+    cut short, a byte changed, or wrapped in brackets nested past any sane depth."""
+    raw = json.dumps(draw(value)).encode()
+    kind = draw(st.sampled_from(["none", "none", "truncate", "flip", "deep"]))
+    if kind == "truncate":
+        return raw[: draw(st.integers(0, len(raw)))]
+    if kind == "flip" and raw:
+        at = draw(st.integers(0, len(raw) - 1))
+        return raw[:at] + bytes([draw(st.integers(0, 255))]) + raw[at + 1 :]
+    if kind == "deep":
+        depth = draw(st.integers(60, 5000))
+        return b"[" * depth + raw + b"]" * draw(st.sampled_from([depth, 0]))
+    return raw
+
+
+def assert_one_line(error: FusemoeError, folder: Path) -> None:
+    """One line; naming the document or its folder when it names a path first (else a key or field)."""
+    assert "\n" not in str(error)
+    assert str(error).startswith(str(folder)) or not str(error).startswith("/"), str(error)
+
+
+@pytest.fixture(scope="module")
+def valid_source(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("valid") / "src"
+    write_fuzzed_checkpoint(root, {"model.embed_tokens.weight": ("F32", (2, 2))}, None, None)
+    return root
+
+
+INDEX_FIELDS = st.fixed_dictionaries(
+    {},
+    optional={
+        "weight_map": json_values | st.just({"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}),
+        "metadata": json_values,
+    },
+)
+
+
+@SETTINGS
+@given(json_documents(json_values | INDEX_FIELDS))
+def test_random_index_documents(valid_source, document):
+    """Any index text: the source opens, or our error names the index in one line (never a bare
+    RecursionError, TypeError or KeyError)."""
+    index = valid_source / "model.safetensors.index.json"
+    index.write_bytes(document)
+    try:
+        open_checkpoint(valid_source)
+    except FusemoeError as e:
+        assert_one_line(e, valid_source)
+
+
+CONFIG_FIELDS = st.fixed_dictionaries(
+    {"model_type": st.just("qwen3_moe") | json_values},
+    optional={
+        name: json_values
+        for name in (
+            "architectures",
+            "num_experts",
+            "hidden_size",
+            "text_config",
+            "torch_dtype",
+            "dtype",
+            "quantization_config",
+            "auto_map",
+        )
+    },
+)
+
+
+@SETTINGS
+@given(json_documents(CONFIG_FIELDS | json_values), st.booleans())
+def test_random_configs(workdir, document, dequantize):
+    """Any config.json, fields of any type: planned, or our one-line error."""
+    root = workdir / f"config{next(counter)}"
+    tensors = {
+        f"model.layers.0.mlp.experts.0.{p}.weight": ("F32", (2, 2)) for p in ("gate_proj", "up_proj", "down_proj")
+    }
+    write_fuzzed_checkpoint(root, tensors, None, None)
+    (root / "config.json").write_bytes(document)
+    try:
+        plan_for(root, dequantize=dequantize)
+    except FusemoeError as e:
+        assert_one_line(e, root)
+
+
+MANIFEST_FIELDS = st.dictionaries(
+    st.sampled_from([*FIELDS, "unknown"]),
+    json_values | st.sampled_from(["./a", "org/name", "5GB", "bfloat16"]),
+    max_size=5,
+)
+
+
+@SETTINGS
+@given(st.lists(json_documents(MANIFEST_FIELDS | json_values) | st.sampled_from([b"", b"# note"]), max_size=4))
+def test_random_manifests(workdir, lines):
+    """Any manifest: entries, or a ManifestError naming the file (and line) in one line."""
+    manifest = workdir / "zoo.jsonl"
+    manifest.write_bytes(b"\n".join(line.replace(b"\n", b" ") for line in lines))
+    try:
+        entries = load_manifest(manifest)
+    except ManifestError as e:
+        assert "\n" not in str(e)
+        assert str(e).startswith(f"{manifest}:") or str(e).startswith(f"{manifest}: ")
+        return
+    assert entries and all(entry.dst.is_absolute() for entry in entries)

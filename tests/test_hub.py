@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from fusemoe_ckpt.cli import cli
 from fusemoe_ckpt.commands.example import write_example
 
 from .fake_hub import FakeHub
+from .test_disk_full import _can_mount_tmpfs
 
 SOURCE_CARD = "---\nlicense: apache-2.0\ntags:\n- moe\n---\n\n# Tiny MoE\n\nThe source card's own text.\n"
 # Files a real repo carries that convert must never download.
@@ -336,3 +338,103 @@ def test_batch_converts_and_pushes_a_hub_entry_then_skips_it_without_downloading
     assert (second["status"], second["pushed_to"]) == ("skipped", first["pushed_to"])
     assert len(hub.fetched()) == fetched
     assert _tree(tmp_path / "out" / "tiny") == fused
+
+
+# --- hostile sources on the Hub, a full cache, a finished DST ---------------------------------------
+
+
+def test_a_repo_with_an_index_and_another_model_safetensors_is_refused_before_its_shards(hub, tmp_path):
+    """transformers would load model.safetensors, convert the index's shards: refused, downloading no
+    weights, as a local folder holding both is."""
+    folder = write_example(tmp_path / "repo")
+    (folder / "model.safetensors").write_bytes((folder / "model-00001-of-00002.safetensors").read_bytes())
+    commit = hub.add_repo("org/both", folder)
+    line = _one_line_error(CliRunner().invoke(cli, ["convert", "-q", "org/both", str(tmp_path / "out")]))
+    assert line == (
+        f"Error: org/both@{commit}: holds both model.safetensors.index.json and a model.safetensors the index "
+        "does not name: two weight sets, and loaders disagree on which is the model (transformers and "
+        "accelerate load model.safetensors, loaders that follow the index its shards); remove the one that is not"
+    )
+    assert not [name for name in hub.fetched() if name.endswith(".safetensors")]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_disk_that_fills_while_downloading_names_the_cache_and_the_space(hub, source_repo, tmp_path, monkeypatch):
+    """A full disk mid-download used to print `OSError: [Errno 28] No space left on device`."""
+    import errno
+
+    import fusemoe_ckpt.hub.download as download_module
+
+    real, calls = download_module.snapshot_download, []
+
+    def fills_up(*args, **kwargs):
+        calls.append(kwargs.get("allow_patterns"))
+        if len(calls) == 2:  # the shards, after the index and the side files
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(download_module, "snapshot_download", fills_up)
+    line = _one_line_error(CliRunner().invoke(cli, ["convert", "-q", source_repo, str(tmp_path / "out")]))
+    needed = sum(len(data) for name, data in hub.files(source_repo).items() if name.startswith("model-"))
+    cache = tmp_path / "hf-home" / "hub"
+    assert re.fullmatch(
+        rf"Error: {re.escape(str(cache))}: cannot download the shards of {source_repo}: No space left on device "
+        rf"\(ENOSPC\); they need [\d.]+ KB \({needed} bytes\) and [\d.]+ [KMGT]?B \(\d+ bytes\) is free; "
+        r"free space there, or set HF_HUB_CACHE to a disk with room",
+        line,
+    ), line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unprivileged user and mount namespaces to mount tmpfs")
+def test_a_cache_without_room_for_the_shards_is_refused_before_downloading_them(hub, tmp_path):
+    """A real 64 KiB tmpfs as the cache: the index and side files fit, the shards would not; refused
+    before any shard is fetched, naming the cache and the space needed."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = write_example(tmp_path / "repo")
+    save_file({"lm_head.weight": torch.zeros(256, 512)}, folder / "model-00002-of-00002.safetensors")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != "model-00002-of-00002.safetensors"}
+    index["weight_map"]["lm_head.weight"] = "model-00002-of-00002.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    hub.add_repo("org/big", folder)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    env = {**os.environ, **_hub_env(tmp_path, hub.url), "HF_HUB_CACHE": str(cache), "PYTHONDONTWRITEBYTECODE": "1"}
+    script = 'mount -t tmpfs -o size=64k tmpfs "$1" || exit 99; shift; exec "$@"'
+    command = [sys.executable, "-m", "fusemoe_ckpt", "convert", "-q", "org/big", str(tmp_path / "out")]
+    result = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh", str(cache), *command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    needed = sum(len(data) for name, data in hub.files("org/big").items() if name.startswith("model-"))
+    assert result.returncode == 1, result.stderr
+    assert re.fullmatch(
+        rf"Error: {re.escape(str(cache))}: cannot download the shards of org/big: they need [\d.]+ KB "
+        rf"\({needed} bytes\) and [\d.]+ KB \(\d+ bytes\) is free; free space there, or set HF_HUB_CACHE to a "
+        r"disk with room\n",
+        result.stderr.splitlines(keepends=True)[-1],
+    ), result.stderr
+    assert not [name for name in hub.fetched() if name.endswith(".safetensors")]
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_of_a_finished_hub_conversion_says_complete(hub, source_repo, tmp_path):
+    out = tmp_path / "out"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["convert", "-q", source_repo, str(out)]).exit_code == 0
+    before = _tree(out)
+    again = runner.invoke(cli, ["convert", source_repo, str(out), "--resume"])
+    assert again.exit_code == 0, again.output
+    assert again.stdout.startswith(f"already complete: {out} holds this conversion")
+    assert _tree(out) == before
+    refused = runner.invoke(cli, ["convert", "-q", source_repo, str(out)])
+    assert _one_line_error(refused) == (
+        f"Error: {out}: exists and is not empty: it already holds this conversion of {source_repo}; "
+        "pass --resume to accept it as complete, or --overwrite to convert again"
+    )

@@ -109,3 +109,20 @@ def test_the_layer_check_sees_imports():
     assert "write.output" in graph["commands.convert"]
     assert "reading.source" in graph["plan.conversion"]
     assert "hub.download" in graph["commands.convert"]  # imported inside a function
+
+
+def test_every_json_document_is_read_by_the_one_parser():
+    """`json.load`/`json.loads` appear only in reading/json_document.py: every other module reads its
+    documents through it, so none takes NaN or recurses without bound (ARCHITECTURE.md, reading/)."""
+    readers = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr in ("load", "loads")
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "json"
+            ):
+                readers.append(f"{module_name(path)}:{node.lineno}")
+    assert [r for r in readers if not r.startswith("reading.json_document:")] == []
+    assert readers, "the check found no json.loads at all, not even the parser's own"

@@ -312,3 +312,53 @@ def test_lock_held_by_another_process_is_named(src, tmp_path):
     assert message == f"{dst}: another convert (process 4242) is writing it and holds {lock_path(dst)}; " + (
         "wait for it to finish or stop it"
     )
+
+
+# --- a DST that already holds this conversion -------------------------------------------------------
+
+
+def test_killed_just_after_the_final_rename_resume_says_complete(src, reference, tmp_path):
+    """SIGKILL after the partial directory became DST but before its journal was removed: DST is
+    complete, and `convert --resume` (a scheduler's re-run) used to fail with "exists and is not
+    empty". It says complete, exits 0, writes nothing and finishes the last step."""
+    dst = tmp_path / "dst"
+    kill_at(src, dst, "installed", 1)
+    assert (dst / JOURNAL_NAME).exists() and not partial_of(dst).exists()
+    shards = {p.name: p.stat() for p in dst.glob("*.safetensors")}
+    result = CliRunner().invoke(cli, ["convert", str(src), str(dst), *OPTIONS, "--resume"])
+    assert (result.exit_code, result.stderr) == (0, ""), result.output
+    assert result.stdout == f"already complete: {dst} holds this conversion (13 shards, 3.98 KB); nothing written\n"
+    assert files_of(dst) == files_of(reference)
+    for name, before in shards.items():
+        assert (dst / name).stat().st_mtime_ns == before.st_mtime_ns
+
+
+def test_a_rerun_with_resume_of_a_finished_conversion_exits_0(src, reference, tmp_path):
+    before = snapshot(reference)
+    result = CliRunner().invoke(cli, ["convert", "-q", str(src), str(reference), *OPTIONS, "--resume"])
+    assert (result.exit_code, result.output) == (0, "")
+    assert snapshot(reference) == before
+
+
+def test_without_resume_the_error_says_dst_is_this_conversion(src, reference, tmp_path):
+    message = refuse(tmp_path, src, reference, *OPTIONS)
+    assert message == (
+        f"{reference}: exists and is not empty: it already holds this conversion of {src}; "
+        "pass --resume to accept it as complete, or --overwrite to convert again"
+    )
+
+
+@pytest.mark.parametrize("options", [["--resume"], []], ids=["resume", "plain"])
+def test_another_conversion_in_dst_is_still_refused(src, reference, tmp_path, options):
+    """Another --max-shard-size plans other shards: DST is not this conversion, resume or not."""
+    message = refuse(tmp_path, src, reference, "--max-shard-size", "5GB", *options)
+    assert message == f"{reference}: exists and is not empty; pass --overwrite to replace it"
+
+
+def test_overwrite_with_resume_converts_again(src, reference, tmp_path):
+    """--overwrite asks for a new conversion, even of a DST that holds this one (batch relies on it
+    to replace a DST whose bytes verify found wrong)."""
+    before = {p.name: p.stat().st_ino for p in reference.glob("*.safetensors")}
+    result = CliRunner().invoke(cli, ["convert", "-q", str(src), str(reference), *OPTIONS, "--resume", "--overwrite"])
+    assert (result.exit_code, result.output) == (0, "")
+    assert all((reference / name).stat().st_ino != inode for name, inode in before.items())

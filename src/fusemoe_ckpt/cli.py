@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 import traceback
+from typing import NoReturn
 
 import click
 
@@ -19,35 +20,65 @@ from .commands.inspect import inspect_checkpoint
 from .commands.unfuse import unfuse as unfuse_checkpoint
 from .commands.verify import VerifyResult
 from .commands.verify import verify as verify_checkpoint
-from .errors import UsageError, interrupted_by, one_line
+from .errors import UsageError, interrupted_by, one_line, printable
 from .interrupts import signals_as_interrupts
 from .plan.cast import OUTPUT_DTYPES
 from .rules.families import FAMILIES, REFUSED
 
+# Exit statuses, as README.md and --help state them; an interruption exits 128 + the signal.
+EXIT_FAILED = 1
 # click's own status for a usage error: fix the command line or the manifest, rerunning will not help.
 EXIT_USAGE = 2
+# click >= 8.2 raises this for a bare `fusemoe-ckpt` and shows the help; older click exits itself.
+_HELP_SHOWN = tuple(
+    getattr(click.exceptions, name) for name in ["NoArgsIsHelpError"] if hasattr(click.exceptions, name)
+)
 
 
 class _Group(click.Group):
-    """Renders every error in one place: one line on stderr, exit code 1 (2 for a usage error, 128 + the
-    signal for an interruption); a traceback with --debug."""
+    """Renders every error in one place: one line on stderr, a traceback only with --debug; exit 2
+    for a usage error (click's own, a bad option value, a bad manifest), 128 + the signal for an
+    interruption (130 for ^C, 143 for SIGTERM), else 1."""
+
+    def make_context(self, info_name, args, parent=None, **extra) -> click.Context:
+        # The group's own options are parsed here, outside invoke().
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except _HELP_SHOWN:
+            raise  # no command at all: click shows the help
+        except click.ClickException as e:
+            _fail(_click_message(e), e.exit_code)
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except (click.exceptions.Exit, click.exceptions.Abort, *_HELP_SHOWN):
             raise
+        except click.ClickException as e:
+            _fail(_click_message(e), e.exit_code)
         except KeyboardInterrupt as e:
             detail = str(e) or "nothing was written to the destination"
             sig = interrupted_by(e)
             by = "" if sig == signal.SIGINT else f" by {sig.name}"
-            click.echo(f"Error: interrupted{by}; {detail}", err=True)
-            sys.exit(128 + sig)  # 130 for ^C, 143 for SIGTERM, as a shell reports a process they end
+            _fail(f"interrupted{by}; {detail}", 128 + sig)  # 130 for ^C, 143 for SIGTERM, as a shell reports
         except Exception as e:  # noqa: BLE001 - the one place errors become a message
             if ctx.obj and ctx.obj.get("debug"):
                 traceback.print_exc()
-            click.echo(f"Error: {one_line(e)}", err=True)
-            sys.exit(EXIT_USAGE if isinstance(e, UsageError) else 1)
+            _fail(one_line(e), EXIT_USAGE if isinstance(e, UsageError) else EXIT_FAILED)
+
+
+def _click_message(error: click.ClickException) -> str:
+    """click's message in one line, where click would print the usage and a hint on lines of their own."""
+    message = error.format_message()
+    context = getattr(error, "ctx", None)
+    if isinstance(error, click.UsageError) and context is not None:
+        message = f"{message.rstrip('.')}; see '{context.command_path} --help'"
+    return printable(message)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"Error: {printable(message)}", err=True)
+    sys.exit(code)
 
 
 @click.group(cls=_Group)
@@ -57,9 +88,15 @@ class _Group(click.Group):
 def cli(ctx: click.Context, debug: bool) -> None:
     """Convert per-expert MoE checkpoints into the fused layout transformers 5 holds in memory.
 
+    An error is one line on stderr, starting with "Error: " (--debug adds the traceback).
+
     \b
-    Exit status: 0 done; 1 an error (the message says which); 2 a usage error;
-    130 or 143 interrupted by ^C (SIGINT) or SIGTERM.
+    Exit status:
+      0    done
+      1    failed (bad input, a full disk, a failed check or batch entry)
+      2    usage error: a bad option or argument, a bad manifest
+      130  interrupted by ^C (SIGINT); convert --resume continues
+      143  interrupted by SIGTERM (scancel, a time limit, preemption)
     """
     ctx.obj = {"debug": debug}
     # SIGTERM (scancel, a job's time limit, preemption, a pod's deletion) stops a command as ^C does.
@@ -144,9 +181,9 @@ def convert(
             download_progress=not quiet,
         )
     for warning in result.warnings:
-        click.echo(f"Warning: {warning}", err=True)
+        click.echo(f"Warning: {printable(warning)}", err=True)
     if not quiet:
-        if result.nothing_to_fuse:
+        if result.nothing_to_fuse and not result.already_complete:
             name = result.plan.family.name
             click.echo(f"Nothing to fuse: no per-expert tensors for family {name}; copied through.")
         click.echo(result.summary())
@@ -179,7 +216,7 @@ def verify(src: str, dst: str, family: str | None, dtype: str | None, load_check
 def _report(result: VerifyResult, *, quiet: bool = False) -> None:
     """One line per mismatching key, then the summary: on stdout when DST passes, as the error otherwise."""
     for line in result.lines():
-        click.echo(line)
+        click.echo(printable(line))
     result.raise_if_failed()
     if not quiet:
         click.echo(result.summary())
@@ -216,6 +253,8 @@ def unfuse(
             durable=not no_fsync,
             progress=bar.update,
         )
+    for warning in result.warnings:
+        click.echo(f"Warning: {printable(warning)}", err=True)
     if not quiet:
         click.echo(result.summary())
 

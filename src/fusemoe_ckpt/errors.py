@@ -63,5 +63,16 @@ def interrupted_by(error: BaseException) -> signal.Signals:
 
 
 def one_line(error: BaseException) -> str:
-    """The message an error is shown with: ours as they are, others prefixed with their type."""
-    return str(error) if isinstance(error, FusemoeError) else f"{type(error).__name__}: {error}"
+    """The message an error is shown with: ours as they are, others prefixed with their type; in
+    one line whatever the paths and keys in it hold (see `printable`)."""
+    message = str(error) if isinstance(error, FusemoeError) else f"{type(error).__name__}: {error}"
+    return printable(message)
+
+
+def printable(text: str) -> str:
+    """`text` with every character that is not printable escaped as in a Python string literal
+    (a newline as \\n, ESC as \\x1b): a path or a tensor key holding one can neither split the
+    one-line message nor send the terminal a control sequence."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

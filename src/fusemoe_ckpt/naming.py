@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import re
 
-_NUMBERS = re.compile(r"(\d+)")
+# ASCII digits: `\d` also matches other scripts' digits, and str.isdigit() also takes '²'.
+_NUMBERS = re.compile(r"([0-9]+)")
 
 
 def natural_key(name: str) -> list:
     """Sort key with numbers compared as numbers: layers.2 before layers.10."""
-    return [int(part) if part.isdigit() else part for part in _NUMBERS.split(name)]
+    # split() puts the captured numbers at the odd positions.
+    return [int(part) if i % 2 else part for i, part in enumerate(_NUMBERS.split(name))]

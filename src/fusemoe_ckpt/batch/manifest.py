@@ -8,14 +8,15 @@ grows by appending a line. Blank lines and lines starting with `#` are skipped.
 from __future__ import annotations
 
 import difflib
-import json
 import os
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import FusemoeError, ManifestError
 from ..hub.repo_id import looks_like_repo_id
 from ..plan.cast import OUTPUT_DTYPES
+from ..reading.json_document import parse_json, read_document
 from ..rules.families import FAMILIES_BY_NAME
 from ..sizes import parse_size
 
@@ -69,14 +70,11 @@ def load_manifest(path: str | os.PathLike) -> list[Entry]:
 
     Raises:
         ManifestError: the file cannot be read, has no entries, or a line is not a valid entry
-            (the message names `file:line` and the field), or two entries share a dst.
+            (the message names `file:line` and the field); two entries share a dst, or one entry's
+            dst is, holds or lies inside another's src or dst.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise ManifestError(f"{path}: cannot read the manifest: {reason}") from e
+    text = read_document(path, error=ManifestError, what="manifest").decode("utf-8")
     base = path.absolute().parent
     entries: list[Entry] = []
     seen: dict[Path, int] = {}
@@ -95,14 +93,49 @@ def load_manifest(path: str | os.PathLike) -> list[Entry]:
         entries.append(entry)
     if not entries:
         raise ManifestError(f"{path}: no entries; write one JSON object per line with at least src and dst")
+    _refuse_overlaps(path, entries)
     return entries
 
 
+_READS = "no entry may write where another reads"
+_WRITES = "no entry may write inside another's output"
+
+
+def _refuse_overlaps(path: Path, entries: list[Entry]) -> None:
+    """Refuse an entry whose dst is, holds or lies inside another entry's src, or lies inside another's
+    dst: one conversion would write into (or, with overwrite, replace) what another reads or writes,
+    and with --jobs above 1 the outcome would depend on timing. Paths are compared resolved; each
+    path's folders are looked up, so a zoo of thousands of entries is checked at once."""
+    sources: dict[Path, list[Entry]] = defaultdict(list)
+    for entry in entries:
+        if not entry.hub:
+            sources[Path(entry.src).resolve()].append(entry)
+    outputs = {entry.dst.resolve(): entry for entry in entries}
+
+    def refuse(entry: Entry, detail: str) -> ManifestError:
+        return ManifestError(f'{path}:{entry.line}: field "dst": {entry.dst_text!r} {detail}')
+
+    for dst, entry in outputs.items():
+        for folder in (dst, *dst.parents):
+            for other in sources.get(folder, ()):
+                if other is not entry:
+                    relation = "is" if folder == dst else "lies inside"
+                    raise refuse(entry, f"{relation} the src of line {other.line} ({other.src}); {_READS}")
+            other = outputs.get(folder)
+            if other is not None and other is not entry:
+                raise refuse(entry, f"lies inside the dst of line {other.line}; {_WRITES}")
+    for source, readers in sources.items():
+        for folder in source.parents:
+            other = outputs.get(folder)
+            if other is not None and any(reader is not other for reader in readers):
+                reader = next(reader for reader in readers if reader is not other)
+                raise refuse(other, f"holds the src of line {reader.line} ({reader.src}); {_READS}")
+
+
 def _parse_entry(line: str, base: Path, where: str, number: int) -> Entry:
-    try:
-        data = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ManifestError(f"{where}: not valid JSON: {e.msg} at column {e.colno}") from None
+    data = parse_json(
+        line.encode("utf-8"), where, error=ManifestError, on_duplicate=lambda name: f"field {name!r} is given twice"
+    )
     if not isinstance(data, dict):
         raise ManifestError(f'{where}: not a JSON object; write {{"src": ..., "dst": ...}}')
     for name in data:

@@ -21,7 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import FusemoeError, Interrupted, UsageError, interrupted_by
+from ..errors import CheckpointError, FusemoeError, Interrupted, UsageError, interrupted_by
+from ..reading.json_document import read_json
 from ..sizes import format_size
 from ..write.workers import default_workers
 from .cluster import ALL, Shard, select
@@ -281,8 +282,8 @@ def _run_in_process(
             children.discard(process)
     outcome.seconds = time.perf_counter() - started
     try:
-        found = json.loads(result_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        found = read_json(result_file)
+    except CheckpointError:
         code = process.returncode
         outcome.status, outcome.error = "failed", _died(code, stderr.decode("utf-8", "replace"))
         if -code in _INTERRUPTING:  # stopped before it could record how: nothing lost, run again

@@ -16,16 +16,15 @@ from pathlib import Path
 
 from ..commands.convert import convert
 from ..commands.verify import verify
-from ..errors import CheckpointError, DestinationError, interrupted_by, one_line
+from ..errors import DestinationError, interrupted_by, one_line
 from ..interrupts import signals_as_interrupts
-from ..plan.cast import output_dtype
 from ..plan.conversion import plan_for
-from ..reading.safetensors_format import read_header
-from ..reading.source import INDEX_NAME, read_index, resolve_inside
-from ..write.destination import partial_path
+from ..reading.converted import recorded_metadata
+from ..reading.json_document import parse_json
+from ..reading.source import INDEX_NAME
+from ..write.destination import holds_files, partial_path
+from ..write.finished import planned_reason, read_finished, recorded_reason
 from .manifest import Entry
-
-_COMMIT = 40  # hex digits of a full commit id: the only revision a finished Hub output can be checked against
 
 
 def run_entry(entry: Entry, *, check_bytes: bool = False) -> dict:
@@ -38,7 +37,7 @@ def run_entry(entry: Entry, *, check_bytes: bool = False) -> dict:
     reason = unfinished_reason(entry, check_bytes=check_bytes)
     outcome = {"status": "skipped", "bytes_written": 0, "kept_shards": 0, "warnings": []}
     if reason is not None:
-        if _holds_files(entry.dst) and not entry.overwrite:
+        if holds_files(entry.dst) and not entry.overwrite:
             raise DestinationError(
                 f"{entry.dst}: exists and is not this entry's finished conversion ({reason}); "
                 'set "overwrite": true in the manifest to replace it, or remove it'
@@ -81,34 +80,25 @@ def run_entry(entry: Entry, *, check_bytes: bool = False) -> dict:
 def unfinished_reason(entry: Entry, *, check_bytes: bool = False) -> str | None:
     """None when DST holds this entry's finished conversion, else why not, in a few words.
 
-    Convert renames DST into place only once every file is written, so a DST with an index is
-    complete. What is checked is that it is *this entry's* conversion. For a local source: the
-    plan is recomputed from the source headers and DST's index must map the planned keys to the
-    planned shards, each with the planned size and header (dtypes, shapes, offsets), the family
-    and dtype as planned. For a Hub source, without downloading (and for a local source since
-    removed): the index records the same source (and commit, when the entry pins one), family and
-    dtype, and every shard's header holds the keys the index maps to it. With `check_bytes`,
-    verify compares every byte as well.
+    For a local source the plan is recomputed from the source headers and DST must hold it
+    (write/finished.py: planned keys, shards, sizes, headers, family and dtype). For a Hub source,
+    without downloading (and for a local source since removed): DST's index records the same source
+    (and commit, when the entry pins one), family and dtype, and every shard's header holds the keys
+    the index maps to it. With `check_bytes`, verify compares every byte as well.
 
     Raises:
         FusemoeError: the source cannot be read or planned.
     """
-    if not entry.dst.is_dir():
-        return "it is not a directory" if entry.dst.exists() else "no output yet"
-    try:
-        weight_map, metadata = read_index(entry.dst / INDEX_NAME)
-    except CheckpointError:
-        return f"no readable {INDEX_NAME}"
-    if "fusemoe_ckpt_family" not in metadata:
-        return "not written by fusemoe-ckpt"
-    recorded = (
-        metadata.get("fusemoe_ckpt_family"),
-        metadata.get("fusemoe_ckpt_dtype"),
-        metadata.get("fusemoe_ckpt_dequantized") is True,
-    )
     # A local source removed after its conversion (to free the space) leaves only what DST records.
     if entry.hub or not Path(entry.src).exists():
-        reason = _recorded_reason(entry, weight_map, metadata)
+        reason = recorded_reason(
+            entry.dst,
+            source=entry.src,
+            revision=entry.revision,
+            family=entry.family,
+            dtype=entry.dtype,
+            dequantize=entry.dequantize,
+        )
         source = None
         if reason is None and check_bytes:
             if not entry.hub:
@@ -117,6 +107,10 @@ def unfinished_reason(entry: Entry, *, check_bytes: bool = False) -> str | None:
 
             source = download_checkpoint(entry.src, revision=entry.revision, progress=False).path
     else:
+        found = read_finished(entry.dst)
+        if isinstance(found, str):
+            # Before planning: a source that cannot be planned is the conversion's error to report.
+            return found
         _, plan = plan_for(
             entry.src,
             family=entry.family,
@@ -124,58 +118,16 @@ def unfinished_reason(entry: Entry, *, check_bytes: bool = False) -> str | None:
             dtype=entry.dtype,
             dequantize=entry.dequantize,
         )
-        reason = _plan_reason(entry, plan, weight_map, recorded)
+        reason = planned_reason(entry.dst, plan)
         source = entry.src
     if reason is None and check_bytes:
-        checked = verify(source, entry.dst, family=recorded[0], dtype=recorded[1])
+        metadata = recorded_metadata(entry.dst / INDEX_NAME)
+        checked = verify(
+            source, entry.dst, family=metadata.get("fusemoe_ckpt_family"), dtype=metadata.get("fusemoe_ckpt_dtype")
+        )
         if not checked.ok:
             return f"verify found {len(checked.problems)} mismatching keys or files"
     return reason
-
-
-def _plan_reason(entry: Entry, plan, weight_map: dict[str, str], recorded: tuple) -> str | None:
-    if recorded != (plan.family.name, plan.dtype, plan.dequantized):
-        planned = f"{plan.family.name}/{plan.dtype}/{plan.dequantized}"
-        return f"family/dtype/dequantized {'/'.join(map(str, recorded))} recorded, {planned} planned"
-    if weight_map != plan.tensor_to_filename:
-        return "its index maps other keys or shards than planned"
-    for shard in plan.shards:
-        path = entry.dst / shard.filename
-        try:
-            with open(path, "rb") as f:
-                if os.fstat(f.fileno()).st_size != shard.file_size or f.read(len(shard.header)) != shard.header:
-                    return f"{shard.filename} differs from the planned size or header"
-        except OSError:
-            return f"{shard.filename} is missing or unreadable"
-    return None
-
-
-def _recorded_reason(entry: Entry, weight_map: dict[str, str], metadata: dict) -> str | None:
-    source = metadata.get("fusemoe_ckpt_source")
-    if source != entry.src:
-        return f"converted from {source}"
-    commit = metadata.get("fusemoe_ckpt_source_revision")
-    if entry.revision is not None and len(entry.revision) == _COMMIT and entry.revision != commit:
-        return f"converted from commit {commit}"
-    if entry.family is not None and metadata.get("fusemoe_ckpt_family") != entry.family:
-        return f"converted with family {metadata.get('fusemoe_ckpt_family')}"
-    if metadata.get("fusemoe_ckpt_dtype") != output_dtype(entry.dtype):
-        return f"converted with dtype {metadata.get('fusemoe_ckpt_dtype')}"
-    if (metadata.get("fusemoe_ckpt_dequantized") is True) != entry.dequantize:
-        return "converted with --dequantize" if entry.dequantize is False else "converted without --dequantize"
-    index_path = entry.dst / INDEX_NAME
-    for shard in sorted(set(weight_map.values())):
-        try:
-            header = read_header(resolve_inside(entry.dst, index_path, shard))
-        except CheckpointError:
-            return f"{shard} is missing or invalid"
-        if set(header.tensors) != {key for key, name in weight_map.items() if name == shard}:
-            return f"{shard} holds other keys than the index maps to it"
-    return None
-
-
-def _holds_files(path: Path) -> bool:
-    return path.exists() and (not path.is_dir() or any(path.iterdir()))
 
 
 def _tree_bytes(root: Path) -> int:
@@ -186,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one entry and write its outcome; the exit status is 0, 1 (failed), or 128 + the signal
     that interrupted it (130 for SIGINT, 143 for SIGTERM)."""
     args = sys.argv[1:] if argv is None else argv
-    entry = Entry.from_json(json.loads(args[0]))
+    entry = Entry.from_json(parse_json(args[0].encode("utf-8"), "the entry argument"))
     result_file = Path(args[1])
     if hasattr(signal, "SIGXFSZ"):
         # Past a file size limit the write must fail with EFBIG, as in `convert`, not kill the process.

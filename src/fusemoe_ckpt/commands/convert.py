@@ -8,15 +8,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import DestinationError, UsageError
 from ..hub.repo_id import is_hub_source
 from ..plan.conversion import plan_for
 from ..plan.layout import ConversionPlan
 from ..reading.source import SourceCheckpoint
 from ..rules.selection import override_warning
 from ..sizes import format_size
-from ..write.destination import check_destination, check_no_partial, check_paths, partial_path
-from ..write.output import write_plan
+from ..write.destination import (
+    check_destination,
+    check_no_partial,
+    check_paths,
+    holds_files,
+    partial_path,
+    resolve_destination,
+)
+from ..write.finished import planned_reason, recorded_reason
+from ..write.lock import DestinationLock
+from ..write.output import finish_installed, write_plan
 from ..write.workers import default_workers
 
 
@@ -32,12 +41,18 @@ class ConvertResult:
     warnings: list[str] = field(default_factory=list)
     kept_shards: int = 0
     source_dir: Path | None = None
+    already_complete: bool = False  # DST held this conversion already (--resume): nothing written
 
     @property
     def nothing_to_fuse(self) -> bool:
         return not self.plan.fused_groups
 
     def summary(self) -> str:
+        if self.already_complete:
+            return (
+                f"already complete: {self.destination} holds this conversion ({len(self.plan.shards)} shards, "
+                f"{format_size(self.plan.total_size)}); nothing written"
+            )
         rate = self.bytes_written / self.seconds / 1e9 if self.seconds > 0 else float("inf")
         kept = f" ({self.kept_shards} kept from the interrupted run)" if self.kept_shards else ""
         return (
@@ -116,23 +131,43 @@ def convert(
             does); the partial directory is kept for `resume`.
     """
     started = time.perf_counter()
-    src_path, dst_path = Path(src).absolute(), Path(dst).absolute()
+    src_path = Path(src).absolute()
+    dst_path, warnings = resolve_destination(Path(dst).absolute())
     provenance = {"fusemoe_ckpt_source": str(src)}
     if is_hub_source(src):
         from ..hub.download import download_checkpoint  # huggingface_hub is imported only for Hub sources
 
         # Before a download that may take hours.
-        check_destination(dst_path, overwrite)
+        check_destination(dst_path)
+        if holds_files(dst_path) and not (overwrite or resume):
+            recorded = recorded_reason(
+                dst_path, source=str(src), revision=revision, family=family, dtype=dtype, dequantize=dequantize
+            )
+            _refuse_non_empty(dst_path, str(src), this_conversion=recorded is None)
         check_no_partial(partial_path(dst_path), resume=resume, overwrite=overwrite)
         hub_source = download_checkpoint(str(src), revision=revision, progress=download_progress)
         src_path = hub_source.path
         provenance = {"fusemoe_ckpt_source": hub_source.repo_id, "fusemoe_ckpt_source_revision": hub_source.commit}
     elif revision is not None:
         raise UsageError(f"{src}: a revision applies to a Hub repo id, and this is a local path")
-    check_paths(src_path, dst_path, overwrite)
+    check_paths(src_path, dst_path)
     if workers is None:
         workers = default_workers(dequantize=dequantize)
     source, plan = plan_for(src_path, family=family, max_shard_size=max_shard_size, dtype=dtype, dequantize=dequantize)
+    if holds_files(dst_path) and not overwrite:
+        if resume and _finish_if_complete(dst_path, plan):
+            # Killed just after the final rename, or run again by a scheduler: nothing left to do.
+            return ConvertResult(
+                destination=dst_path,
+                plan=plan,
+                bytes_written=0,
+                seconds=time.perf_counter() - started,
+                warnings=warnings + _warnings(source, plan, family),
+                kept_shards=len(plan.shards),
+                source_dir=src_path,
+                already_complete=True,
+            )
+        _refuse_non_empty(dst_path, str(src), this_conversion=planned_reason(dst_path, plan) is None)
     written, extras, kept = write_plan(
         source,
         plan,
@@ -150,10 +185,34 @@ def convert(
         bytes_written=written,
         seconds=time.perf_counter() - started,
         copied_files=extras,
-        warnings=_warnings(source, plan, family),
+        warnings=warnings + _warnings(source, plan, family),
         kept_shards=kept,
         source_dir=src_path,
     )
+
+
+def _finish_if_complete(dst: Path, plan: ConversionPlan) -> bool:
+    """Whether `dst` holds `plan`'s output; if so, finish the step a run killed just after its final
+    rename left undone. Under the lock: a convert writing DST right now is refused, not raced."""
+    with DestinationLock(dst):
+        if planned_reason(dst, plan) is not None:
+            return False
+        finish_installed(dst)
+        return True
+
+
+def _refuse_non_empty(dst: Path, src: str, this_conversion: bool) -> None:
+    """Refuse a DST that holds files (without --overwrite), saying so when it is this conversion already.
+
+    Raises:
+        DestinationError: always.
+    """
+    if this_conversion:
+        raise DestinationError(
+            f"{dst}: exists and is not empty: it already holds this conversion of {src}; "
+            "pass --resume to accept it as complete, or --overwrite to convert again"
+        )
+    raise DestinationError(f"{dst}: exists and is not empty; pass --overwrite to replace it")
 
 
 def _warnings(source: SourceCheckpoint, plan: ConversionPlan, family: str | None) -> list[str]:

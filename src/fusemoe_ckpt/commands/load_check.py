@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import CheckpointError, UsageError
+from ..reading.source import CONFIG_NAME, read_config
 
 
 def load_check_problems(dst: Path, shapes: dict[str, tuple[int, ...]]) -> list[tuple[str, str]]:
@@ -27,6 +28,12 @@ def load_check_problems(dst: Path, shapes: dict[str, tuple[int, ...]]) -> list[t
     except ImportError as e:
         raise UsageError("--load-check needs transformers: pip install transformers") from e
 
+    try:
+        # Read as convert reads SRC's first: transformers would wait forever on a FIFO, or fail on
+        # a field of the wrong type with a bare exception.
+        read_config(dst / CONFIG_NAME)
+    except CheckpointError as e:
+        return [(CONFIG_NAME, f"cannot build the model: {e}")]
     config = transformers.AutoConfig.from_pretrained(dst)
     with torch.device("meta"):
         model = _build(transformers, config)

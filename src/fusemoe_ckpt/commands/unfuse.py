@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..plan.layout import ConversionPlan
@@ -13,7 +13,7 @@ from ..plan.unfusion import plan_unfuse
 from ..reading.source import open_checkpoint
 from ..rules.selection import resolve_family
 from ..sizes import format_size, parse_size
-from ..write.destination import check_paths
+from ..write.destination import check_paths, refuse_non_empty, resolve_destination
 from ..write.output import write_plan
 
 
@@ -23,6 +23,7 @@ class UnfuseResult:
     plan: ConversionPlan
     bytes_written: int
     seconds: float
+    warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         split = len(self.plan.fused_groups)
@@ -50,8 +51,10 @@ def unfuse(
         FusemoeError: bad input or destination; `dst` is then left as it was.
     """
     started = time.perf_counter()
-    src_path, dst_path = Path(src).absolute(), Path(dst).absolute()
-    check_paths(src_path, dst_path, overwrite)
+    src_path = Path(src).absolute()
+    dst_path, warnings = resolve_destination(Path(dst).absolute())
+    check_paths(src_path, dst_path)
+    refuse_non_empty(dst_path, overwrite)
     source = open_checkpoint(src_path)
     chosen = resolve_family(source, family)
     plan = plan_unfuse(source, chosen, max_shard_size=parse_size(max_shard_size))
@@ -65,4 +68,4 @@ def unfuse(
         durable=durable,
         progress=progress,
     )
-    return UnfuseResult(dst_path, plan, total, time.perf_counter() - started)
+    return UnfuseResult(dst_path, plan, total, time.perf_counter() - started, warnings)

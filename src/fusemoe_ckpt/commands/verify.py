@@ -7,7 +7,6 @@ in bounded chunks (a transposed expert is turned whole, as the writer does), nev
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import defaultdict
@@ -19,7 +18,8 @@ from ..naming import natural_key
 from ..plan.conversion import plan_for
 from ..plan.layout import ConversionPlan
 from ..plan.pieces import OutputTensor
-from ..reading.files import read_exact
+from ..reading.converted import check_recorded, recorded_metadata
+from ..reading.files import open_regular, read_exact
 from ..reading.safetensors_format import ShardHeader, TensorInfo, read_header
 from ..reading.source import INDEX_NAME, SINGLE_NAME, read_index, resolve_inside
 from ..sizes import format_size
@@ -106,7 +106,7 @@ def verify(
     """
     started = time.perf_counter()
     src_path, dst_path = Path(src), Path(dst)
-    recorded = _recorded_metadata(dst_path)
+    recorded = recorded_metadata(dst_path / INDEX_NAME)
     family = family or recorded.get("fusemoe_ckpt_family")
     dtype = dtype or recorded.get("fusemoe_ckpt_dtype")
     dequantized = recorded.get("fusemoe_ckpt_dequantized") is True
@@ -145,14 +145,6 @@ def verify(
     )
 
 
-def _recorded_metadata(dst: Path) -> dict:
-    try:
-        metadata = json.loads((dst / INDEX_NAME).read_text(encoding="utf-8")).get("metadata")
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return metadata if isinstance(metadata, dict) else {}
-
-
 def _read_destination(root: Path, problems: dict[str, list[str]]) -> _Destination:
     """DST's index and shard headers, read with our parser and with safetensors; every fault is
     recorded against the keys it affects."""
@@ -160,10 +152,16 @@ def _read_destination(root: Path, problems: dict[str, list[str]]) -> _Destinatio
     index_path = root / INDEX_NAME
     if index_path.exists():
         try:
-            weight_map, found.metadata = read_index(index_path)
+            weight_map, metadata = read_index(index_path)
         except CheckpointError as e:
             problems[INDEX_NAME].append(str(e))
             return found
+        try:
+            check_recorded(metadata, index_path)
+            found.metadata = metadata
+        except CheckpointError as e:
+            # Tampered provenance is a fault of DST, not a reason to leave its tensors unchecked.
+            problems[INDEX_NAME].append(str(e))
     elif (root / SINGLE_NAME).exists():
         weight_map = None
     else:
@@ -220,10 +218,11 @@ def _compare(expected: OutputTensor, stored: StoredTensor, problems: dict[str, l
     position = 0
     fds: dict[Path, int] = {}
     try:
-        dst_fd = fds.setdefault(stored.file, os.open(stored.file, os.O_RDONLY))
+        # Opened as the headers were, so a file swapped for a FIFO since cannot block the check.
+        dst_fd = fds.setdefault(stored.file, open_regular(stored.file, what="shard file")[0])
         for piece in expected.pieces:
             if piece.file is not None and piece.file not in fds:
-                fds[piece.file] = os.open(piece.file, os.O_RDONLY)
+                fds[piece.file] = open_regular(piece.file, what="shard file")[0]
             for want in piece_chunks(fds.get(piece.file, -1), piece, chunk=chunk):
                 have = read_exact(dst_fd, stored.offset + position, len(want), stored.file)
                 if have != want:

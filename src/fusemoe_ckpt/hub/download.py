@@ -3,15 +3,20 @@ exactly the shards the index names, at the same commit. Never weights of other f
 
 from __future__ import annotations
 
+import errno
 import glob
-import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import constants, snapshot_download
+from huggingface_hub import HfApi, constants, snapshot_download
+from huggingface_hub.hf_api import RepoFile
 
+from ..errors import CheckpointError, DestinationError
 from ..reading.side_files import WEIGHT_EXTENSIONS
-from ..reading.source import INDEX_NAME, SINGLE_NAME
+from ..reading.source import INDEX_NAME, SINGLE_NAME, both_layouts, read_index
+from ..sizes import format_size
+from ..write.writer import DISK_FULL
 from .calls import hub_errors, progress_bars
 
 # The files convert copies beside the shards: config, generation config, tokenizer files, chat
@@ -42,6 +47,10 @@ def download_checkpoint(repo_id: str, *, revision: str | None = None, progress: 
 
     Raises:
         HubError: a missing, gated or private repo, a missing revision, or no network and no cache.
+        CheckpointError: the repo holds an index and a model.safetensors the index does not name.
+        DestinationError: the cache's disk has no room for the shards still to download (checked
+            before, and reported if the disk fills during the download): naming the cache and the
+            space needed.
     """
     what = f"{repo_id}@{revision}" if revision else repo_id
     with hub_errors(what), progress_bars(progress):
@@ -52,9 +61,40 @@ def download_checkpoint(repo_id: str, *, revision: str | None = None, progress: 
         )
         commit = folder.name  # the cache keeps each snapshot under its commit hash
         shards = _shard_names(folder)
-        if shards:
+        missing = [name for name in shards if not (folder / name).exists()]
+        if missing and not constants.HF_HUB_OFFLINE:
+            sizes = _file_sizes(repo_id, commit)
+            if SINGLE_NAME in sizes and SINGLE_NAME not in shards and (folder / INDEX_NAME).exists():
+                raise CheckpointError(both_layouts(f"{repo_id}@{commit}"))
+            needed = sum(sizes.get(name, 0) for name in missing)
+            free = shutil.disk_usage(folder).free
+            if needed > free:
+                raise _no_room(what, needed, free)
+            try:
+                snapshot_download(repo_id, revision=commit, allow_patterns=[glob.escape(name) for name in shards])
+            except OSError as e:
+                if e.errno in DISK_FULL:
+                    raise _no_room(what, needed, shutil.disk_usage(folder).free, e) from e
+                raise
+        elif shards:
             snapshot_download(repo_id, revision=commit, allow_patterns=[glob.escape(name) for name in shards])
     return HubCheckpoint(repo_id=repo_id, revision=revision or constants.DEFAULT_REVISION, commit=commit, path=folder)
+
+
+def _file_sizes(repo_id: str, commit: str) -> dict[str, int]:
+    """Every file of the repo at `commit`, with its size in bytes."""
+    tree = HfApi().list_repo_tree(repo_id, revision=commit, recursive=True)
+    return {item.path: item.size for item in tree if isinstance(item, RepoFile)}
+
+
+def _no_room(what: str, needed: int, free: int, error: OSError | None = None) -> DestinationError:
+    """The one-line error for shards that do not fit the cache's disk."""
+    cause = f"{error.strerror} ({errno.errorcode.get(error.errno, error.errno)}); " if error else ""
+    return DestinationError(
+        f"{constants.HF_HUB_CACHE}: cannot download the shards of {what}: {cause}they need "
+        f"{format_size(needed)} ({needed} bytes) and {format_size(free)} ({free} bytes) is free; "
+        "free space there, or set HF_HUB_CACHE to a disk with room"
+    )
 
 
 def _shard_names(folder: Path) -> list[str]:
@@ -63,7 +103,7 @@ def _shard_names(folder: Path) -> list[str]:
     if not index.exists():
         return [SINGLE_NAME]
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        return sorted(set(weight_map.values()))
-    except (ValueError, KeyError, TypeError, AttributeError):
+        weight_map, _ = read_index(index)
+    except CheckpointError:
         return []  # open_checkpoint reports the malformed index, naming the file
+    return sorted(set(weight_map.values()))

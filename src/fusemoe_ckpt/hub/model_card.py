@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-import json
+import os
 import re
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
+
+from ..errors import CheckpointError, DestinationError
+from ..reading.json_document import read_document
+from ..reading.source import CONFIG_NAME, read_config
+from ..write.no_follow import open_own_file
 
 CARD_NAME = "README.md"
 TAGS = ["fused-moe", "fusemoe-ckpt"]
@@ -24,8 +29,11 @@ def write_model_card(root: Path, metadata: dict, *, repo_id: str, endpoint: str)
         endpoint: the Hub the source repo is linked on.
     """
     path = root / CARD_NAME
-    if path.exists():
-        card = ModelCard(_with_front_matter(path.read_text(encoding="utf-8-sig")), ignore_metadata_errors=True)
+    if os.path.lexists(path):
+        # Read as any input is (a FIFO there must not hang the push); written below without
+        # following a link, so a planted one cannot get its target overwritten.
+        text = read_document(path, error=DestinationError, what=CARD_NAME, follow_links=False).decode("utf-8")
+        card = ModelCard(_with_front_matter(text.removeprefix("\ufeff")), ignore_metadata_errors=True)
     else:
         card = ModelCard(f"---\n{ModelCardData(library_name='transformers').to_yaml()}\n---\n")
     base_model = metadata.get("fusemoe_ckpt_source") if "fusemoe_ckpt_source_revision" in metadata else None
@@ -37,7 +45,10 @@ def write_model_card(root: Path, metadata: dict, *, repo_id: str, endpoint: str)
     body = _SECTION.sub("", card.text).lstrip("\n")
     section = _section(metadata, _config(root), repo_id=repo_id, endpoint=endpoint, base_model=base_model)
     card.text = f"\n{section}\n{body}" if body else f"\n{section}"
-    card.save(path)
+    fd = open_own_file(path, "the model card")
+    os.ftruncate(fd, 0)
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+        f.write(str(card))  # what ModelCard.save writes
     return path
 
 
@@ -48,10 +59,9 @@ def _with_front_matter(text: str) -> str:
 
 def _config(root: Path) -> dict:
     try:
-        config = json.loads((root / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_config(root / CONFIG_NAME)
+    except CheckpointError:
         return {}
-    return config if isinstance(config, dict) else {}
 
 
 def _section(metadata: dict, config: dict, *, repo_id: str, endpoint: str, base_model: str | None) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -10,7 +9,8 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, constants
 
-from ..errors import UsageError
+from ..errors import CheckpointError, UsageError
+from ..reading.converted import read_converted_index
 from ..reading.source import INDEX_NAME
 from .calls import hub_errors, progress_bars
 from .model_card import write_model_card
@@ -76,10 +76,12 @@ def push_to_hub(
 
 def _output_metadata(root: Path) -> dict:
     index = root / INDEX_NAME
+    if not os.path.lexists(index):
+        raise UsageError(f"{root}: no readable {INDEX_NAME}; push uploads a directory written by convert")
     try:
-        metadata = json.loads(index.read_text(encoding="utf-8")).get("metadata") or {}
-    except (OSError, ValueError, AttributeError) as e:
-        raise UsageError(f"{root}: no readable {INDEX_NAME}; push uploads a directory written by convert") from e
+        _, metadata = read_converted_index(index)
+    except CheckpointError as e:
+        raise UsageError(f"{e}; push uploads a directory written by convert") from e
     if "fusemoe_ckpt_family" not in metadata:
         raise UsageError(f"{index}: not written by fusemoe-ckpt convert (no fusemoe_ckpt_family); convert it first")
     return metadata

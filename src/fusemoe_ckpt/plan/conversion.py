@@ -13,7 +13,7 @@ from dataclasses import replace
 from ..errors import CheckpointError, FamilyError, UsageError
 from ..naming import natural_key
 from ..reading.quantization import quantization_of
-from ..reading.source import SourceCheckpoint, SourceTensor, open_checkpoint
+from ..reading.source import EXPERT_COUNT_FIELDS, SourceCheckpoint, SourceTensor, open_checkpoint
 from ..rules.families import Family
 from ..rules.patterns import ChunkForRope, Converter, ExpertMerge, TransposeExperts, active_groups, map_key
 from ..rules.quantized import for_quantization
@@ -225,9 +225,6 @@ def config_hidden_size(config: dict | None) -> int | None:
     return _config_int(config, ("hidden_size",))
 
 
-EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-
-
 def _expected_experts(
     groups: dict[str, Slots], converter_of: dict[str, Converter], config: dict | None
 ) -> tuple[int, int]:
@@ -285,9 +282,14 @@ def _claim(passthrough: dict[str, SourceTensor], target: str, tensor: SourceTens
 
 
 def _expert_id(text: str, key: str) -> int:
-    if not text.isdigit():
+    if not _is_number(text):
         raise FamilyError(f"{key}: expert index {text!r} is not a number")
     return int(text)
+
+
+def _is_number(text: str) -> bool:
+    # ASCII digits only: str.isdigit() also takes '²' (which int() refuses) and '١' (which it reads as 1).
+    return text.isascii() and text.isdigit()
 
 
 def _refuse_leftover_experts(passthrough: dict[str, SourceTensor], groups: list[FusedGroup], family: Family) -> None:
@@ -299,7 +301,7 @@ def _refuse_leftover_experts(passthrough: dict[str, SourceTensor], groups: list[
     for name, tensor in passthrough.items():
         module, _, rest = name.partition(".experts.")
         prefix = module + ".experts."
-        if rest and rest.split(".")[0].isdigit() and prefix in modules:
+        if rest and _is_number(rest.split(".")[0]) and prefix in modules:
             raise FamilyError(
                 f"{tensor.name}: per-expert tensor that family {family.name} does not fuse; "
                 "it would be left beside the fused experts"

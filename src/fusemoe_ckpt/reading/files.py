@@ -2,55 +2,42 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
 
-from ..errors import CheckpointError
-
-# Largest index or config.json read into memory; a real one is a few megabytes at most.
-MAX_TEXT_BYTES = 100_000_000
+from ..errors import CheckpointError, FusemoeError
 
 
-def open_regular(path: Path, *, what: str = "file") -> tuple[int, os.stat_result]:
-    """A read-only descriptor of the regular file at `path` (symlinks followed), and its stat.
+def open_regular(
+    path: Path, *, what: str = "file", error: type[FusemoeError] = CheckpointError, follow_links: bool = True
+) -> tuple[int, os.stat_result]:
+    """A read-only descriptor of the regular file at `path`, and its stat.
 
     O_NONBLOCK makes opening a FIFO return at once instead of waiting for a writer; the type is then
     checked on the open descriptor, so the file cannot be swapped between the check and the read.
+    Symlinks are followed (the Hub cache links snapshot files into blobs/), except with
+    `follow_links=False`, for the files fusemoe-ckpt itself keeps beside or inside DST.
 
     Raises:
-        CheckpointError: the file is missing, unreadable, or not a regular file.
+        error: the file is missing, unreadable, a link not to be followed, or not a regular file
+            (CheckpointError by default).
     """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_links else os.O_NOFOLLOW)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, flags)
     except FileNotFoundError as e:
-        raise CheckpointError(f"{path}: {what} not found") from e
+        raise error(f"{path}: {what} not found") from e
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot open: {e.strerror}") from e
+        if e.errno == errno.ELOOP and not follow_links:
+            raise error(f"{path}: is a symbolic link, which fusemoe-ckpt does not follow here; remove it") from e
+        raise error(f"{path}: cannot open: {e.strerror}") from e
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        raise CheckpointError(f"{path}: not a regular file")
+        raise error(f"{path}: not a regular file")
     return fd, st
-
-
-def read_text(path: Path) -> str:
-    """The UTF-8 text of the small regular file at `path`.
-
-    Raises:
-        CheckpointError: not a regular file, larger than MAX_TEXT_BYTES, or not UTF-8.
-    """
-    fd, st = open_regular(path)
-    with os.fdopen(fd, "rb") as f:
-        if st.st_size > MAX_TEXT_BYTES:
-            raise CheckpointError(f"{path}: {st.st_size} bytes, more than the {MAX_TEXT_BYTES}-byte limit")
-        # At most one byte past the size fstat saw (and never past the limit): read() allocates
-        # what it is asked for before it reads.
-        raw = f.read(min(st.st_size, MAX_TEXT_BYTES) + 1)
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: not valid UTF-8: {e}") from e
 
 
 def read_exact(fd: int, offset: int, length: int, file: Path) -> bytearray:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from .files import open_regular
+from .json_document import parse_json, shorten
 
 # Same cap as the safetensors library: a header larger than this is refused before it is read.
 MAX_HEADER_BYTES = 100_000_000
@@ -24,6 +25,8 @@ HEADER_ALIGNMENT = 8
 # The kernel copies file bytes page by page; a copy whose source and destination offsets differ by a
 # whole number of pages moves pages, any other copy shifts every byte (twice as slow here).
 PAGE_SIZE = 4096
+# safetensors holds shapes, element counts and bit counts in a usize.
+_MAX_SIZE = 2**64 - 1
 
 DTYPE_SIZES: dict[str, int] = {
     "BOOL": 1,
@@ -80,19 +83,6 @@ def tensor_nbytes(dtype: str, shape: Iterable[int]) -> int:
     return DTYPE_SIZES[dtype] * math.prod(shape)
 
 
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
-    seen: dict[str, object] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise _DuplicateKey(key)
-        seen[key] = value
-    return seen
-
-
 def read_header(path: Path) -> ShardHeader:
     """Parse and validate the header of the safetensors file at `path`.
 
@@ -114,12 +104,13 @@ def read_header(path: Path) -> ShardHeader:
         raw = f.read(header_len)
     if len(raw) != header_len:
         raise CheckpointError(f"{path}: truncated while reading: header of {header_len} bytes, read {len(raw)}")
-    try:
-        parsed = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
-    except _DuplicateKey as e:
-        raise CheckpointError(f"{path}: header names tensor {e.args[0]!r} twice") from e
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path}: header is not valid UTF-8 JSON: {e}") from e
+    parsed = parse_json(
+        raw,
+        path,
+        subject="header is not valid UTF-8 JSON",
+        # serde keeps the last of duplicate keys, a reader of the first sees another tensor: refuse both.
+        on_duplicate=lambda key: f"header names tensor {key!r} twice",
+    )
     if not isinstance(parsed, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
     data_start = 8 + header_len
@@ -163,11 +154,15 @@ def _parse_entry(path: Path, name: str, entry: object, data_len: int) -> TensorI
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
     if dtype not in DTYPE_SIZES:
-        raise CheckpointError(f"{path}: tensor {name!r}: unknown dtype {dtype!r}")
+        raise CheckpointError(f"{path}: tensor {name!r}: unknown dtype {shorten(dtype)}")
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-        raise CheckpointError(f"{path}: tensor {name!r}: shape {shape!r} is not a list of sizes")
+        raise CheckpointError(f"{path}: tensor {name!r}: shape {shorten(shape)} is not a list of sizes")
+    if _overflows(dtype, shape):
+        raise CheckpointError(
+            f"{path}: tensor {name!r}: shape {shorten(shape)} overflows a 64-bit size (safetensors refuses it too)"
+        )
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
-        raise CheckpointError(f"{path}: tensor {name!r}: data_offsets {offsets!r} is not [start, end]")
+        raise CheckpointError(f"{path}: tensor {name!r}: data_offsets {shorten(offsets)} is not [start, end]")
     start, end = offsets
     if not start <= end <= data_len:
         raise CheckpointError(
@@ -177,6 +172,18 @@ def _parse_entry(path: Path, name: str, entry: object, data_len: int) -> TensorI
     if end - start != expected:
         raise CheckpointError(f"{path}: tensor {name!r}: {end - start} bytes but {dtype} {shape} needs {expected}")
     return TensorInfo(name=name, dtype=dtype, shape=tuple(shape), start=start, end=end)
+
+
+def _overflows(dtype: str, shape: list[int]) -> bool:
+    """Whether safetensors' own check fails: a dimension, or the running product of the dimensions
+    (in order, from 1), or that count in bits, past a 64-bit size. `[0, 2**64]` holds no element and
+    still overflows, as `[2**32, 2**32, 0]` does."""
+    count = 1
+    for dimension in shape:
+        count *= dimension
+        if dimension > _MAX_SIZE or count > _MAX_SIZE:
+            return True
+    return count * DTYPE_SIZES[dtype] * 8 > _MAX_SIZE
 
 
 def _is_count(value: object) -> bool:

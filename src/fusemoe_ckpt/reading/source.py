@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ..errors import CheckpointError
-from .files import read_text
+from .json_document import expect, read_json, shorten
 from .quantization import Scales
 from .safetensors_format import ShardHeader, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+# Numbers of config.json (or of its text_config) that planning reads.
+EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+CONFIG_COUNTS = ("hidden_size", "zero_expert_num", *EXPERT_COUNT_FIELDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +62,8 @@ def open_checkpoint(src: str | os.PathLike) -> SourceCheckpoint:
     if index_path.exists():
         weight_map, index_metadata = read_index(index_path)
         shard_names = sorted(set(weight_map.values()))
+        if SINGLE_NAME not in shard_names and os.path.lexists(root / SINGLE_NAME):
+            raise CheckpointError(both_layouts(root))
         shard_files = [resolve_inside(root, index_path, name) for name in shard_names]
     elif (root / SINGLE_NAME).exists():
         weight_map, index_metadata, index_path = None, {}, None
@@ -81,11 +85,23 @@ def open_checkpoint(src: str | os.PathLike) -> SourceCheckpoint:
     )
 
 
+def both_layouts(where: object) -> str:
+    """The message for a folder (or repo) holding an index and a model.safetensors it does not name."""
+    return (
+        f"{where}: holds both {INDEX_NAME} and a {SINGLE_NAME} the index does not name: two weight sets, "
+        f"and loaders disagree on which is the model (transformers and accelerate load {SINGLE_NAME}, "
+        "loaders that follow the index its shards); remove the one that is not"
+    )
+
+
 def read_index(index_path: Path) -> tuple[dict[str, str], dict]:
-    try:
-        index = json.loads(read_text(index_path))
-    except ValueError as e:
-        raise CheckpointError(f"{index_path}: not valid JSON: {e}") from e
+    """The weight map and the metadata (an empty dict where there is none) of a safetensors index.
+
+    Raises:
+        CheckpointError: not a regular file, not JSON, a weight map that is not names to files, or
+            metadata that is not an object.
+    """
+    index = read_json(index_path)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
@@ -93,8 +109,7 @@ def read_index(index_path: Path) -> tuple[dict[str, str], dict]:
         raise CheckpointError(f"{index_path}: 'weight_map' must map tensor names to shard file names")
     if not weight_map:
         raise CheckpointError(f"{index_path}: 'weight_map' lists no tensors")
-    metadata = index.get("metadata")
-    return weight_map, metadata if isinstance(metadata, dict) else {}
+    return weight_map, expect(index, "metadata", dict, "a JSON object", index_path) or {}
 
 
 def resolve_inside(root: Path, index_path: Path, name: str) -> Path:
@@ -142,12 +157,36 @@ def _check_index_matches(
 
 def _read_config(root: Path) -> dict | None:
     path = root / CONFIG_NAME
-    if not path.exists():
-        return None
-    try:
-        config = json.loads(read_text(path))
-    except ValueError as e:
-        raise CheckpointError(f"{path}: not valid JSON: {e}") from e
+    return read_config(path) if path.exists() else None
+
+
+def read_config(path: Path) -> dict:
+    """config.json at `path`, with the fields fusemoe-ckpt reads type-checked.
+
+    Raises:
+        CheckpointError: not a regular file, not a JSON object, or a field of the wrong type.
+    """
+    config = read_json(path, what=CONFIG_NAME)
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: not a JSON object")
+    check_config_fields(config, path)
     return config
+
+
+def check_config_fields(config: dict, path: Path) -> None:
+    """Refuse a config.json field fusemoe-ckpt reads that has the wrong type (null is absent).
+
+    Raises:
+        CheckpointError: naming config.json and the key, with what it must be.
+    """
+    expect(config, "model_type", str, "a string", path)
+    architectures = expect(config, "architectures", list, "a list of class names", path)
+    if architectures is not None and not all(isinstance(a, str) for a in architectures):
+        raise CheckpointError(f"{path}: architectures is {shorten(architectures)}, not a list of class names")
+    for key in ("dtype", "torch_dtype"):
+        expect(config, key, str, "a dtype name", path)
+    expect(config, "quantization_config", dict, "a JSON object", path)
+    text_config = expect(config, "text_config", dict, "a JSON object", path)
+    for scope, prefix in ((config, ""), (text_config or {}, "text_config.")):
+        for key in CONFIG_COUNTS:
+            expect(scope, key, int, "a whole number", path, prefix=prefix)

@@ -52,5 +52,7 @@ def resolve_family(source: SourceCheckpoint, name: str | None) -> Family:
         if matching
         else "no family's expert keys match this checkpoint"
     )
-    what = f"model_type {model_type!r} has no family rule" if source.config else "no config.json to choose a family"
+    # An empty config.json is there, and names no model type: not "no config.json".
+    has_config = source.config is not None
+    what = f"model_type {model_type!r} has no family rule" if has_config else "no config.json to choose a family"
     raise FamilyError(f"{source.root}: {what}; pass --family NAME ({hint})")

@@ -19,7 +19,10 @@ from pathlib import Path
 
 from ..errors import DestinationError
 from ..plan.layout import ConversionPlan, ShardPlan
+from ..reading.files import open_regular
+from ..reading.json_document import parse_json, read_document
 from ..reading.source import SourceCheckpoint
+from .no_follow import open_own_file, refuse_link
 
 JOURNAL_NAME = ".fusemoe-journal"
 JOURNAL_FORMAT = 1
@@ -80,12 +83,13 @@ class Journal:
             header["boot_id"] = boot_id()
         lines = [header, *(record.to_json() for record in kept)]
         fresh = directory / f"{JOURNAL_NAME}.new"
-        with open(fresh, "w", encoding="utf-8") as f:
+        with os.fdopen(open_own_file(fresh, "the resume journal", exclusive=True), "w", encoding="utf-8") as f:
             f.writelines(json.dumps(line) + "\n" for line in lines)
             journal._flush(f)
         os.replace(fresh, journal.path)
         journal._sync_directory()
-        journal._file = open(journal.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        descriptor = open_own_file(journal.path, "the resume journal", append=True)
+        journal._file = os.fdopen(descriptor, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
         return journal
 
     def record(self, path: Path) -> None:
@@ -124,16 +128,19 @@ def completed_shards(directory: Path, plan: ConversionPlan, fingerprint: str) ->
         DestinationError: the directory has no readable journal, or it belongs to another plan.
     """
     path = directory / JOURNAL_NAME
-    try:
-        lines = path.read_text(encoding="utf-8").split("\n")
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         raise DestinationError(
             f"{directory}: has no journal ({JOURNAL_NAME}), so its shards cannot be trusted; "
             "remove it or pass --overwrite to start over"
-        ) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DestinationError(f"{path}: unreadable journal: {e}; remove {directory} or pass --overwrite") from e
-    header = _parse(lines[0])
+        )
+    # Not through a link: the partial directory is the tool's own, and a link in it was planted.
+    refuse_link(path, "the resume journal")
+    try:
+        document = read_document(path, error=DestinationError, what="journal", follow_links=False)
+    except DestinationError as e:
+        raise DestinationError(f"{e}; remove {directory} or pass --overwrite") from e
+    lines = document.decode("utf-8").split("\n")
+    header = _parse(path, 1, lines[0])
     if not isinstance(header, dict) or header.get("fusemoe_journal") != JOURNAL_FORMAT:
         raise DestinationError(f"{path}: not a journal fusemoe-ckpt can read; remove {directory} or pass --overwrite")
     if header.get("fingerprint") != fingerprint:
@@ -147,8 +154,8 @@ def completed_shards(directory: Path, plan: ConversionPlan, fingerprint: str) ->
     planned = {shard.filename: shard for shard in plan.shards}
     kept: dict[str, ShardRecord] = {}
     # A line cut short by a crash is only ever the last one; everything from a bad line on is dropped.
-    for text in lines[1:]:
-        entry = _parse(text)
+    for number, text in enumerate(lines[1:], start=2):
+        entry = _parse(path, number, text)
         record = _record(entry)
         if record is None:
             break
@@ -166,10 +173,11 @@ def boot_id() -> str | None:
         return None
 
 
-def _parse(text: str) -> object:
+def _parse(path: Path, number: int, text: str) -> object:
+    """The JSON value of one journal line, None when it is not one (cut short by a crash)."""
     try:
-        return json.loads(text)
-    except ValueError:
+        return parse_json(text.encode("utf-8"), f"{path}:{number}", error=DestinationError)
+    except DestinationError:
         return None
 
 
@@ -185,12 +193,15 @@ def _record(entry: object) -> ShardRecord | None:
 def _still_complete(path: Path, shard: ShardPlan, record: ShardRecord) -> bool:
     """The file is the one recorded, untouched since, with the planned size and header."""
     try:
-        st = os.lstat(path)
+        fd, st = open_regular(path, error=DestinationError, follow_links=False)
+    except DestinationError:
+        return False
+    with os.fdopen(fd, "rb") as f:
         if (st.st_size, st.st_ino, st.st_mtime_ns) != (record.size, record.inode, record.mtime_ns):
             return False
         if st.st_size != shard.file_size:
             return False
-        with open(path, "rb") as f:
+        try:
             return f.read(len(shard.header)) == shard.header
-    except OSError:
-        return False
+        except OSError:
+            return False

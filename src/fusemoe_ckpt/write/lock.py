@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from ..errors import DestinationError
+from .no_follow import open_own_file
 
 LOCK_SUFFIX = ".fusemoe-lock"
 
@@ -42,10 +43,7 @@ class DestinationLock:
             DestinationError: another process holds it, or the lock file cannot be created.
         """
         while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            except OSError as e:
-                raise DestinationError(f"{self.path}: cannot create the lock file: {e.strerror}") from e
+            fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -59,7 +57,7 @@ class DestinationLock:
             # A holder may have removed the file between our open and our flock: then we locked a
             # file nobody else will see, and must lock the one at the path instead.
             try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+                same = os.lstat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
                 same = False
             if same:
@@ -68,6 +66,19 @@ class DestinationLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+
+    def _open(self) -> int:
+        """The lock file, created if missing.
+
+        Raises:
+            DestinationError: a link, a special file or a file with other hard links is at the path
+                (nothing is written to it: a link planted there must not get its target overwritten
+                with a process id), or the file cannot be created.
+        """
+        try:
+            return open_own_file(self.path, "the lock file", readable=True)
+        except OSError as e:
+            raise DestinationError(f"{self.path}: cannot create the lock file: {e.strerror}") from e
 
     def release(self) -> None:
         """Remove the lock file, then drop the lock; safe to call twice."""

@@ -18,6 +18,7 @@ from pathlib import Path
 from ..errors import ConversionInterrupted, DestinationError, UsageError, interrupted_by
 from ..naming import natural_key
 from ..plan.layout import ConversionPlan, ShardPlan
+from ..reading.files import open_regular
 from ..reading.side_files import side_files
 from ..reading.source import CONFIG_NAME, INDEX_NAME, SourceCheckpoint
 from .destination import (
@@ -30,6 +31,7 @@ from .destination import (
 )
 from .journal import JOURNAL_NAME, Journal, plan_fingerprint
 from .lock import DestinationLock
+from .no_follow import open_own_file, write_new_file
 from .workers import default_workers
 from .writer import DISK_FULL, disk_full_error, write_shard
 
@@ -81,7 +83,7 @@ def write_plan(
                 fsync_path(partial)
             install(partial, dst_path)
             # Removed only after the rename: a kill just before it must leave a resumable directory.
-            (dst_path / JOURNAL_NAME).unlink()
+            finish_installed(dst_path)
             if durable:
                 fsync_path(dst_path)
         except KeyboardInterrupt as e:
@@ -101,6 +103,12 @@ def write_plan(
             shutil.rmtree(partial, ignore_errors=True)
             raise
     return written, extras, len(kept)
+
+
+def finish_installed(dst: Path) -> None:
+    """Remove the journal from an output renamed into place: the last step, which a run killed just
+    after its final rename left undone (then `convert --resume` finishes it)."""
+    (dst / JOURNAL_NAME).unlink(missing_ok=True)  # unlink removes a link itself, never its target
 
 
 def _write_shards(
@@ -159,12 +167,7 @@ def write_index(path: Path, plan: ConversionPlan, provenance: dict[str, str], *,
         },
         "weight_map": dict(sorted(plan.tensor_to_filename.items(), key=lambda kv: natural_key(kv[0]))),
     }
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(index, f, indent=2)
-        f.write("\n")
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
+    write_new_file(path, (json.dumps(index, indent=2) + "\n").encode("utf-8"), durable=durable)
 
 
 def _copy_side_files(root: Path, partial: Path, extras: list[str], config: dict | None, *, durable: bool) -> None:
@@ -173,10 +176,16 @@ def _copy_side_files(root: Path, partial: Path, extras: list[str], config: dict 
         target = partial / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         if relative == CONFIG_NAME and config is not None:
-            target.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            write_new_file(target, (json.dumps(config, indent=2) + "\n").encode("utf-8"), durable=durable)
         else:
-            shutil.copyfile(root / relative, target)
-        if durable:
-            fsync_path(target)
-            if target.parent != partial:
-                fsync_path(target.parent)
+            # Opened as the shards are: a file swapped for a FIFO since it was listed cannot block.
+            with (
+                os.fdopen(open_regular(root / relative)[0], "rb") as source,
+                os.fdopen(open_own_file(target, "its output", exclusive=True), "wb") as copy,
+            ):
+                shutil.copyfileobj(source, copy)
+                if durable:
+                    copy.flush()
+                    os.fsync(copy.fileno())
+        if durable and target.parent != partial:
+            fsync_path(target.parent)
