@@ -194,3 +194,33 @@ def test_builtin_example_loads_through_accelerate(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "none on meta" in result.stdout
     assert f"logits equal to from_pretrained({tmp_path / 'tiny'}): True" in result.stdout
+
+
+# Model types whose renames would spoil keys already in transformers' names (`ModelKeys.kept`):
+# laguna's `mlp.shared_expert.` also hits `mlp.shared_experts.`, deepseek_ocr2's `(^|model\.)layers\.`
+# hits `model.language_model.layers.`, mistral_large4_text's `\.gate\.` hits `mlp.gate.`, axk1's
+# `post_mlp_layernorm` hits `mlp.post_mlp_layernorm`. glm5_next's take-backs are FP8-only: test_model_keys
+# checks them, with the FP8 quantizer's renames, key for key against transformers.
+TAKEN_BACK = ["axk1", "deepseek_ocr2", "laguna", "mistral_large4_text"]
+
+
+@pytest.mark.parametrize("model_type", TAKEN_BACK)
+def test_transformers_own_layout_converts_to_itself(model_type, tmp_path):
+    """A checkpoint already in transformers' in-memory names converts to exactly what transformers
+    holds from it: the renames it takes back are taken back, not applied (they used to spoil
+    `model.layers.N.mlp.shared_experts.*` of laguna into `mlp.shared_experts..*`, say)."""
+    model = _tiny_model(model_type)
+    reference, ours = tmp_path / "reference", tmp_path / "ours"
+    model.save_pretrained(reference, save_original_format=False, max_shard_size="20KB")
+    convert(reference, ours, max_shard_size="30KB")
+    expected, actual = load_checkpoint(reference), load_checkpoint(ours)
+    assert sorted(actual) == sorted(expected)
+    for name, tensor in expected.items():
+        got = actual[name]
+        assert (got.dtype, got.shape) == (tensor.dtype, tensor.shape), name
+        assert torch.equal(got.reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
+    # and transformers loads ours as it loads its own save.
+    theirs = _auto_class(model_type).from_pretrained(reference, dtype=torch.float32).state_dict()
+    held = _auto_class(model_type).from_pretrained(ours, dtype=torch.float32).state_dict()
+    assert sorted(held) == sorted(theirs)
+    assert all(torch.equal(held[k], theirs[k]) for k in theirs)
