@@ -22,7 +22,7 @@ from transformers.core_model_loading import (  # noqa: E402
 )
 
 from fusemoe_ckpt.rules.families import FAMILIES, LEGACY_RENAMES, REFUSED, Family, family_for_config  # noqa: E402
-from fusemoe_ckpt.rules.patterns import ChunkForRope, GroupRename  # noqa: E402
+from fusemoe_ckpt.rules.patterns import ChunkForRope, GroupRename, SplitBySize  # noqa: E402
 
 MAPPING = _build_checkpoint_conversion_mapping()
 
@@ -74,6 +74,8 @@ def _operation(converter: WeightConverter) -> str:
     ):
         rope = ops[1]
         return f"ChunkForRope(rope={tuple(rope.permute_layer_names or ())}, rope_config={rope.subconfig_key!r})"
+    if kinds == ["Split"] and ops[0].dim == 0 and len(converter._original_source_patterns) == 1 and not wildcard:
+        return "SplitBySize"
     return "unsupported: " + " + ".join(kinds) + (" over a wildcard" if wildcard else "")
 
 
@@ -98,6 +100,8 @@ def _transformers_rule(transforms) -> tuple[list, list]:
 
 
 def _our_operation(converter) -> str:
+    if isinstance(converter, SplitBySize):
+        return "SplitBySize"
     if isinstance(converter, ChunkForRope):
         return f"ChunkForRope(rope={converter.rope}, rope_config={converter.rope_config!r})"
     return type(converter).__name__

@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 from fusemoe_ckpt import convert  # noqa: E402
 from fusemoe_ckpt.commands.unfuse import unfuse  # noqa: E402
 from fusemoe_ckpt.commands.verify import verify  # noqa: E402
+from fusemoe_ckpt.errors import FamilyError  # noqa: E402
 
 from .conftest import load_checkpoint  # noqa: E402
 from .tiny_models import AUTO_CLASS, BASE, FULL_KWARGS, TINY_MODELS  # noqa: E402
@@ -224,3 +225,28 @@ def test_transformers_own_layout_converts_to_itself(model_type, tmp_path):
     held = _auto_class(model_type).from_pretrained(ours, dtype=torch.float32).state_dict()
     assert sorted(held) == sorted(theirs)
     assert all(torch.equal(held[k], theirs[k]) for k in theirs)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            {"num_key_value_heads": 2},
+            r"model\.layers\.0\.attention\.query_key_value\.(weight|bias): shape \[32(, 16)?\] does not split into "
+            r"\[16, 16, 16\] rows \(num_attention_heads x head_dim \+ num_key_value_heads x head_dim \+ "
+            r"num_key_value_heads x head_dim of config\.json\) on dim 0 \(.*original/model-\d+-of-\d+\.safetensors\)$",
+        ),
+        ({"head_dim": "8"}, r"config\.json: head_dim '8' is not a positive integer"),
+    ],
+    ids=["rows-do-not-add-up", "head-dim-not-an-int"],
+)
+def test_sarvam_split_sizes_that_do_not_fit_are_refused(tmp_path, edit, message):
+    """The q/k/v sizes come from config.json: where they do not add up to the fused rows, convert
+    refuses, naming the key, its shape, the sizes and the file, and writes nothing."""
+    original = tmp_path / "original"
+    _tiny_model("sarvam_moe").save_pretrained(original, max_shard_size="20KB")
+    config = json.loads((original / "config.json").read_text())
+    (original / "config.json").write_text(json.dumps(config | edit))
+    with pytest.raises(FamilyError, match=message):
+        convert(original, tmp_path / "ours")
+    assert not (tmp_path / "ours" / "model.safetensors.index.json").exists()

@@ -233,6 +233,15 @@ TINY_MODELS: dict[str, dict] = {
         "linear_num_value_heads": 2,
         "layer_types": ["linear_attention", "full_attention"],
     },
+    "sarvam_moe": {  # query_key_value split into q (2 heads x 8), k and v (1 head x 8 each)
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 8,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 1,
+        "head_dim": 8,
+        "attention_bias": True,
+    },
     "laguna": {
         "num_experts": 4,
         "num_experts_per_tok": 2,

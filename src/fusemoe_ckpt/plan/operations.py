@@ -13,7 +13,7 @@ import re
 from ..errors import FamilyError
 from ..reading.safetensors_format import DTYPE_SIZES
 from ..reading.source import SourceTensor
-from ..rules.patterns import ChunkForRope, Converter, ExpertMerge
+from ..rules.patterns import ChunkForRope, Converter, ExpertMerge, SplitBySize
 from .pieces import FusedGroup, OutputTensor, Piece, coalesce, piece_of, zeros
 
 # The in-memory fused layout of transformers 5: which axis holds the hidden size.
@@ -188,15 +188,10 @@ def chunk_for_rope(
     parts of rotary targets with their rows permuted head by head (`Chunk` then `PermuteForRope`)."""
     _require_slots(target, converter, slots, family)
     tensor = slots[0][None]
-    parts = len(converter.targets)
-    if not tensor.shape or tensor.shape[0] % parts:
-        raise FamilyError(
-            f"{tensor.name}: shape {list(tensor.shape)} does not split into {parts} equal parts on dim 0 "
-            f"({tensor.file})"
-        )
-    rows = tensor.shape[0] // parts
-    outputs = []
+    sizes = part_rows(converter, config, tensor)
+    outputs, start = [], 0
     for i, name in enumerate(converter.output_names(target)):
+        rows = sizes[i]
         order = None
         if converter.permuted(converter.targets[i]):
             heads = rope_heads(converter, config, "config.json")
@@ -206,6 +201,53 @@ def chunk_for_rope(
                     f"{heads} heads ({converter.rope_config}.num_attention_heads) of rotary pairs ({tensor.file})"
                 )
             order = rope_rows(rows, heads)
-        pieces = row_pieces(tensor, i * rows, rows, order)
+        pieces = row_pieces(tensor, start, rows, order)
+        start += rows
         outputs.append(OutputTensor(name, tensor.dtype, (rows, *tensor.shape[1:]), pieces))
-    return outputs, FusedGroup(target, "chunk_for_rope", 0, (tensor.name,))
+    kind = "split" if isinstance(converter, SplitBySize) else "chunk_for_rope"
+    return outputs, FusedGroup(target, kind, 0, (tensor.name,))
+
+
+def split_sizes(converter: SplitBySize, config: dict | None) -> list[int]:
+    """The rows of each target of a `SplitBySize`: its head count times the head dimension, from
+    config.json or transformers' config defaults.
+
+    Raises:
+        FamilyError: a value is not a positive integer.
+    """
+    config = config or {}
+
+    def value(name: str, default: int) -> int:
+        found = config.get(name)
+        found = default if found is None else found
+        if not isinstance(found, int) or isinstance(found, bool) or found <= 0:
+            raise FamilyError(f"config.json: {name} {found!r} is not a positive integer")
+        return found
+
+    head_dim = value("head_dim", converter.default_head_dim)
+    return [value(name, default) * head_dim for name, default in converter.heads]
+
+
+def part_rows(converter: ChunkForRope, config: dict | None, tensor: SourceTensor) -> list[int]:
+    """The rows of each target of `tensor`: equal parts (`Chunk`), or sized from config.json (`Split`).
+
+    Raises:
+        FamilyError: the parts do not add up to the tensor's rows (naming key and file).
+    """
+    parts = len(converter.targets)
+    rows = tensor.shape[0] if tensor.shape else 0
+    if isinstance(converter, SplitBySize):
+        sizes = split_sizes(converter, config)
+        if not tensor.shape or sum(sizes) != rows:
+            fields = " + ".join(f"{name} x head_dim" for name, _ in converter.heads)
+            raise FamilyError(
+                f"{tensor.name}: shape {list(tensor.shape)} does not split into {sizes} rows "
+                f"({fields} of config.json) on dim 0 ({tensor.file})"
+            )
+        return sizes
+    if not tensor.shape or rows % parts:
+        raise FamilyError(
+            f"{tensor.name}: shape {list(tensor.shape)} does not split into {parts} equal parts on dim 0 "
+            f"({tensor.file})"
+        )
+    return [rows // parts] * parts

@@ -24,6 +24,7 @@ from ..rules.patterns import (
     Converter,
     ExpertMerge,
     GroupRename,
+    SplitBySize,
     TransposeExperts,
     active_groups,
     map_key,
@@ -108,16 +109,21 @@ def _join_chunks(
         if slot not in found:
             raise FamilyError(f"{name}: missing: the {converter.targets[slot]} part of {joined}")
     first = found[0]
+    # `Split`'s parts (q, k, v of grouped-query attention) differ in rows; `Chunk`'s are equal.
+    sized = isinstance(converter, SplitBySize)
     for tensor in found.values():
-        if tensor.dtype != first.dtype or tensor.shape != first.shape:
+        same = tensor.shape[1:] == first.shape[1:] and bool(tensor.shape) if sized else tensor.shape == first.shape
+        if tensor.dtype != first.dtype or not same:
             raise FamilyError(
                 f"{tensor.name}: {tensor.dtype} {list(tensor.shape)} cannot be joined with "
                 f"{first.name}: {first.dtype} {list(first.shape)}"
             )
-    rows = first.shape[0] if first.shape else 0
     pieces: list[Piece] = []
+    total = 0
     for slot in range(len(names)):
         tensor = found[slot]
+        rows = tensor.shape[0] if tensor.shape else 0
+        total += rows
         order = None
         if converter.permuted(converter.targets[slot]):
             heads = rope_heads(converter, config, "config.json")
@@ -128,7 +134,7 @@ def _join_chunks(
                 )
             order = rope_rows(rows, heads, inverse=True)
         pieces += row_pieces(tensor, 0, rows, order)
-    shape = (rows * len(names), *first.shape[1:])
+    shape = (total, *first.shape[1:])
     return first.name, OutputTensor(joined, first.dtype, shape, tuple(coalesce(pieces)))
 
 

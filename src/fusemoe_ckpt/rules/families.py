@@ -18,6 +18,7 @@ from .patterns import (
     GroupRename,
     Rename,
     Renaming,
+    SplitBySize,
     TransposeExperts,
     map_key,
 )
@@ -497,6 +498,29 @@ FAMILIES: tuple[Family, ...] = (
         ),
     ),
     Family(
+        name="sarvam_moe",
+        model_types=("sarvam_moe",),
+        converters=(
+            *QWEN2_MOE,
+            # Grouped-query attention: the fused rows [q|k|v] are split by each target's size.
+            SplitBySize(
+                ("query_key_value",),
+                "q_proj",
+                targets=("q_proj", "k_proj", "v_proj"),
+                heads=(("num_attention_heads", 64), ("num_key_value_heads", 4), ("num_key_value_heads", 4)),
+                default_head_dim=64,  # SarvamMoEConfig's defaults
+            ),
+        ),
+        renames=(
+            Rename((r"^model\.word_embeddings\.",), "model.embed_tokens."),
+            Rename((r"\.attention\.",), ".self_attn."),
+            Rename((r"\.self_attn\.dense\.",), ".self_attn.o_proj."),
+            Rename((r"\.self_attn\.query_layernorm\.",), ".self_attn.q_norm."),
+            Rename((r"\.self_attn\.key_layernorm\.",), ".self_attn.k_norm."),
+            Rename((r"\.mlp\.gate\.expert_bias",), ".mlp.gate.e_score_correction_bias"),
+        ),
+    ),
+    Family(
         name="nemotron_h",
         model_types=("nemotron_h",),
         converters=(
@@ -530,7 +554,6 @@ FAMILIES: tuple[Family, ...] = (
 # Model types whose transformers rule merges experts but needs an operation convert cannot do
 # faithfully; they are refused by name rather than converted half-way.
 REFUSED: dict[str, str] = {
-    "sarvam_moe": "Split of query_key_value into q/k/v sized by the model's parameters",
     "qwen4_exp_text": "Concatenate of the wildcard ngram_embedding.shard_* tensors",
     "dots3_note_vision_encoder": "a rule scoped to the vision encoder inside a dots3_note model",
     "nemo_speechlm": "Chunk of w_qkv and an unconditional Transpose of the mixer experts",

@@ -185,6 +185,17 @@ class ChunkForRope(Converter):
 
 
 @dataclass(frozen=True)
+class SplitBySize(ChunkForRope):
+    """Split one tensor along dim 0 into one part per target, each as many rows as that target's
+    parameter has (`Split(dim=0)`, which reads the model's parameters): here from config.json, the
+    head count field of each target (`heads`, with transformers' config default) times `head_dim`
+    (`default_head_dim` where absent). Each part is one run of source bytes."""
+
+    heads: tuple[tuple[str, int], ...] = ()
+    default_head_dim: int = 0
+
+
+@dataclass(frozen=True)
 class GroupRename:
     """Paired renames active only in a checkpoint that holds the first source, the guard (a
     transformers `GroupWeightRename`): `norm0 -> norm1` with `norm1 -> norm2` must not rename a
