@@ -45,6 +45,7 @@ def test_every_family_with_model_keys_is_covered():
         "kimi_k25",
         "laguna",
         "mistral_large4_text",
+        "qwen4_exp_text",
     ]
     assert set(WITH_MODEL_KEYS) <= set(TINY_MODELS)
 

@@ -250,3 +250,47 @@ def test_sarvam_split_sizes_that_do_not_fit_are_refused(tmp_path, edit, message)
     with pytest.raises(FamilyError, match=message):
         convert(original, tmp_path / "ours")
     assert not (tmp_path / "ours" / "model.safetensors.index.json").exists()
+
+
+def test_qwen4_exp_drops_the_mtp_and_vision_tensors_transformers_ignores(tmp_path):
+    """`mtp.*` and `model.visual.*` (released beside the text model) are dropped, as transformers
+    ignores them at load; the rest is exactly transformers' fused save."""
+    model = _tiny_model("qwen4_exp_text")
+    original, reference, ours = tmp_path / "original", tmp_path / "reference", tmp_path / "ours"
+    model.save_pretrained(original, max_shard_size="20KB")
+    model.save_pretrained(reference, save_original_format=False)
+    extra = {
+        "mtp.layers.0.mlp.gate.weight": torch.ones(4, 16),
+        "model.visual.blocks.0.attn.qkv.weight": torch.ones(8, 4),
+    }
+    save_file(extra, original / "extra.safetensors", metadata={"format": "pt"})
+    index = json.loads((original / "model.safetensors.index.json").read_text())
+    index["weight_map"] |= dict.fromkeys(extra, "extra.safetensors")
+    (original / "model.safetensors.index.json").write_text(json.dumps(index))
+    result = convert(original, ours, max_shard_size="30KB")
+    assert sorted(result.plan.dropped) == sorted(extra)
+    assert "2 tensors dropped that transformers ignores at load (^model.visual.*, ^mtp.*)" in result.summary()
+    expected, actual = _reference_tensors(reference), load_checkpoint(ours)
+    assert sorted(actual) == sorted(expected)
+    assert all(torch.equal(actual[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize(
+    ("parts", "message"),
+    [
+        (
+            2,
+            r"ngram_embedding\.shard_2\.weight: shard 2 of .*ngram_embedding\.weight, but config\.json declares "
+            r"split_ngram_parts 2 \(.*original/model.*\.safetensors\)$",
+        ),
+        (8, r"ngram_embedding\.weight: shard 4 of 8 \(split_ngram_parts of config\.json\) is missing"),
+    ],
+    ids=["shard-past-the-count", "shard-missing"],
+)
+def test_qwen4_exp_shards_that_do_not_match_the_config_are_refused(tmp_path, parts, message):
+    original = tmp_path / "original"
+    _tiny_model("qwen4_exp_text").save_pretrained(original, max_shard_size="20KB")
+    config = json.loads((original / "config.json").read_text())
+    (original / "config.json").write_text(json.dumps(config | {"split_ngram_parts": parts}))
+    with pytest.raises(FamilyError, match=message):
+        convert(original, tmp_path / "ours")

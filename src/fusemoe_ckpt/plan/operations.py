@@ -13,7 +13,7 @@ import re
 from ..errors import FamilyError
 from ..reading.safetensors_format import DTYPE_SIZES
 from ..reading.source import SourceTensor
-from ..rules.patterns import ChunkForRope, Converter, ExpertMerge, SplitBySize
+from ..rules.patterns import ChunkForRope, ConcatenateShards, Converter, ExpertMerge, SplitBySize
 from .pieces import FusedGroup, OutputTensor, Piece, coalesce, piece_of, zeros
 
 # The in-memory fused layout of transformers 5: which axis holds the hidden size.
@@ -104,6 +104,52 @@ def concatenate(target: str, converter: Converter, slots: Slots, family: str) ->
     return (
         OutputTensor(target, tensors[0].dtype, shape, tuple(coalesce(piece_of(t) for t in tensors))),
         FusedGroup(target, "concatenate", 0, tuple(t.name for t in tensors)),
+    )
+
+
+def shard_count(converter: ConcatenateShards, config: dict | None) -> int:
+    """How many shards config.json declares (its `text_config` first), or transformers' default.
+
+    Raises:
+        FamilyError: the value is not a positive integer.
+    """
+    config = config or {}
+    text_config = config.get("text_config")
+    scopes = [text_config] if isinstance(text_config, dict) else []
+    found = next((s[converter.count_field] for s in [*scopes, config] if converter.count_field in s), None)
+    found = converter.default_count if found is None else found
+    if not isinstance(found, int) or isinstance(found, bool) or found <= 0:
+        raise FamilyError(f"config.json: {converter.count_field} {found!r} is not a positive integer")
+    return found
+
+
+def concatenate_shards(
+    target: str, converter: ConcatenateShards, slots: Slots, family: str, config: dict | None
+) -> tuple[OutputTensor, FusedGroup]:
+    """Shards 0..N-1 of one tensor joined along dim 0 in shard order (the n-gram embedding, say),
+    N from config.json; a missing shard or one past N is refused."""
+    _require_slots(target, converter, slots, family)
+    found = slots[0]
+    count = shard_count(converter, config)
+    beyond = sorted(shard for shard in found if shard >= count)
+    if beyond:
+        raise FamilyError(
+            f"{found[beyond[0]].name}: shard {beyond[0]} of {target}, but config.json declares "
+            f"{converter.count_field} {count} ({found[beyond[0]].file})"
+        )
+    missing = [shard for shard in range(count) if shard not in found]
+    if missing:
+        some = next(iter(found.values()))
+        raise FamilyError(
+            f"{target}: shard {missing[0]} of {count} ({converter.count_field} of config.json) is missing, "
+            f"though {some.name} is one of them"
+        )
+    tensors = [found[shard] for shard in range(count)]
+    _check_concatenable(tensors)
+    shape = (sum(t.shape[0] for t in tensors), *tensors[0].shape[1:])
+    return (
+        OutputTensor(target, tensors[0].dtype, shape, tuple(coalesce(piece_of(t) for t in tensors))),
+        FusedGroup(target, "concatenate_shards", 0, tuple(t.name for t in tensors)),
     )
 
 

@@ -13,6 +13,7 @@ from .model_keys import ModelKeys
 from .patterns import (
     ChunkForRope,
     Concatenate,
+    ConcatenateShards,
     Converter,
     ExpertMerge,
     GroupRename,
@@ -542,6 +543,26 @@ FAMILIES: tuple[Family, ...] = (
         renames=(Rename((r"^model\.language_model\.(.+)",), r"model\.\1", prefix_change=True),),
     ),
     Family(
+        name="qwen4_exp_text",
+        model_types=("qwen4_exp_text",),
+        converters=(
+            *QWEN2_MOE,
+            # The n-gram embedding is stored in `split_ngram_parts` row shards.
+            ConcatenateShards(
+                ("ngram_embedding.shard_*.weight",),
+                "ngram_embedding.weight",
+                count_field="split_ngram_parts",
+                default_count=512,  # Qwen4ExpTextConfig's
+            ),
+        ),
+        renames=(Rename((r"^model\.language_model\.(.+)",), r"model\.\1", prefix_change=True),),
+        model=ModelKeys(
+            prefix="model",
+            head=("lm_head",),
+            ignored=(r"^model.visual.*", r"^mtp.*"),  # the vision tower and multi-token prediction
+        ),
+    ),
+    Family(
         name="qwen3_vl_moe",
         model_types=("qwen3_vl_moe",),
         converters=(
@@ -554,7 +575,6 @@ FAMILIES: tuple[Family, ...] = (
 # Model types whose transformers rule merges experts but needs an operation convert cannot do
 # faithfully; they are refused by name rather than converted half-way.
 REFUSED: dict[str, str] = {
-    "qwen4_exp_text": "Concatenate of the wildcard ngram_embedding.shard_* tensors",
     "dots3_note_vision_encoder": "a rule scoped to the vision encoder inside a dots3_note model",
     "nemo_speechlm": "Chunk of w_qkv and an unconditional Transpose of the mixer experts",
 }

@@ -142,6 +142,16 @@ class Concatenate(Converter):
     """Concatenate one tensor per source along dim 0, in source order (`Concatenate(dim=0)`)."""
 
 
+@dataclass(frozen=True)
+class ConcatenateShards(Converter):
+    """Concatenate the shards of one tensor, `*` = 0..N-1, along dim 0 (`Concatenate(dim=0,
+    num_shards_attribute=...)` over a wildcard): N is config.json's `count_field`, or
+    `default_count` (transformers' config default) where absent."""
+
+    count_field: str = ""
+    default_count: int = 0
+
+
 class TransposeExperts(Converter):
     """Swap dims 1 and 2 of a fused expert tensor stored in the other orientation
     (`Transpose(1, 2, check_dims=True)`: only when the stored shape is not the in-memory one)."""
