@@ -22,7 +22,7 @@ from transformers.core_model_loading import (  # noqa: E402
 )
 
 from fusemoe_ckpt.rules.families import FAMILIES, LEGACY_RENAMES, REFUSED, Family, family_for_config  # noqa: E402
-from fusemoe_ckpt.rules.patterns import ChunkForRope, GroupRename  # noqa: E402
+from fusemoe_ckpt.rules.patterns import ChunkForRope, ConcatenateShards, GroupRename, SplitBySize  # noqa: E402
 
 MAPPING = _build_checkpoint_conversion_mapping()
 
@@ -58,6 +58,8 @@ def _operation(converter: WeightConverter) -> str:
     wildcard = any("*" in s for s in converter._original_source_patterns)
     if kinds == ["Concatenate"] and ops[0].dim == 0 and not wildcard:
         return "Concatenate"
+    if kinds == ["Concatenate"] and ops[0].dim == 0 and wildcard and ops[0].num_shards_attribute:
+        return f"ConcatenateShards(count_field={ops[0].num_shards_attribute!r})"
     if (
         len(ops) == 1
         and isinstance(ops[0], Transpose)
@@ -74,6 +76,8 @@ def _operation(converter: WeightConverter) -> str:
     ):
         rope = ops[1]
         return f"ChunkForRope(rope={tuple(rope.permute_layer_names or ())}, rope_config={rope.subconfig_key!r})"
+    if kinds == ["Split"] and ops[0].dim == 0 and len(converter._original_source_patterns) == 1 and not wildcard:
+        return "SplitBySize"
     return "unsupported: " + " + ".join(kinds) + (" over a wildcard" if wildcard else "")
 
 
@@ -98,6 +102,10 @@ def _transformers_rule(transforms) -> tuple[list, list]:
 
 
 def _our_operation(converter) -> str:
+    if isinstance(converter, ConcatenateShards):
+        return f"ConcatenateShards(count_field={converter.count_field!r})"
+    if isinstance(converter, SplitBySize):
+        return "SplitBySize"
     if isinstance(converter, ChunkForRope):
         return f"ChunkForRope(rope={converter.rope}, rope_config={converter.rope_config!r})"
     return type(converter).__name__

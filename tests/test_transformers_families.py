@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 from fusemoe_ckpt import convert  # noqa: E402
 from fusemoe_ckpt.commands.unfuse import unfuse  # noqa: E402
 from fusemoe_ckpt.commands.verify import verify  # noqa: E402
+from fusemoe_ckpt.errors import FamilyError  # noqa: E402
 
 from .conftest import load_checkpoint  # noqa: E402
 from .tiny_models import AUTO_CLASS, BASE, FULL_KWARGS, TINY_MODELS  # noqa: E402
@@ -194,3 +195,102 @@ def test_builtin_example_loads_through_accelerate(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "none on meta" in result.stdout
     assert f"logits equal to from_pretrained({tmp_path / 'tiny'}): True" in result.stdout
+
+
+# Model types whose renames would spoil keys already in transformers' names (`ModelKeys.kept`):
+# laguna's `mlp.shared_expert.` also hits `mlp.shared_experts.`, deepseek_ocr2's `(^|model\.)layers\.`
+# hits `model.language_model.layers.`, mistral_large4_text's `\.gate\.` hits `mlp.gate.`, axk1's
+# `post_mlp_layernorm` hits `mlp.post_mlp_layernorm`. glm5_next's take-backs are FP8-only: test_model_keys
+# checks them, with the FP8 quantizer's renames, key for key against transformers.
+TAKEN_BACK = ["axk1", "deepseek_ocr2", "laguna", "mistral_large4_text"]
+
+
+@pytest.mark.parametrize("model_type", TAKEN_BACK)
+def test_transformers_own_layout_converts_to_itself(model_type, tmp_path):
+    """A checkpoint already in transformers' in-memory names converts to exactly what transformers
+    holds from it: the renames it takes back are taken back, not applied (they used to spoil
+    `model.layers.N.mlp.shared_experts.*` of laguna into `mlp.shared_experts..*`, say)."""
+    model = _tiny_model(model_type)
+    reference, ours = tmp_path / "reference", tmp_path / "ours"
+    model.save_pretrained(reference, save_original_format=False, max_shard_size="20KB")
+    convert(reference, ours, max_shard_size="30KB")
+    expected, actual = load_checkpoint(reference), load_checkpoint(ours)
+    assert sorted(actual) == sorted(expected)
+    for name, tensor in expected.items():
+        got = actual[name]
+        assert (got.dtype, got.shape) == (tensor.dtype, tensor.shape), name
+        assert torch.equal(got.reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
+    # and transformers loads ours as it loads its own save.
+    theirs = _auto_class(model_type).from_pretrained(reference, dtype=torch.float32).state_dict()
+    held = _auto_class(model_type).from_pretrained(ours, dtype=torch.float32).state_dict()
+    assert sorted(held) == sorted(theirs)
+    assert all(torch.equal(held[k], theirs[k]) for k in theirs)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            {"num_key_value_heads": 2},
+            r"model\.layers\.0\.attention\.query_key_value\.(weight|bias): shape \[32(, 16)?\] does not split into "
+            r"\[16, 16, 16\] rows \(num_attention_heads x head_dim \+ num_key_value_heads x head_dim \+ "
+            r"num_key_value_heads x head_dim of config\.json\) on dim 0 \(.*original/model-\d+-of-\d+\.safetensors\)$",
+        ),
+        ({"head_dim": "8"}, r"config\.json: head_dim '8' is not a positive integer"),
+    ],
+    ids=["rows-do-not-add-up", "head-dim-not-an-int"],
+)
+def test_sarvam_split_sizes_that_do_not_fit_are_refused(tmp_path, edit, message):
+    """The q/k/v sizes come from config.json: where they do not add up to the fused rows, convert
+    refuses, naming the key, its shape, the sizes and the file, and writes nothing."""
+    original = tmp_path / "original"
+    _tiny_model("sarvam_moe").save_pretrained(original, max_shard_size="20KB")
+    config = json.loads((original / "config.json").read_text())
+    (original / "config.json").write_text(json.dumps(config | edit))
+    with pytest.raises(FamilyError, match=message):
+        convert(original, tmp_path / "ours")
+    assert not (tmp_path / "ours" / "model.safetensors.index.json").exists()
+
+
+def test_qwen4_exp_drops_the_mtp_and_vision_tensors_transformers_ignores(tmp_path):
+    """`mtp.*` and `model.visual.*` (released beside the text model) are dropped, as transformers
+    ignores them at load; the rest is exactly transformers' fused save."""
+    model = _tiny_model("qwen4_exp_text")
+    original, reference, ours = tmp_path / "original", tmp_path / "reference", tmp_path / "ours"
+    model.save_pretrained(original, max_shard_size="20KB")
+    model.save_pretrained(reference, save_original_format=False)
+    extra = {
+        "mtp.layers.0.mlp.gate.weight": torch.ones(4, 16),
+        "model.visual.blocks.0.attn.qkv.weight": torch.ones(8, 4),
+    }
+    save_file(extra, original / "extra.safetensors", metadata={"format": "pt"})
+    index = json.loads((original / "model.safetensors.index.json").read_text())
+    index["weight_map"] |= dict.fromkeys(extra, "extra.safetensors")
+    (original / "model.safetensors.index.json").write_text(json.dumps(index))
+    result = convert(original, ours, max_shard_size="30KB")
+    assert sorted(result.plan.dropped) == sorted(extra)
+    assert "2 tensors dropped that transformers ignores at load (^model.visual.*, ^mtp.*)" in result.summary()
+    expected, actual = _reference_tensors(reference), load_checkpoint(ours)
+    assert sorted(actual) == sorted(expected)
+    assert all(torch.equal(actual[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize(
+    ("parts", "message"),
+    [
+        (
+            2,
+            r"ngram_embedding\.shard_2\.weight: shard 2 of .*ngram_embedding\.weight, but config\.json declares "
+            r"split_ngram_parts 2 \(.*original/model.*\.safetensors\)$",
+        ),
+        (8, r"ngram_embedding\.weight: shard 4 of 8 \(split_ngram_parts of config\.json\) is missing"),
+    ],
+    ids=["shard-past-the-count", "shard-missing"],
+)
+def test_qwen4_exp_shards_that_do_not_match_the_config_are_refused(tmp_path, parts, message):
+    original = tmp_path / "original"
+    _tiny_model("qwen4_exp_text").save_pretrained(original, max_shard_size="20KB")
+    config = json.loads((original / "config.json").read_text())
+    (original / "config.json").write_text(json.dumps(config | {"split_ngram_parts": parts}))
+    with pytest.raises(FamilyError, match=message):
+        convert(original, tmp_path / "ours")

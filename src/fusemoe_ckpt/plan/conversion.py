@@ -15,13 +15,21 @@ from ..naming import natural_key
 from ..reading.quantization import quantization_of
 from ..reading.source import EXPERT_COUNT_FIELDS, SourceCheckpoint, SourceTensor, open_checkpoint
 from ..rules.families import Family
-from ..rules.patterns import ChunkForRope, Converter, ExpertMerge, TransposeExperts, active_groups, map_key
+from ..rules.patterns import (
+    ChunkForRope,
+    ConcatenateShards,
+    Converter,
+    ExpertMerge,
+    TransposeExperts,
+    active_groups,
+    map_key,
+)
 from ..rules.quantized import for_quantization
 from ..rules.selection import resolve_family
 from ..sizes import parse_size
 from .cast import cast_of, output_dtype
 from .layout import ConversionPlan, lay_out
-from .operations import Slots, chunk_for_rope, concatenate, fuse_experts, transpose_experts
+from .operations import Slots, chunk_for_rope, concatenate, concatenate_shards, fuse_experts, transpose_experts
 from .pieces import FusedGroup, OutputTensor, piece_of
 from .quantization import (
     CONFIG_DTYPES,
@@ -202,6 +210,8 @@ def _apply(
         return chunk_for_rope(target, converter, slots, family.name, config)
     if isinstance(converter, ExpertMerge):
         tensor, group = fuse_experts(target, converter, slots, family.name, num_experts, zero_experts)
+    elif isinstance(converter, ConcatenateShards):
+        tensor, group = concatenate_shards(target, converter, slots, family.name, config)
     elif isinstance(converter, TransposeExperts):
         tensor, group = transpose_experts(target, slots, family.name, config_hidden_size(config))
     else:

@@ -13,7 +13,7 @@ import re
 from ..errors import FamilyError
 from ..reading.safetensors_format import DTYPE_SIZES
 from ..reading.source import SourceTensor
-from ..rules.patterns import ChunkForRope, Converter, ExpertMerge
+from ..rules.patterns import ChunkForRope, ConcatenateShards, Converter, ExpertMerge, SplitBySize
 from .pieces import FusedGroup, OutputTensor, Piece, coalesce, piece_of, zeros
 
 # The in-memory fused layout of transformers 5: which axis holds the hidden size.
@@ -107,6 +107,52 @@ def concatenate(target: str, converter: Converter, slots: Slots, family: str) ->
     )
 
 
+def shard_count(converter: ConcatenateShards, config: dict | None) -> int:
+    """How many shards config.json declares (its `text_config` first), or transformers' default.
+
+    Raises:
+        FamilyError: the value is not a positive integer.
+    """
+    config = config or {}
+    text_config = config.get("text_config")
+    scopes = [text_config] if isinstance(text_config, dict) else []
+    found = next((s[converter.count_field] for s in [*scopes, config] if converter.count_field in s), None)
+    found = converter.default_count if found is None else found
+    if not isinstance(found, int) or isinstance(found, bool) or found <= 0:
+        raise FamilyError(f"config.json: {converter.count_field} {found!r} is not a positive integer")
+    return found
+
+
+def concatenate_shards(
+    target: str, converter: ConcatenateShards, slots: Slots, family: str, config: dict | None
+) -> tuple[OutputTensor, FusedGroup]:
+    """Shards 0..N-1 of one tensor joined along dim 0 in shard order (the n-gram embedding, say),
+    N from config.json; a missing shard or one past N is refused."""
+    _require_slots(target, converter, slots, family)
+    found = slots[0]
+    count = shard_count(converter, config)
+    beyond = sorted(shard for shard in found if shard >= count)
+    if beyond:
+        raise FamilyError(
+            f"{found[beyond[0]].name}: shard {beyond[0]} of {target}, but config.json declares "
+            f"{converter.count_field} {count} ({found[beyond[0]].file})"
+        )
+    missing = [shard for shard in range(count) if shard not in found]
+    if missing:
+        some = next(iter(found.values()))
+        raise FamilyError(
+            f"{target}: shard {missing[0]} of {count} ({converter.count_field} of config.json) is missing, "
+            f"though {some.name} is one of them"
+        )
+    tensors = [found[shard] for shard in range(count)]
+    _check_concatenable(tensors)
+    shape = (sum(t.shape[0] for t in tensors), *tensors[0].shape[1:])
+    return (
+        OutputTensor(target, tensors[0].dtype, shape, tuple(coalesce(piece_of(t) for t in tensors))),
+        FusedGroup(target, "concatenate_shards", 0, tuple(t.name for t in tensors)),
+    )
+
+
 def hidden_axis(tensor: SourceTensor, target: str, hidden_size: int | None) -> int:
     """The axis of fused expert tensor `target` that transformers holds at hidden_size.
 
@@ -188,15 +234,10 @@ def chunk_for_rope(
     parts of rotary targets with their rows permuted head by head (`Chunk` then `PermuteForRope`)."""
     _require_slots(target, converter, slots, family)
     tensor = slots[0][None]
-    parts = len(converter.targets)
-    if not tensor.shape or tensor.shape[0] % parts:
-        raise FamilyError(
-            f"{tensor.name}: shape {list(tensor.shape)} does not split into {parts} equal parts on dim 0 "
-            f"({tensor.file})"
-        )
-    rows = tensor.shape[0] // parts
-    outputs = []
+    sizes = part_rows(converter, config, tensor)
+    outputs, start = [], 0
     for i, name in enumerate(converter.output_names(target)):
+        rows = sizes[i]
         order = None
         if converter.permuted(converter.targets[i]):
             heads = rope_heads(converter, config, "config.json")
@@ -206,6 +247,53 @@ def chunk_for_rope(
                     f"{heads} heads ({converter.rope_config}.num_attention_heads) of rotary pairs ({tensor.file})"
                 )
             order = rope_rows(rows, heads)
-        pieces = row_pieces(tensor, i * rows, rows, order)
+        pieces = row_pieces(tensor, start, rows, order)
+        start += rows
         outputs.append(OutputTensor(name, tensor.dtype, (rows, *tensor.shape[1:]), pieces))
-    return outputs, FusedGroup(target, "chunk_for_rope", 0, (tensor.name,))
+    kind = "split" if isinstance(converter, SplitBySize) else "chunk_for_rope"
+    return outputs, FusedGroup(target, kind, 0, (tensor.name,))
+
+
+def split_sizes(converter: SplitBySize, config: dict | None) -> list[int]:
+    """The rows of each target of a `SplitBySize`: its head count times the head dimension, from
+    config.json or transformers' config defaults.
+
+    Raises:
+        FamilyError: a value is not a positive integer.
+    """
+    config = config or {}
+
+    def value(name: str, default: int) -> int:
+        found = config.get(name)
+        found = default if found is None else found
+        if not isinstance(found, int) or isinstance(found, bool) or found <= 0:
+            raise FamilyError(f"config.json: {name} {found!r} is not a positive integer")
+        return found
+
+    head_dim = value("head_dim", converter.default_head_dim)
+    return [value(name, default) * head_dim for name, default in converter.heads]
+
+
+def part_rows(converter: ChunkForRope, config: dict | None, tensor: SourceTensor) -> list[int]:
+    """The rows of each target of `tensor`: equal parts (`Chunk`), or sized from config.json (`Split`).
+
+    Raises:
+        FamilyError: the parts do not add up to the tensor's rows (naming key and file).
+    """
+    parts = len(converter.targets)
+    rows = tensor.shape[0] if tensor.shape else 0
+    if isinstance(converter, SplitBySize):
+        sizes = split_sizes(converter, config)
+        if not tensor.shape or sum(sizes) != rows:
+            fields = " + ".join(f"{name} x head_dim" for name, _ in converter.heads)
+            raise FamilyError(
+                f"{tensor.name}: shape {list(tensor.shape)} does not split into {sizes} rows "
+                f"({fields} of config.json) on dim 0 ({tensor.file})"
+            )
+        return sizes
+    if not tensor.shape or rows % parts:
+        raise FamilyError(
+            f"{tensor.name}: shape {list(tensor.shape)} does not split into {parts} equal parts on dim 0 "
+            f"({tensor.file})"
+        )
+    return [rows // parts] * parts

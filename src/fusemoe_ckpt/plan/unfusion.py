@@ -21,9 +21,11 @@ from ..rules.families import Family
 from ..rules.patterns import (
     ChunkForRope,
     Concatenate,
+    ConcatenateShards,
     Converter,
     ExpertMerge,
     GroupRename,
+    SplitBySize,
     TransposeExperts,
     active_groups,
     map_key,
@@ -32,7 +34,7 @@ from ..rules.patterns import (
 from ..rules.quantized import for_quantization
 from .conversion import config_hidden_size
 from .layout import ConversionPlan, lay_out
-from .operations import hidden_axis, rope_heads, rope_rows, row_pieces
+from .operations import hidden_axis, rope_heads, rope_rows, row_pieces, shard_count
 from .pieces import FusedGroup, OutputTensor, Piece, coalesce
 
 
@@ -53,7 +55,7 @@ def plan_unfuse(source: SourceCheckpoint, family: Family, *, max_shard_size: int
     for key in sorted(source.tensors, key=natural_key):
         tensor = source.tensors[key]
         already = map_key(key, (), family.converters).converter
-        if isinstance(already, ExpertMerge | Concatenate | ChunkForRope):
+        if isinstance(already, ExpertMerge | Concatenate | ConcatenateShards | ChunkForRope):
             raise FamilyError(
                 f"{key}: already in the per-expert layout of family {family.name}; unfuse takes a fused checkpoint"
             )
@@ -69,7 +71,7 @@ def plan_unfuse(source: SourceCheckpoint, family: Family, *, max_shard_size: int
         else:
             parts += [
                 (key, name, part, converter, slot, expert)
-                for name, part, slot, expert in _split(tensor, converter, hidden_size)
+                for name, part, slot, expert in _split(tensor, converter, hidden_size, source.config)
             ]
     for joined in sorted(chunks, key=natural_key):
         first, tensor = _join_chunks(joined, chunks[joined], chunk_of[joined], source.config)
@@ -108,16 +110,21 @@ def _join_chunks(
         if slot not in found:
             raise FamilyError(f"{name}: missing: the {converter.targets[slot]} part of {joined}")
     first = found[0]
+    # `Split`'s parts (q, k, v of grouped-query attention) differ in rows; `Chunk`'s are equal.
+    sized = isinstance(converter, SplitBySize)
     for tensor in found.values():
-        if tensor.dtype != first.dtype or tensor.shape != first.shape:
+        same = tensor.shape[1:] == first.shape[1:] and bool(tensor.shape) if sized else tensor.shape == first.shape
+        if tensor.dtype != first.dtype or not same:
             raise FamilyError(
                 f"{tensor.name}: {tensor.dtype} {list(tensor.shape)} cannot be joined with "
                 f"{first.name}: {first.dtype} {list(first.shape)}"
             )
-    rows = first.shape[0] if first.shape else 0
     pieces: list[Piece] = []
+    total = 0
     for slot in range(len(names)):
         tensor = found[slot]
+        rows = tensor.shape[0] if tensor.shape else 0
+        total += rows
         order = None
         if converter.permuted(converter.targets[slot]):
             heads = rope_heads(converter, config, "config.json")
@@ -128,7 +135,7 @@ def _join_chunks(
                 )
             order = rope_rows(rows, heads, inverse=True)
         pieces += row_pieces(tensor, 0, rows, order)
-    shape = (rows * len(names), *first.shape[1:])
+    shape = (total, *first.shape[1:])
     return first.name, OutputTensor(joined, first.dtype, shape, tuple(coalesce(pieces)))
 
 
@@ -148,10 +155,12 @@ def _replace_target(key: str, converter: Converter, text: str) -> str:
 Part = tuple[str, OutputTensor, int | None, int | None]
 
 
-def _split(tensor: SourceTensor, converter: Converter, hidden_size: int | None) -> list[Part]:
+def _split(tensor: SourceTensor, converter: Converter, hidden_size: int | None, config: dict | None) -> list[Part]:
     """(name before renames, tensor, source slot, expert) for each tensor the fused one came from."""
     if isinstance(converter, TransposeExperts):
         return [(tensor.name, _turn_back(tensor, hidden_size), 0, None)]
+    if isinstance(converter, ConcatenateShards):
+        return _split_shards(tensor, converter, config)
     slots = len(converter.sources)
     if isinstance(converter, ExpertMerge):
         if len(tensor.shape) < 3 or tensor.shape[1] % slots:
@@ -175,6 +184,26 @@ def _split(tensor: SourceTensor, converter: Converter, hidden_size: int | None) 
             name = _replace_target(tensor.name, converter, text)
             part = OutputTensor(name, tensor.dtype, (rows, *rest), (Piece(tensor.file, offset, size),))
             parts.append((name, part, slot, expert if isinstance(converter, ExpertMerge) else None))
+    return parts
+
+
+def _split_shards(tensor: SourceTensor, converter: ConcatenateShards, config: dict | None) -> list[Part]:
+    """The shards again: equal row blocks, as many as config.json declares (transformers' `Chunk`)."""
+    count = shard_count(converter, config)
+    if not tensor.shape or tensor.shape[0] % count:
+        raise FamilyError(
+            f"{tensor.name}: {list(tensor.shape)} does not split into {count} equal shards on dim 0 "
+            f"({converter.count_field} of config.json)"
+        )
+    rows = tensor.shape[0] // count
+    size = tensor.nbytes // count
+    parts = []
+    for shard in range(count):
+        name = _replace_target(tensor.name, converter, converter.source_texts(shard)[0])
+        part = OutputTensor(
+            name, tensor.dtype, (rows, *tensor.shape[1:]), (Piece(tensor.file, tensor.offset + shard * size, size),)
+        )
+        parts.append((name, part, 0, shard))
     return parts
 
 

@@ -13,11 +13,13 @@ from .model_keys import ModelKeys
 from .patterns import (
     ChunkForRope,
     Concatenate,
+    ConcatenateShards,
     Converter,
     ExpertMerge,
     GroupRename,
     Rename,
     Renaming,
+    SplitBySize,
     TransposeExperts,
     map_key,
 )
@@ -78,6 +80,27 @@ LINEAR_ATTENTION_RENAMES = (
     Rename((r"self_attn\.dt_bias",), "self_attn.forget_gate.dt_bias"),
     Rename((r"self_attn\.A_log",), "self_attn.forget_gate.A_log"),
 )
+GLM5_NEXT_RENAMES = (
+    *LINEAR_ATTENTION_RENAMES,
+    Rename(("hc_attn_fn",), "attn_hc.fn"),
+    Rename(("hc_attn_base",), "attn_hc.base"),
+    Rename(("hc_attn_scale",), "attn_hc.scale"),
+    Rename(("hc_ffn_fn",), "ffn_hc.fn"),
+    Rename(("hc_ffn_base",), "ffn_hc.base"),
+    Rename(("hc_ffn_scale",), "ffn_hc.scale"),
+)
+GLM5_NEXT_IGNORED = (r"layers\.45\.", r"layers\.\d+\.shared_head\.")  # the multi-token-prediction layer
+GLM5_NEXT_FP32 = (
+    "A_log",
+    "attn_hc.base",
+    "attn_hc.scale",
+    "conv1d",
+    "dt_bias",
+    "e_score_correction_bias",
+    "ffn_hc.base",
+    "ffn_hc.scale",
+    "gate.weight",
+)
 QKV_CONV = Concatenate(
     ("self_attn.q_conv1d.weight", "self_attn.k_conv1d.weight", "self_attn.v_conv1d.weight"),
     "self_attn.conv1d.weight",
@@ -127,7 +150,17 @@ FAMILIES: tuple[Family, ...] = (
         model_types=("axk1",),
         converters=QWEN2_MOE,
         renames=(Rename(("post_mlp_layernorm",), "mlp.post_mlp_layernorm"),),
-    ),  # fmt: skip
+        model=ModelKeys(
+            prefix="model",
+            head=("lm_head",),
+            # The rename hits the norm already under `mlp.`: `mlp.mlp.post_mlp_layernorm`.
+            kept=(r"model\.layers\.\d+\.mlp\.post_mlp_layernorm\.weight",),
+            # transformers' `mlp\.post_mlp_layernorm` drops only the dense layers' norms, which the model
+            # lacks; which layers are dense is the config's, so that one is not applied (the MoE layers' are kept).
+            ignored=("inv_freq",),
+            keep_in_fp32=("e_score_correction_bias", "gate.weight"),
+        ),
+    ),
     Family(
         name="axk2",
         model_types=("axk2",),
@@ -182,6 +215,17 @@ FAMILIES: tuple[Family, ...] = (
             Rename((r"(^|model\.)layers\.",), r"\1language_model.layers."),
             Rename((r"(^|model\.)norm\.",), r"\1language_model.norm."),
         ),
+        model=ModelKeys(
+            prefix="model",
+            head=("lm_head",),
+            # `(^|model\.)layers\.` also hits `model.language_model.layers.` (`language_model.` ends in
+            # `model.`), and so on: the language model's own names, all but per-expert ones, are taken back.
+            kept=(
+                r"model\.language_model\.(embed_tokens|norm)\.weight",
+                r"model\.language_model\.layers\.\d+\.(?!mlp\.experts\.\d+\.).*",
+            ),
+            keep_in_fp32=("gate.weight",),
+        ),
     ),
     Family(
         name="ernie4_5_moe",
@@ -203,16 +247,30 @@ FAMILIES: tuple[Family, ...] = (
     ),  # fmt: skip
     Family(
         name="glm5_next",
-        model_types=("glm5_next", "glm5_next_text"),
+        model_types=("glm5_next",),
         converters=(*QWEN2_MOE, QKV_CONV),
-        renames=(
-            *LINEAR_ATTENTION_RENAMES,
-            Rename(("hc_attn_fn",), "attn_hc.fn"),
-            Rename(("hc_attn_base",), "attn_hc.base"),
-            Rename(("hc_attn_scale",), "attn_hc.scale"),
-            Rename(("hc_ffn_fn",), "ffn_hc.fn"),
-            Rename(("hc_ffn_base",), "ffn_hc.base"),
-            Rename(("hc_ffn_scale",), "ffn_hc.scale"),
+        renames=GLM5_NEXT_RENAMES,
+        model=ModelKeys(
+            prefix="model",
+            head=("lm_head",),
+            # The FP8 quantizer's `.scale` -> `.weight_scale_inv` hits the hyper-connection scales.
+            kept=(r"model\.language_model\.layers\.\d+\.(attn_hc|ffn_hc)\.scale",),
+            ignored=GLM5_NEXT_IGNORED,
+            keep_in_fp32=GLM5_NEXT_FP32,
+        ),
+    ),
+    Family(
+        # The text model alone (Glm5NextTextModel): its modules are the top level, no prefix is added.
+        name="glm5_next_text",
+        model_types=("glm5_next_text",),
+        converters=(*QWEN2_MOE, QKV_CONV),
+        renames=GLM5_NEXT_RENAMES,
+        model=ModelKeys(
+            prefix="model",
+            head=("embed_tokens", "hc_head", "layers", "norm"),
+            kept=(r"layers\.\d+\.(attn_hc|ffn_hc)\.scale",),
+            ignored=GLM5_NEXT_IGNORED,
+            keep_in_fp32=GLM5_NEXT_FP32,
         ),
     ),
     Family(
@@ -356,6 +414,12 @@ FAMILIES: tuple[Family, ...] = (
             Rename(("mlp.experts.e_score_correction_bias",), "mlp.gate.e_score_correction_bias"),
             Rename(("mlp.shared_expert.",), "mlp.shared_experts."),
         ),
+        model=ModelKeys(
+            prefix="model",
+            head=("lm_head",),
+            # `mlp.shared_expert.` (its dots any character) also hits `mlp.shared_experts.`.
+            kept=(r"model\.layers\.\d+\.mlp\.shared_experts\..*",),
+        ),
     ),
     Family(name="lfm2_moe", model_types=("lfm2_moe",), converters=_gated("feed_forward.experts", "w1", "w3", "w2")),
     Family(
@@ -420,6 +484,42 @@ FAMILIES: tuple[Family, ...] = (
             Rename((r"\.ssmax_scaling.s",), r"\.softmax_scaling.scale"),
             Rename((r"\.ssmax_scaling.b",), r"\.softmax_scaling.bias"),
         ),
+        model=ModelKeys(
+            prefix="model",
+            head=("embed_tokens", "layers", "norm", "rotary_emb"),  # MistralLarge4TextModel: no prefix added
+            # `\.gate\.`, `\.experts\.`, `\.shared_experts\.` -> `.mlp.…` also hit the MoE block already
+            # under `mlp.`, and the FP8 quantizer's `.scale` the softmax scalings.
+            kept=(
+                r"layers\.\d+\.mlp\.(gate\.weight|experts\.(gate_up_proj|down_proj)(_scale_inv)?)",
+                r"layers\.\d+\.mlp\.shared_experts\..*",
+                r"layers\.\d+\.self_attn\.(indexer\.)?softmax_scaling\.scale",
+            ),
+            ignored=(r"mtp_dspark\..*",),
+            keep_in_fp32=("mlp.gate.weight", "rotary_emb"),
+        ),
+    ),
+    Family(
+        name="sarvam_moe",
+        model_types=("sarvam_moe",),
+        converters=(
+            *QWEN2_MOE,
+            # Grouped-query attention: the fused rows [q|k|v] are split by each target's size.
+            SplitBySize(
+                ("query_key_value",),
+                "q_proj",
+                targets=("q_proj", "k_proj", "v_proj"),
+                heads=(("num_attention_heads", 64), ("num_key_value_heads", 4), ("num_key_value_heads", 4)),
+                default_head_dim=64,  # SarvamMoEConfig's defaults
+            ),
+        ),
+        renames=(
+            Rename((r"^model\.word_embeddings\.",), "model.embed_tokens."),
+            Rename((r"\.attention\.",), ".self_attn."),
+            Rename((r"\.self_attn\.dense\.",), ".self_attn.o_proj."),
+            Rename((r"\.self_attn\.query_layernorm\.",), ".self_attn.q_norm."),
+            Rename((r"\.self_attn\.key_layernorm\.",), ".self_attn.k_norm."),
+            Rename((r"\.mlp\.gate\.expert_bias",), ".mlp.gate.e_score_correction_bias"),
+        ),
     ),
     Family(
         name="nemotron_h",
@@ -443,6 +543,26 @@ FAMILIES: tuple[Family, ...] = (
         renames=(Rename((r"^model\.language_model\.(.+)",), r"model\.\1", prefix_change=True),),
     ),
     Family(
+        name="qwen4_exp_text",
+        model_types=("qwen4_exp_text",),
+        converters=(
+            *QWEN2_MOE,
+            # The n-gram embedding is stored in `split_ngram_parts` row shards.
+            ConcatenateShards(
+                ("ngram_embedding.shard_*.weight",),
+                "ngram_embedding.weight",
+                count_field="split_ngram_parts",
+                default_count=512,  # Qwen4ExpTextConfig's
+            ),
+        ),
+        renames=(Rename((r"^model\.language_model\.(.+)",), r"model\.\1", prefix_change=True),),
+        model=ModelKeys(
+            prefix="model",
+            head=("lm_head",),
+            ignored=(r"^model.visual.*", r"^mtp.*"),  # the vision tower and multi-token prediction
+        ),
+    ),
+    Family(
         name="qwen3_vl_moe",
         model_types=("qwen3_vl_moe",),
         converters=(
@@ -455,8 +575,6 @@ FAMILIES: tuple[Family, ...] = (
 # Model types whose transformers rule merges experts but needs an operation convert cannot do
 # faithfully; they are refused by name rather than converted half-way.
 REFUSED: dict[str, str] = {
-    "sarvam_moe": "Split of query_key_value into q/k/v sized by the model's parameters",
-    "qwen4_exp_text": "Concatenate of the wildcard ngram_embedding.shard_* tensors",
     "dots3_note_vision_encoder": "a rule scoped to the vision encoder inside a dots3_note model",
     "nemo_speechlm": "Chunk of w_qkv and an unconditional Transpose of the mixer experts",
 }

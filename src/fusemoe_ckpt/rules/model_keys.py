@@ -18,8 +18,8 @@ class ModelKeys:
     - `kept`: whole source keys (regexes) that are already the model's names but that the renames
       would take out of the model; transformers takes the rename back (`model.norm.weight`, which
       `\\.norm\\.` -> `.kv_norm.` also hits).
-    - `ignored`: `_keys_to_ignore_on_load_unexpected`: keys (regexes, searched in the mapped key)
-      transformers drops at load, such as multi-token-prediction layers.
+    - `ignored`: `_keys_to_ignore_on_load_unexpected`: keys (regexes, searched in the mapped key, with
+      and without the prefix) transformers drops at load, such as multi-token-prediction layers.
     - `keep_in_fp32`: `_keep_in_fp32_modules_strict`: keys (searched) transformers holds in float32
       when it loads the model in a 16-bit dtype.
     """
@@ -34,7 +34,10 @@ class ModelKeys:
         return any(re.fullmatch(pattern, key) for pattern in self.kept)
 
     def ignores(self, key: str) -> bool:
-        return any(re.search(pattern, key) for pattern in self.ignored)
+        # transformers adds the prefix only to a key the model has, so it matches an ignored (unexpected)
+        # key without it: `mtp.0.x` stays `mtp.0.x` for `^mtp.*`, where `with_prefix` gives `model.mtp.0.x`.
+        bare = key.removeprefix(self.prefix + ".") if self.prefix else key
+        return any(re.search(pattern, key) or re.search(pattern, bare) for pattern in self.ignored)
 
     def holds_in_fp32(self, key: str) -> bool:
         return any(re.search(pattern.replace("*", ".*"), key) for pattern in self.keep_in_fp32)

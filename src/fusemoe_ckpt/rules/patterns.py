@@ -142,6 +142,16 @@ class Concatenate(Converter):
     """Concatenate one tensor per source along dim 0, in source order (`Concatenate(dim=0)`)."""
 
 
+@dataclass(frozen=True)
+class ConcatenateShards(Converter):
+    """Concatenate the shards of one tensor, `*` = 0..N-1, along dim 0 (`Concatenate(dim=0,
+    num_shards_attribute=...)` over a wildcard): N is config.json's `count_field`, or
+    `default_count` (transformers' config default) where absent."""
+
+    count_field: str = ""
+    default_count: int = 0
+
+
 class TransposeExperts(Converter):
     """Swap dims 1 and 2 of a fused expert tensor stored in the other orientation
     (`Transpose(1, 2, check_dims=True)`: only when the stored shape is not the in-memory one)."""
@@ -182,6 +192,17 @@ class ChunkForRope(Converter):
 
     def permuted(self, name: str) -> bool:
         return any(layer in name for layer in self.rope)
+
+
+@dataclass(frozen=True)
+class SplitBySize(ChunkForRope):
+    """Split one tensor along dim 0 into one part per target, each as many rows as that target's
+    parameter has (`Split(dim=0)`, which reads the model's parameters): here from config.json, the
+    head count field of each target (`heads`, with transformers' config default) times `head_dim`
+    (`default_head_dim` where absent). Each part is one run of source bytes."""
+
+    heads: tuple[tuple[str, int], ...] = ()
+    default_head_dim: int = 0
 
 
 @dataclass(frozen=True)
