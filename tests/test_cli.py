@@ -28,6 +28,14 @@ def test_every_command_has_help(command):
     assert cli.commands[command].help and cli.commands[command].help.split("\n")[0] in result.output
 
 
+def test_version_is_the_installed_metadata():
+    # version.py reads METADATA itself, to spare start-up importlib.metadata: the two must agree.
+    from importlib.metadata import version
+
+    assert __version__ == version("fusemoe-ckpt")
+    assert CliRunner().invoke(cli, ["--version"]).output == f"fusemoe-ckpt, version {version('fusemoe-ckpt')}\n"
+
+
 def test_version():
     result = CliRunner().invoke(cli, ["--version"])
     assert result.exit_code == 0

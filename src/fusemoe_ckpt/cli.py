@@ -6,24 +6,20 @@ import json
 import signal
 import sys
 import threading
-import traceback
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
-from . import __version__
-from .batch.cluster import SHARD_BY, resolve_shard
-from .batch.runner import BatchInterrupted, EntryResult, plan_batch, run_batch
-from .commands.convert import convert as convert_checkpoint
-from .commands.example import write_example
-from .commands.inspect import inspect_checkpoint
-from .commands.unfuse import unfuse as unfuse_checkpoint
-from .commands.verify import VerifyResult
-from .commands.verify import verify as verify_checkpoint
+from .batch.cluster import SHARD_BY
 from .errors import UsageError, interrupted_by, one_line, printable
 from .interrupts import signals_as_interrupts
 from .plan.cast import OUTPUT_DTYPES
-from .rules.families import FAMILIES, REFUSED
+
+if TYPE_CHECKING:
+    from .batch.runner import EntryResult
+    from .commands.verify import VerifyResult
+
+# Each command imports what it runs when it runs: `--version`, or a small convert, loads no more than it needs.
 
 # Exit statuses, as README.md and --help state them; an interruption exits 128 + the signal.
 EXIT_FAILED = 1
@@ -63,6 +59,8 @@ class _Group(click.Group):
             _fail(f"interrupted{by}; {detail}", 128 + sig)  # 130 for ^C, 143 for SIGTERM, as a shell reports
         except Exception as e:  # noqa: BLE001 - the one place errors become a message
             if ctx.obj and ctx.obj.get("debug"):
+                import traceback
+
                 traceback.print_exc()
             _fail(one_line(e), EXIT_USAGE if isinstance(e, UsageError) else EXIT_FAILED)
 
@@ -81,8 +79,25 @@ def _fail(message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
+def _print_version(ctx: click.Context, value: bool) -> None:
+    """--version: read the version only when asked for it."""
+    if not value or ctx.resilient_parsing:
+        return
+    from .version import package_version
+
+    click.echo(f"fusemoe-ckpt, version {package_version()}")
+    ctx.exit()
+
+
 @click.group(cls=_Group)
-@click.version_option(__version__, prog_name="fusemoe-ckpt")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=lambda ctx, _param, value: _print_version(ctx, value),
+    help="Show the version and exit.",
+)
 @click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
@@ -164,6 +179,8 @@ def convert(
         # Past a file size limit (ulimit -f) the write must fail with EFBIG, not kill the process.
         # CPython's startup ignores SIGXFSZ already; an embedding interpreter may not.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    from .commands.convert import convert as convert_checkpoint
+
     with _ProgressBar("convert", quiet=quiet) as bar:
         result = convert_checkpoint(
             src,
@@ -188,6 +205,8 @@ def convert(
             click.echo(f"Nothing to fuse: no per-expert tensors for family {name}; copied through.")
         click.echo(result.summary())
     if then_verify:
+        from .commands.verify import verify as verify_checkpoint
+
         checked = verify_checkpoint(result.source_dir, result.destination, family=result.plan.family.name, dtype=dtype)
         _report(checked, quiet=quiet)
     if push_to is not None:
@@ -210,6 +229,8 @@ def convert(
 )
 def verify(src: str, dst: str, family: str | None, dtype: str | None, load_check: bool) -> None:
     """Prove DST is SRC converted: keys, dtypes, shapes, headers and every byte."""
+    from .commands.verify import verify as verify_checkpoint
+
     _report(verify_checkpoint(src, dst, family=family, dtype=dtype, load_check=load_check))
 
 
@@ -242,6 +263,8 @@ def unfuse(
     quiet: bool,
 ) -> None:
     """Split the fused experts of SRC back into per-expert tensors at DST."""
+    from .commands.unfuse import unfuse as unfuse_checkpoint
+
     with _ProgressBar("unfuse", quiet=quiet) as bar:
         result = unfuse_checkpoint(
             src,
@@ -277,6 +300,8 @@ def inspect(
     dequantize: bool,
 ) -> None:
     """Show what convert would do to SRC, from its headers alone."""
+    from .commands.inspect import inspect_checkpoint
+
     report = inspect_checkpoint(
         src, family=family, max_shard_size=max_shard_size, dtype=dtype, workers=workers, dequantize=dequantize
     )
@@ -348,6 +373,9 @@ def batch(
       143  interrupted by SIGTERM           shards; run again to resume them
            (scancel, a time limit, preemption, a pod's deletion)
     """
+    from .batch.cluster import resolve_shard
+    from .batch.runner import BatchInterrupted, plan_batch, run_batch
+
     chosen = resolve_shard(shard)
     if dry_run:
         entries, selected = plan_batch(manifest, shard=chosen, shard_by=shard_by)
@@ -380,6 +408,8 @@ def batch(
 @cli.command()
 def families() -> None:
     """List the family rules with their model types and per-expert key patterns."""
+    from .rules.families import FAMILIES, REFUSED
+
     for family in FAMILIES:
         click.echo(f"{family.name}")
         click.echo(f"  model types: {', '.join(family.model_types)}")
@@ -400,6 +430,8 @@ def families() -> None:
 @click.argument("directory", type=click.Path(file_okay=False))
 def example(directory: str) -> None:
     """Write a tiny per-expert Qwen3-MoE checkpoint to DIRECTORY, to try convert on."""
+    from .commands.example import write_example
+
     root = write_example(directory)
     click.echo(f"Wrote a tiny qwen3_moe checkpoint (per-expert layout) to {root}")
 

@@ -13,9 +13,12 @@ import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import UsageError
-from .manifest import Entry
+
+if TYPE_CHECKING:  # the CLI imports SHARD_BY to start; the manifest's imports can wait for a batch
+    from .manifest import Entry
 
 SHARD_BY = ("dst", "index")
 # Kubernetes gives an Indexed Job's pods their index but not the number of completions.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from importlib.metadata import version
 from pathlib import Path
 
 from huggingface_hub import HfApi, constants
@@ -12,6 +11,7 @@ from huggingface_hub import HfApi, constants
 from ..errors import CheckpointError, UsageError
 from ..reading.converted import read_converted_index
 from ..reading.source import INDEX_NAME
+from ..version import package_version
 from .calls import hub_errors, progress_bars
 from .model_card import write_model_card
 
@@ -60,7 +60,7 @@ def push_to_hub(
     api = HfApi()
     write_model_card(root, metadata, repo_id=repo_id, endpoint=api.endpoint)
     source = metadata.get("fusemoe_ckpt_source", str(root))
-    message = commit_message or f"Upload fused-expert checkpoint of {source} (fusemoe-ckpt {version('fusemoe-ckpt')})"
+    message = commit_message or f"Upload fused-expert checkpoint of {source} (fusemoe-ckpt {package_version()})"
     with hub_errors(repo_id), progress_bars(progress):
         url = api.create_repo(repo_id, private=private, exist_ok=True)
         if revision is not None and revision != constants.DEFAULT_REVISION:

@@ -12,7 +12,8 @@ transformers decides from the model is decided here from `ModelKeys`, static fac
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 
 from .model_keys import ModelKeys
 
@@ -70,12 +71,15 @@ class Rename:
     sources: tuple[str, ...]
     target: str
     prefix_change: bool = False
-    _regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.sources, str):
             object.__setattr__(self, "sources", (self.sources,))
-        object.__setattr__(self, "_regex", _alternation(self.sources, expert_groups=False))
+
+    # The regexes of the family table are compiled on first use: a run uses one family of dozens.
+    @cached_property
+    def _regex(self) -> re.Pattern[str]:
+        return _alternation(self.sources, expert_groups=False)
 
     def reversed(self) -> Rename:
         """The rename transformers applies when it saves the original format: target and source
@@ -104,14 +108,18 @@ class Converter:
 
     sources: tuple[str, ...]
     target: str
-    _regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
-    _target_regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.sources, str):
             object.__setattr__(self, "sources", (self.sources,))
-        object.__setattr__(self, "_regex", _alternation(self.sources, expert_groups=True))
-        object.__setattr__(self, "_target_regex", re.compile(_source_regex(self.target) + "$"))
+
+    @cached_property
+    def _regex(self) -> re.Pattern[str]:
+        return _alternation(self.sources, expert_groups=True)
+
+    @cached_property
+    def _target_regex(self) -> re.Pattern[str]:
+        return re.compile(_source_regex(self.target) + "$")
 
     def match_output(self, key: str) -> re.Match[str] | None:
         """Where `key` is one of this converter's outputs: its target searched as a pattern, as
@@ -170,11 +178,10 @@ class ChunkForRope(Converter):
     rope: tuple[str, ...] = ()
     rope_config: str = ""
     default_heads: int = 1
-    _outputs: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        object.__setattr__(self, "_outputs", _alternation(self.targets, expert_groups=False))
+    @cached_property
+    def _outputs(self) -> re.Pattern[str]:
+        return _alternation(self.targets, expert_groups=False)
 
     def match_output(self, key: str) -> re.Match[str] | None:
         """Where `key` is one of the outputs: any target, searched anywhere in the key, as transformers'
@@ -214,12 +221,14 @@ class GroupRename:
 
     sources: tuple[str, ...]
     targets: tuple[str, ...]
-    _regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.sources) != len(self.targets):
             raise ValueError(f"GroupRename needs one target per source: {self.sources} -> {self.targets}")
-        object.__setattr__(self, "_regex", _alternation(self.sources, expert_groups=False))
+
+    @cached_property
+    def _regex(self) -> re.Pattern[str]:
+        return _alternation(self.sources, expert_groups=False)
 
     @property
     def target(self) -> str:

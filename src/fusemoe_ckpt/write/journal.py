@@ -14,7 +14,6 @@ import json
 import os
 import threading
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 
 from ..errors import DestinationError
@@ -22,6 +21,7 @@ from ..plan.layout import ConversionPlan, ShardPlan
 from ..reading.files import open_regular
 from ..reading.json_document import parse_json, read_document
 from ..reading.source import SourceCheckpoint
+from ..version import package_version
 from .no_follow import open_own_file, refuse_link
 
 JOURNAL_NAME = ".fusemoe-journal"
@@ -47,7 +47,7 @@ def plan_fingerprint(source: SourceCheckpoint, plan: ConversionPlan) -> str:
         ]
         for shard in plan.shards
     ]
-    document = {"version": version("fusemoe-ckpt"), "family": plan.family.name, "files": files, "shards": shards}
+    document = {"version": package_version(), "family": plan.family.name, "files": files, "shards": shards}
     return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
 
 

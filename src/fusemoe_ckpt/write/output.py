@@ -12,7 +12,6 @@ import shutil
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from importlib.metadata import version
 from pathlib import Path
 
 from ..errors import ConversionInterrupted, DestinationError, UsageError, interrupted_by
@@ -21,6 +20,7 @@ from ..plan.layout import ConversionPlan, ShardPlan
 from ..reading.files import open_regular
 from ..reading.side_files import side_files
 from ..reading.source import CONFIG_NAME, INDEX_NAME, SourceCheckpoint
+from ..version import package_version
 from .destination import (
     check_free_space,
     check_no_partial,
@@ -157,7 +157,7 @@ def write_index(path: Path, plan: ConversionPlan, provenance: dict[str, str], *,
         "metadata": {
             "total_size": plan.total_size,
             "total_parameters": plan.total_parameters,
-            "fusemoe_ckpt_version": version("fusemoe-ckpt"),
+            "fusemoe_ckpt_version": package_version(),
             "fusemoe_ckpt_family": plan.family.name,
             **provenance,
             "fusemoe_ckpt_fused_layers": len(plan.fused_modules),
