@@ -15,11 +15,15 @@ from ..plan.layout import ShardPlan
 from ..plan.pieces import Piece
 from ..reading.files import open_regular
 from .streams import piece_chunks
+from .writeback import start_writeback
 
 # Bytes moved per system call: large enough to be cheap, small enough for smooth progress.
 COPY_CHUNK = 64 * 1024 * 1024
 # Buffer of the read/write fallback, the only copy that holds tensor bytes in our memory.
 FALLBACK_BUFFER = 8 * 1024 * 1024
+# With fsync, the disk is asked to start writing each stretch of this many copied bytes at once
+# (WriteBehind): large enough for long sequential writes, small enough to keep the disk busy.
+WRITE_BEHIND = 32 * 1024 * 1024
 # copy_file_range reports these when it cannot copy between two given files; read/write takes over.
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM, errno.EBADF}
 # Errors that mean the destination is full or may not grow: reported as such, naming the file.
@@ -107,6 +111,11 @@ class ShardWriter:
         finally:
             self.close()
         self.state = WriterState.FINALIZED
+
+    def start_writeback(self, offset: int, length: int) -> None:
+        """Start writing bytes [offset, offset + length) of the shard to disk, without waiting."""
+        if self._fd >= 0:
+            start_writeback(self._fd, offset, length)
 
     def close(self) -> None:
         """Release every file descriptor; safe to call at any point, including after an error."""
@@ -199,8 +208,13 @@ def write_shard(
     writer = ShardWriter(path, shard, durable=durable, stop=stop or threading.Event())
 
     def copy_run(run: list[tuple[Piece, int]]) -> None:
+        behind = WriteBehind(writer) if durable else None
         for piece, at in run:
             writer.copy(piece, at, progress)
+            if behind is not None:
+                behind.copied(at, at + piece.out_length)
+        if behind is not None:
+            behind.flush()
 
     try:
         writer.open()
@@ -226,6 +240,31 @@ def write_shard(
         raise
     finally:
         writer.close()
+
+
+class WriteBehind:
+    """Has the disk start writing each stretch of a shard soon after it is copied
+    (`sync_file_range(SYNC_FILE_RANGE_WRITE)`: asynchronous, nothing is waited for), so the disk
+    works while the copy goes on and the fsync that makes the shard durable has little left to do.
+    It only starts write-back early: a shard is still journaled only after its fsync."""
+
+    def __init__(self, writer: ShardWriter) -> None:
+        self.writer = writer
+        self.start = self.end = -1
+
+    def copied(self, start: int, end: int) -> None:
+        """Bytes [start, end) of the shard were just copied (by this thread, in file order)."""
+        if start != self.end:
+            self.flush()
+            self.start = start
+        self.end = end
+        if self.end - self.start >= WRITE_BEHIND:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.end > self.start >= 0:
+            self.writer.start_writeback(self.start, self.end - self.start)
+        self.start = self.end
 
 
 def disk_full_error(path: Path, error: OSError) -> DestinationError:
