@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..cycles import collector_paused
 from ..plan.layout import ConversionPlan
 from ..plan.unfusion import plan_unfuse
 from ..reading.source import open_checkpoint
@@ -55,9 +56,10 @@ def unfuse(
     dst_path, warnings = resolve_destination(Path(dst).absolute())
     check_paths(src_path, dst_path)
     refuse_non_empty(dst_path, overwrite)
-    source = open_checkpoint(src_path)
-    chosen = resolve_family(source, family)
-    plan = plan_unfuse(source, chosen, max_shard_size=parse_size(max_shard_size))
+    with collector_paused():
+        source = open_checkpoint(src_path)
+        chosen = resolve_family(source, family)
+        plan = plan_unfuse(source, chosen, max_shard_size=parse_size(max_shard_size))
     total, _, _ = write_plan(
         source,
         plan,

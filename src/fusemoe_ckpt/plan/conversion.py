@@ -10,6 +10,7 @@ import os
 from collections import defaultdict
 from dataclasses import replace
 
+from ..cycles import collector_paused
 from ..errors import CheckpointError, FamilyError, UsageError
 from ..naming import natural_key
 from ..reading.quantization import quantization_of
@@ -56,11 +57,12 @@ def plan_for(
         dtype: "bfloat16", "float16" or "float32" to cast floating tensors to; None keeps them.
         dequantize: plan quantized weights dequantized (to `dtype`, else config.json's dtype).
     """
-    source = open_checkpoint(src)
-    chosen = resolve_family(source, family)
-    plan = plan_conversion(
-        source, chosen, max_shard_size=parse_size(max_shard_size), dtype=output_dtype(dtype), dequantize=dequantize
-    )
+    with collector_paused():
+        source = open_checkpoint(src)
+        chosen = resolve_family(source, family)
+        plan = plan_conversion(
+            source, chosen, max_shard_size=parse_size(max_shard_size), dtype=output_dtype(dtype), dequantize=dequantize
+        )
     return source, plan
 
 

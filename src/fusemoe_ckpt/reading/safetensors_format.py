@@ -47,6 +47,8 @@ DTYPE_SIZES: dict[str, int] = {
     "F64": 8,
     "C64": 8,
 }
+# Each dtype name once: a header repeats it for every tensor, and a checkpoint of 300k tensors keeps them all.
+_DTYPE_NAMES = {name: name for name in DTYPE_SIZES}
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,8 +130,9 @@ def _validate_entries(path: Path, parsed: dict, data_len: int) -> tuple[dict[str
     ):
         raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
     tensors: dict[str, TensorInfo] = {}
+    shapes: dict[tuple[int, ...], tuple[int, ...]] = {}  # each shape once: the experts of a shard share a few
     for name, entry in parsed.items():
-        tensors[name] = _parse_entry(path, name, entry, data_len)
+        tensors[name] = _parse_entry(path, name, entry, data_len, shapes)
     # safetensors requires the tensors to tile the data buffer exactly: no overlap, no gap.
     position = 0
     for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
@@ -147,7 +150,9 @@ def _validate_entries(path: Path, parsed: dict, data_len: int) -> tuple[dict[str
     return tensors, metadata
 
 
-def _parse_entry(path: Path, name: str, entry: object, data_len: int) -> TensorInfo:
+def _parse_entry(
+    path: Path, name: str, entry: object, data_len: int, shapes: dict[tuple[int, ...], tuple[int, ...]]
+) -> TensorInfo:
     if not isinstance(entry, dict):
         raise CheckpointError(f"{path}: tensor {name!r}: entry is not a JSON object")
     dtype = entry.get("dtype")
@@ -171,7 +176,8 @@ def _parse_entry(path: Path, name: str, entry: object, data_len: int) -> TensorI
     expected = tensor_nbytes(dtype, shape)
     if end - start != expected:
         raise CheckpointError(f"{path}: tensor {name!r}: {end - start} bytes but {dtype} {shape} needs {expected}")
-    return TensorInfo(name=name, dtype=dtype, shape=tuple(shape), start=start, end=end)
+    shape = shapes.setdefault(tuple(shape), tuple(shape))
+    return TensorInfo(name=name, dtype=_DTYPE_NAMES[dtype], shape=shape, start=start, end=end)
 
 
 def _overflows(dtype: str, shape: list[int]) -> bool:

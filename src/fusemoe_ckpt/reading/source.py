@@ -71,10 +71,11 @@ def open_checkpoint(src: str | os.PathLike) -> SourceCheckpoint:
     else:
         raise CheckpointError(f"{root}: no {INDEX_NAME} or {SINGLE_NAME} found")
 
-    headers = {path: read_header(path) for path in shard_files}
-    tensors = _collect_tensors(headers)
-    if weight_map is not None:
-        _check_index_matches(index_path, root, weight_map, headers)
+    tensors = _collect_tensors(root, shard_files, weight_map)
+    if weight_map:
+        # What is left names a tensor its shard lacks: the first, in the index's order.
+        name, shard = next(iter(weight_map.items()))
+        raise CheckpointError(f"{index_path}: tensor {name!r} is mapped to {shard}, which lacks it")
     return SourceCheckpoint(
         root=root,
         index_file=index_path,
@@ -124,13 +125,35 @@ def resolve_inside(root: Path, index_path: Path, name: str) -> Path:
     return root / pure
 
 
-def _collect_tensors(headers: dict[Path, ShardHeader]) -> dict[str, SourceTensor]:
+def _collect_tensors(root: Path, shard_files: list[Path], weight_map: dict[str, str] | None) -> dict[str, SourceTensor]:
+    """Every tensor of the shards, reading one header at a time and dropping it once its tensors are
+    recorded (a checkpoint of 300k tensors would otherwise hold every parsed header at once).
+
+    Each entry of `weight_map` that its shard holds is removed from it, so what is left names a
+    tensor its shard lacks.
+
+    Raises:
+        CheckpointError: a malformed header, or a tensor stored in two shards (reported after every
+            header is read, as the first one found).
+    """
+    files_of: dict[Path, set[str]] = {path: set() for path in shard_files}
+    if weight_map is not None:
+        for shard in set(weight_map.values()):
+            files_of.setdefault(_shard_path(root, shard), set()).add(shard)
     tensors: dict[str, SourceTensor] = {}
-    for path, header in headers.items():
+    twice = None
+    for path in dict.fromkeys(shard_files):
+        header = read_header(path)
+        names = files_of[path]
         for name, info in header.tensors.items():
             if name in tensors:
-                raise CheckpointError(f"{path}: tensor {name!r} is also stored in {tensors[name].file.name}")
+                twice = twice or f"{path}: tensor {name!r} is also stored in {tensors[name].file.name}"
+                continue
             tensors[name] = _source_tensor(header, info)
+            if weight_map is not None and weight_map.get(name) in names:
+                del weight_map[name]
+    if twice:
+        raise CheckpointError(twice)
     return tensors
 
 
@@ -145,14 +168,8 @@ def _source_tensor(header: ShardHeader, info: TensorInfo) -> SourceTensor:
     )
 
 
-def _check_index_matches(
-    index_path: Path, root: Path, weight_map: dict[str, str], headers: dict[Path, ShardHeader]
-) -> None:
-    # One path per shard, not per key: building paths dominated planning a 100-shard index.
-    tensors_in = {shard: headers[root / PurePosixPath(shard)].tensors for shard in set(weight_map.values())}
-    for name, shard in weight_map.items():
-        if name not in tensors_in[shard]:
-            raise CheckpointError(f"{index_path}: tensor {name!r} is mapped to {shard}, which lacks it")
+def _shard_path(root: Path, shard: str) -> Path:
+    return root / PurePosixPath(shard)
 
 
 def _read_config(root: Path) -> dict | None:

@@ -12,6 +12,7 @@ transformers decides from the model is decided here from `ModelKeys`, static fac
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -280,7 +281,7 @@ class GroupRename:
 Renaming = Rename | GroupRename
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class KeyMapping:
     """Where a source key goes: a plain (possibly renamed) key, or one slot (and expert) of a converter."""
 
@@ -308,7 +309,10 @@ def map_key(
         found = converter.match(key)
         if found is not None:
             target, slot, expert = found
-            return KeyMapping(target=model.with_prefix(target), converter=converter, slot=slot, expert=expert)
+            # The experts of a group share their target and each expert id recurs in every group:
+            # one string each, not one per key (a checkpoint of 300k keys holds every mapping at once).
+            target = sys.intern(model.with_prefix(target))
+            return KeyMapping(target=target, converter=converter, slot=slot, expert=expert and sys.intern(expert))
     return KeyMapping(target=model.with_prefix(key))
 
 
