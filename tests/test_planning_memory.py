@@ -1,13 +1,18 @@
-"""Planning holds a few hundred bytes per source tensor, not every parsed header: frontier models
-have 140k to 300k tensors (benchmarks/bench_scale.py measures the whole process)."""
+"""Planning holds a few hundred bytes per source tensor, not every parsed header nor a dict per
+header entry: frontier models have 140k to 300k tensors (benchmarks/bench_scale.py measures the
+whole process)."""
 
 from __future__ import annotations
 
+import json
 import tracemalloc
 
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fusemoe_ckpt.plan.conversion import plan_for
+from fusemoe_ckpt.reading.safetensors_format import TensorInfo, encode_header
 from fusemoe_ckpt.reading.source import open_checkpoint
 
 from .conftest import QWEN3_CONFIG, expert_tensors, write_checkpoint
@@ -39,3 +44,17 @@ def test_experts_share_their_dtype_shape_and_target_strings(tmp_path):
     gates = [t for name, t in source.tensors.items() if name.endswith("gate_proj.weight")]
     assert len({id(t.dtype) for t in gates}) == 1
     assert len({id(t.shape) for t in gates}) <= 2  # one per shard at most
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    names=st.lists(st.text(min_size=1, max_size=12), unique=True, max_size=6),
+    metadata=st.dictionaries(st.text(max_size=6), st.text(max_size=6), max_size=3),
+)
+def test_header_written_entry_by_entry_is_the_json_of_the_whole(names, metadata):
+    entries = [TensorInfo(name, "BF16", (i, 2), 4 * i * i, 4 * i * (i + 1)) for i, name in enumerate(names)]
+    whole = {"__metadata__": metadata}
+    for info in entries:
+        whole[info.name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [info.start, info.end]}
+    body = encode_header(entries, metadata)[8:]
+    assert body.rstrip(b" ") == json.dumps(whole, separators=(",", ":")).encode()

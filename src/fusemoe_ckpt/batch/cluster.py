@@ -9,7 +9,6 @@ so tasks that read the manifest before and after an edit still never take the sa
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -122,6 +121,8 @@ def _whole(environ: Mapping[str, str], name: str, *, default: object = _REQUIRED
 
 def shard_of(entry: Entry, position: int, count: int, *, by: str = "dst") -> int:
     """The shard `entry`, at `position` in its manifest, belongs to among `count`."""
+    import hashlib  # here: the CLI imports this module to start, and only a batch needs it
+
     if by == "index":
         return position % count
     if by != "dst":

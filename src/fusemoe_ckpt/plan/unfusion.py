@@ -87,7 +87,7 @@ def plan_unfuse(source: SourceCheckpoint, family: Family, *, max_shard_size: int
         _check_forward(name, key, family, converter, slot, expert, forward_active)
         if name in outputs:
             raise FamilyError(f"{key}: unfuses to {name!r}, which another tensor also becomes")
-        outputs[name] = OutputTensor(name, part.dtype, part.shape, part.pieces)
+        outputs[name] = part if part.name == name else OutputTensor(name, part.dtype, part.shape, part.pieces)
         if converter is not None:
             names_of[key].append(name)
             converter_of[key] = converter
@@ -95,7 +95,9 @@ def plan_unfuse(source: SourceCheckpoint, family: Family, *, max_shard_size: int
         FusedGroup(key, f"split_{type(converter_of[key]).__name__}", len(names), tuple(names))
         for key, names in names_of.items()
     ]
+    del parts, named  # every output is in `outputs` now; laying out makes the headers, the largest part
     ordered = sorted(outputs.values(), key=lambda t: natural_key(t.name))
+    del outputs
     return lay_out(family, ordered, groups, max_shard_size)
 
 
@@ -177,12 +179,13 @@ def _split(tensor: SourceTensor, converter: Converter, hidden_size: int | None, 
     for dim in rest:
         size *= dim
     parts = []
+    shape = (rows, *rest)  # one tuple for every part: a fused tensor of 384 experts has 768 or more
     for expert in range(experts):
         texts = converter.source_texts(expert if isinstance(converter, ExpertMerge) else None)
         for slot, text in enumerate(texts):
             offset = tensor.offset + (expert * slots + slot) * size
             name = _replace_target(tensor.name, converter, text)
-            part = OutputTensor(name, tensor.dtype, (rows, *rest), (Piece(tensor.file, offset, size),))
+            part = OutputTensor(name, tensor.dtype, shape, (Piece(tensor.file, offset, size),))
             parts.append((name, part, slot, expert if isinstance(converter, ExpertMerge) else None))
     return parts
 
