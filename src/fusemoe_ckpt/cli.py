@@ -129,6 +129,12 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars and no summary.")
 @click.option("--push-to-hub", "push_to", metavar="REPO_ID", help="Then push DST to this Hub repo, with a model card.")
 @click.option("--private", is_flag=True, help="Create the --push-to-hub repo as private.")
+@click.option(
+    "--stream",
+    is_flag=True,
+    help="Hub SRC: fetch source shards one at a time beside DST, not into the HF cache, each deleted once "
+    "used; with --push-to-hub, upload each output shard as it completes and keep only the small files.",
+)
 def convert(
     src: str,
     dst: str,
@@ -145,6 +151,7 @@ def convert(
     quiet: bool,
     push_to: str | None,
     private: bool,
+    stream: bool,
 ) -> None:
     """Fuse the per-expert tensors of checkpoint SRC into a new checkpoint at DST.
 
@@ -160,6 +167,8 @@ def convert(
     """
     if private and push_to is None:
         raise click.UsageError("--private applies to the repo --push-to-hub creates; pass --push-to-hub REPO_ID")
+    if stream and then_verify:
+        raise click.UsageError("--verify reads the source, which --stream deletes as it goes; verify a local convert")
     if hasattr(signal, "SIGXFSZ"):
         # Past a file size limit (ulimit -f) the write must fail with EFBIG, not kill the process.
         # CPython's startup ignores SIGXFSZ already; an embedding interpreter may not.
@@ -179,6 +188,9 @@ def convert(
             progress=bar.update,
             revision=revision,
             download_progress=not quiet,
+            stream=stream,
+            push_to=push_to if stream else None,
+            private=(private or None) if stream else None,
         )
     for warning in result.warnings:
         click.echo(f"Warning: {printable(warning)}", err=True)
@@ -190,7 +202,7 @@ def convert(
     if then_verify:
         checked = verify_checkpoint(result.source_dir, result.destination, family=result.plan.family.name, dtype=dtype)
         _report(checked, quiet=quiet)
-    if push_to is not None:
+    if push_to is not None and not stream:
         _push(dst, push_to, private=private or None, revision=None, commit_message=None, quiet=quiet)
 
 

@@ -1,0 +1,117 @@
+"""`convert REPO DST --stream` (and `--push-to-hub`) against the stand-in Hub: source shards fetched
+one at a time beside DST and dropped when used, the result byte for byte a local convert's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fusemoe_ckpt import convert
+from fusemoe_ckpt.cli import cli
+from fusemoe_ckpt.plan.conversion import plan_for
+
+from .stream_models import OUTPUT_SHARD, write_stream_repo
+from .test_hub import _one_line_error, _tree, hub, set_hub_env  # noqa: F401 - fixtures
+
+REPO = "org/stream-moe"
+
+
+@pytest.fixture
+def stream_repo(hub, tmp_path) -> Path:  # noqa: F811 - the fixture imported above
+    folder = write_stream_repo(tmp_path / "repo")
+    hub.add_repo(REPO, folder)
+    return folder
+
+
+@pytest.fixture
+def local(stream_repo, tmp_path) -> dict[str, bytes]:
+    """What a local convert of the repo's folder writes."""
+    convert(stream_repo, tmp_path / "local", max_shard_size=OUTPUT_SHARD)
+    return _tree(tmp_path / "local")
+
+
+def _stream(dst: Path, *options: str):
+    return CliRunner().invoke(
+        cli, ["convert", "-q", REPO, str(dst), "--stream", "--max-shard-size", OUTPUT_SHARD, *options]
+    )
+
+
+def _weights(tree: dict[str, bytes]) -> dict[str, bytes]:
+    return {name: data for name, data in tree.items() if name.endswith(".safetensors")}
+
+
+def test_stream_equals_a_local_convert_and_fetches_every_byte_once(hub, stream_repo, local, tmp_path):  # noqa: F811
+    dst = tmp_path / "fused"
+    result = _stream(dst)
+    assert result.exit_code == 0, result.output
+    fused = _tree(dst)
+    assert _weights(fused) == _weights(local) and len(_weights(local)) > 2
+    assert set(fused) == set(local)
+    # Every byte of every file came down once: shard headers by range, the rest by the download.
+    sizes = {name: len(data) for name, data in hub.files(REPO).items()}
+    assert hub.bytes_served() == sizes
+    # Nothing went into the HF cache, and nothing is left beside DST.
+    assert not (tmp_path / "hf-home" / "hub").exists() or not any((tmp_path / "hf-home" / "hub").rglob("*.safetensors"))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def _allocated(folder: Path) -> int:
+    """Bytes of disk the files under `folder` take (holes of a placeholder take none)."""
+    return sum(p.lstat().st_blocks * 512 for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
+
+
+def test_at_most_the_sources_a_layer_spans_are_on_disk(hub, stream_repo, tmp_path, monkeypatch):  # noqa: F811
+    """Each layer's experts span two source shards; while an output shard is written, only the
+    source shards it reads are on disk, and none that an earlier shard alone read."""
+    import fusemoe_ckpt.write.output as output_module
+
+    scratch = tmp_path / ".fused.fusemoe-sources"
+    seen: list[tuple[str, list[str], int]] = []
+    real = output_module.write_shard
+
+    def measured(path, shard, **kwargs):
+        # Downloaded: the file holds the shard's bytes (a placeholder holds its header, then holes).
+        present = sorted(
+            p.name for p in scratch.glob("*.safetensors") if p.read_bytes() == (stream_repo / p.name).read_bytes()
+        )
+        seen.append((shard.filename, present, _allocated(scratch)))
+        return real(path, shard, **kwargs)
+
+    monkeypatch.setattr(output_module, "write_shard", measured)
+    assert _stream(tmp_path / "fused").exit_code == 0
+    largest = max(p.stat().st_size for p in stream_repo.glob("*.safetensors"))
+    assert all(len(present) <= 2 for _, present, _ in seen), seen
+    assert max(allocated for _, _, allocated in seen) <= 2 * largest + 64 * 1024, seen
+    # Exactly the source shards each output shard reads are on disk while it is written: those
+    # holding the tensors it is made of, as a plan of the repo's own folder says.
+    _, plan = plan_for(stream_repo, max_shard_size=OUTPUT_SHARD)
+    reads = [sorted({p.file.name for t in shard.tensors for p in t.pieces}) for shard in plan.shards]
+    assert [present for _, present, _ in seen] == reads
+    # A layer's experts span two source shards, so some output shard needs two at once.
+    assert max(len(files) for files in reads) == 2
+
+
+def test_stream_and_push_commits_once_with_every_shard_preuploaded(hub, stream_repo, local, tmp_path):  # noqa: F811
+    dst = tmp_path / "fused"
+    commits_before = dict(hub.repos)
+    result = _stream(dst, "--push-to-hub", "me/stream-fused")
+    assert result.exit_code == 0, result.output
+    repo = hub.repos["me/stream-fused"]
+    assert "me/stream-fused" not in commits_before
+    # Two commits: the empty repo's first, and the one that adds everything.
+    assert len(repo.commits) == 2
+    pushed = hub.files("me/stream-fused")
+    assert _weights(pushed) == _weights(local)
+    # Each shard travelled once, as an LFS upload, never inside the commit.
+    puts = [path for method, path, _ in hub.requests if method == "PUT"]
+    assert len(puts) == len(_weights(local))
+    # DST keeps the small files, the card and the record of the upload; no shard.
+    kept = _tree(dst)
+    assert not _weights(kept)
+    assert {"config.json", "tokenizer_config.json", "README.md", "model.safetensors.index.json"} <= set(kept)
+    assert ".fusemoe-pushed" in kept
+    assert {name: pushed[name] for name in kept if not name.startswith(".")} == {
+        name: data for name, data in kept.items() if not name.startswith(".")
+    }
