@@ -3,6 +3,9 @@ one at a time beside DST and dropped when used, the result byte for byte a local
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,9 @@ from fusemoe_ckpt import convert
 from fusemoe_ckpt.cli import cli
 from fusemoe_ckpt.plan.conversion import plan_for
 
+from .conftest import PAUSE_LAUNCHER
 from .stream_models import OUTPUT_SHARD, write_stream_repo
+from .test_batch import wait_for
 from .test_hub import _one_line_error, _tree, hub, set_hub_env  # noqa: F401 - fixtures
 
 REPO = "org/stream-moe"
@@ -115,3 +120,58 @@ def test_stream_and_push_commits_once_with_every_shard_preuploaded(hub, stream_r
     assert {name: pushed[name] for name in kept if not name.startswith(".")} == {
         name: data for name, data in kept.items() if not name.startswith(".")
     }
+
+
+def _paused_run(tmp_path: Path, point: str, dst: Path, *options: str) -> subprocess.Popen:
+    """A --stream convert in a process of its own, paused at `point` (see tests/pause_launcher.py)."""
+    flag = tmp_path / "paused"
+    command = [sys.executable, PAUSE_LAUNCHER, f"{point}:{flag}", "cli", "convert", "-q", REPO, str(dst)]
+    process = subprocess.Popen(
+        [*command, "--stream", "--max-shard-size", OUTPUT_SHARD, *options],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(flag, process)
+    return process
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "SIGTERM"])
+def test_resume_after_a_kill_downloads_nothing_twice(hub, stream_repo, local, tmp_path, signum):  # noqa: F811
+    dst = tmp_path / "fused"
+    process = _paused_run(tmp_path, "shard-done:2", dst)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == (-9 if signum == signal.SIGKILL else 143), stderr
+    assert not dst.exists()
+    first_run = hub.bytes_served()
+    assert sum(first_run.values()) < sum(len(d) for d in hub.files(REPO).values())
+
+    result = _stream(dst, "--resume")
+    assert result.exit_code == 0, result.output
+    assert _weights(_tree(dst)) == _weights(local)
+    # Across both runs every byte came down once: the sources the two written shards alone read
+    # were not fetched again, nor the one downloaded for the third.
+    assert hub.bytes_served() == {name: len(data) for name, data in hub.files(REPO).items()}
+    assert not (tmp_path / ".fused.fusemoe-sources").exists()
+    assert not (tmp_path / ".fused.fusemoe-partial").exists()
+
+
+def test_resume_of_a_push_uploads_no_shard_twice(hub, stream_repo, local, tmp_path):  # noqa: F811
+    dst = tmp_path / "fused"
+    # Killed after the second shard is written and journaled, before its upload.
+    process = _paused_run(tmp_path, "shard-done:2", dst, "--push-to-hub", "me/stream-fused")
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    repo = hub.repos["me/stream-fused"]
+    # Nothing on the Hub looks complete: the repo holds only its first, empty commit.
+    assert len(repo.commits) == 1 and set(hub.files("me/stream-fused")) == {".gitattributes"}
+    assert len([1 for method, _, _ in hub.requests if method == "PUT"]) == 1
+
+    result = _stream(dst, "--resume", "--push-to-hub", "me/stream-fused")
+    assert result.exit_code == 0, result.output
+    assert _weights(hub.files("me/stream-fused")) == _weights(local)
+    assert len(repo.commits) == 2
+    # Each shard uploaded once across both runs: the first not again, the second after the resume.
+    assert len([1 for method, _, _ in hub.requests if method == "PUT"]) == len(_weights(local))
+    assert hub.bytes_served() == {name: len(data) for name, data in hub.files(REPO).items()}

@@ -83,8 +83,12 @@ def lay_out_scratch(repo: PinnedRepo, scratch: Path, *, progress: bool) -> Strea
         size = repo.files[name].size
         if name in fetched and _complete(target, size):
             continue  # downloaded whole (and checked) by an interrupted run
-        headers[name] = _header_bytes(repo, name, size, where)
-        _write_placeholder(target, headers[name], size)
+        local = _placeholder_header(target, size)
+        if local is not None:
+            headers[name] = local  # laid out by an interrupted run: its header is not fetched again
+        else:
+            headers[name] = _header_bytes(repo, name, size, where)
+            _write_placeholder(target, headers[name], size)
     return StreamedSource(repo, scratch, shards, headers)
 
 
@@ -237,6 +241,22 @@ def _header_bytes(repo: PinnedRepo, name: str, size: int, where: str) -> bytes:
     if 8 + length > size:
         raise CheckpointError(f"{where}/{name}: truncated: header length {length} runs past the {size}-byte file")
     return struct.pack("<Q", length) + read_range(repo, name, 8, length)
+
+
+def _placeholder_header(path: Path, size: int) -> bytes | None:
+    """The header bytes of the placeholder an interrupted run left at `path`, if one of `size` is
+    there. Checked as every download is: against the Hub's hash once the rest is fetched."""
+    if not _complete(path, size):
+        return None
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return None
+        (length,) = struct.unpack("<Q", head)
+        if length > MAX_HEADER_BYTES or 8 + length > size:
+            return None
+        header = head + f.read(length)
+    return header if len(header) == 8 + length else None
 
 
 def _write_placeholder(path: Path, header: bytes, size: int) -> None:
