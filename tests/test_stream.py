@@ -3,6 +3,8 @@ one at a time beside DST and dropped when used, the result byte for byte a local
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from fusemoe_ckpt.plan.conversion import plan_for
 from .conftest import PAUSE_LAUNCHER
 from .stream_models import OUTPUT_SHARD, write_stream_repo
 from .test_batch import wait_for
+from .test_disk_full import _can_mount_tmpfs
 from .test_hub import _one_line_error, _tree, hub, set_hub_env  # noqa: F401 - fixtures
 
 REPO = "org/stream-moe"
@@ -175,3 +178,76 @@ def test_resume_of_a_push_uploads_no_shard_twice(hub, stream_repo, local, tmp_pa
     # Each shard uploaded once across both runs: the first not again, the second after the resume.
     assert len([1 for method, _, _ in hub.requests if method == "PUT"]) == len(_weights(local))
     assert hub.bytes_served() == {name: len(data) for name, data in hub.files(REPO).items()}
+
+
+# Mounts a tmpfs of $1 at $2 in a private namespace, runs the rest with HF_HOME on it, copies DST out
+# to $OUT when there is one, and lists what is left on the tmpfs on stderr after a marker line.
+ON_TMPFS = """
+mount -t tmpfs -o size="$1" tmpfs "$2" || exit 99
+mount="$2"; shift 2
+export HF_HOME="$mount/hf-home" HF_HUB_CACHE="$mount/hf-home/hub"
+"$@"; code=$?
+[ -d "$mount/dst" ] && cp -r "$mount/dst" "$OUT"
+echo "--- left:" >&2; (cd "$mount" && find . -name '*.safetensors' -o -name '.*fusemoe*' | sort) >&2
+exit $code
+"""
+
+
+SIZE = r"[\d.]+ [KM]B \(\d+ bytes\)"
+NO_ROOM = rf"Error: {{path}}: the conversion needs {SIZE} but only {SIZE} is free\n"
+
+
+def _on_tmpfs(tmp_path: Path, size: str, *options: str) -> subprocess.CompletedProcess:
+    mount = tmp_path / "small"
+    mount.mkdir(exist_ok=True)
+    command = [sys.executable, "-m", "fusemoe_ckpt", "convert", "-q", REPO, str(mount / "dst")]
+    return subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", ON_TMPFS, "sh", size, str(mount)]
+        + [*command, "--max-shard-size", OUTPUT_SHARD, *options],
+        env=os.environ | {"OUT": str(tmp_path / "out"), "PYTHONDONTWRITEBYTECODE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unprivileged user and mount namespaces to mount tmpfs")
+def test_stream_fits_a_disk_a_cached_convert_cannot(hub, stream_repo, local, tmp_path):  # noqa: F811
+    """HF cache, scratch and DST on a tmpfs of 6.5 output shards: the model twice (cache and DST)
+    does not fit, DST plus the two source shards a layer spans does."""
+    size = str(13 * 200_000 // 2)
+    cached = _on_tmpfs(tmp_path, size)
+    assert cached.returncode == 1, cached.stderr
+    error, left = cached.stderr.split("--- left:\n")
+    assert error.startswith("Error: ") and error.count("\n") == 1, error
+    # The source came down into the cache; DST then has no room beside it.
+    assert re.fullmatch(NO_ROOM.format(path=re.escape(str(tmp_path / "small"))), error), error
+    assert left.splitlines() == [
+        f"./hf-home/hub/models--org--stream-moe/snapshots/{hub.repos[REPO].refs['main']}/{n}"
+        for n in sorted(n for n in hub.files(REPO) if n.endswith(".safetensors"))
+    ]
+
+    streamed = _on_tmpfs(tmp_path, size, "--stream")
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stderr.split("--- left:\n")[1].splitlines() == [f"./dst/{n}" for n in sorted(_weights(local))]
+    assert _weights(_tree(tmp_path / "out")) == _weights(local)
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unprivileged user and mount namespaces to mount tmpfs")
+def test_stream_push_fits_less_than_the_model(hub, stream_repo, local, tmp_path):  # noqa: F811
+    """With --push-to-hub, 3.5 shards of disk suffice for a model of five: two sources and the
+    output shard being written."""
+    result = _on_tmpfs(tmp_path, str(7 * 200_000 // 2), "--stream", "--push-to-hub", "me/stream-fused")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.split("--- left:\n")[1].splitlines() == ["./dst/.fusemoe-pushed"]
+    assert _weights(hub.files("me/stream-fused")) == _weights(local)
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unprivileged user and mount namespaces to mount tmpfs")
+def test_no_room_for_one_shard_names_the_path_and_the_space(hub, stream_repo, tmp_path):  # noqa: F811
+    result = _on_tmpfs(tmp_path, "150k", "--stream")
+    assert result.returncode == 1, result.stderr
+    error, left = result.stderr.split("--- left:\n")
+    mount = tmp_path / "small"
+    assert re.fullmatch(NO_ROOM.format(path=re.escape(str(mount))), error), error
+    assert not left.strip()

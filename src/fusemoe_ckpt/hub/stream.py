@@ -165,15 +165,17 @@ def peak_bytes(todo: list[ShardPlan], hooks: StreamHooks, *, keep_outputs: bool)
     """The most bytes the run holds at once beside DST writing `todo` in order: the output shards
     written so far (`keep_outputs`; else only the one being written) and the sources still to be read."""
     readers = {name: set(r) for name, r in hooks.readers.items()}
+    present = {name for name, r in readers.items() if r and name not in hooks.source.headers}
     peak = written = 0
     for shard in todo:
-        names = hooks.sources_of(shard)
-        held = sum(hooks.sizes[n] for n, r in readers.items() if r and (n in hooks.source.headers or n in names))
-        peak = max(peak, held + written + shard.file_size)
+        present.update(hooks.sources_of(shard))
+        peak = max(peak, sum(hooks.sizes[n] for n in present) + written + shard.file_size)
         if keep_outputs:
             written += shard.file_size
-        for r in readers.values():
-            r.discard(shard.filename)
+        for name in list(present):
+            readers[name].discard(shard.filename)
+            if not readers[name]:
+                present.discard(name)
     return peak
 
 
