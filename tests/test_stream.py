@@ -3,6 +3,8 @@ one at a time beside DST and dropped when used, the result byte for byte a local
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import signal
@@ -251,3 +253,80 @@ def test_no_room_for_one_shard_names_the_path_and_the_space(hub, stream_repo, tm
     mount = tmp_path / "small"
     assert re.fullmatch(NO_ROOM.format(path=re.escape(str(mount))), error), error
     assert not left.strip()
+
+
+def _nothing_left(tmp_path: Path) -> None:
+    """Nothing at DST, no partial output and no downloads beside it."""
+    assert sorted(p.name for p in tmp_path.iterdir() if "fused" in p.name) == []
+
+
+def test_a_repo_without_safetensors(hub, tmp_path):  # noqa: F811
+    folder = tmp_path / "bin-only"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "qwen3_moe"}')
+    (folder / "pytorch_model.bin").write_bytes(b"pickled weights")
+    commit = hub.add_repo("org/bin-only", folder)
+    result = CliRunner().invoke(cli, ["convert", "-q", "org/bin-only", str(tmp_path / "fused"), "--stream"])
+    assert _one_line_error(result) == (
+        f"Error: org/bin-only@{commit[:12]}: holds no model.safetensors.index.json or model.safetensors: "
+        "no safetensors weights to convert"
+    )
+    _nothing_left(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupted"])
+def test_a_bad_download_fails_and_pushes_nothing(hub, stream_repo, tmp_path, damage):  # noqa: F811
+    name = "model-00003-of-00004.safetensors"
+    data = hub.files(REPO)[name]
+    commit = hub.repos[REPO].refs["main"]
+    if damage == "truncated":
+        hub.serve_instead[name] = data[:-1000]
+        message = f"download truncated: {len(data) - 1000} of {len(data)} bytes"
+    else:
+        hub.serve_instead[name] = data[:-1] + bytes([data[-1] ^ 1])
+        bad = hashlib.sha256(hub.serve_instead[name]).hexdigest()
+        message = f"downloaded bytes hash to {bad}, the Hub lists {hashlib.sha256(data).hexdigest()}"
+    result = _stream(tmp_path / "fused", "--push-to-hub", "me/stream-fused")
+    assert _one_line_error(result) == f"Error: {REPO}@{commit[:12]}/{name}: {message}"
+    _nothing_left(tmp_path)
+    # Shards were pre-uploaded, but no commit names them: the repo shows nothing of the conversion.
+    assert len(hub.repos["me/stream-fused"].commits) == 1
+    assert set(hub.files("me/stream-fused")) == {".gitattributes"}
+
+
+def test_the_run_reads_the_commit_it_started_from(hub, stream_repo, local, tmp_path):  # noqa: F811
+    """main moves on while the shards download: every file still comes from the pinned commit."""
+    first = hub.repos[REPO].refs["main"]
+
+    def move_main(method: str, path: str) -> None:
+        if (
+            method == "GET"
+            and path.endswith("model-00002-of-00004.safetensors")
+            and hub.repos[REPO].refs["main"] == first
+        ):
+            emptied = {name: b"" for name in hub.files(REPO)}
+            hub.repos[REPO].commit("main", emptied, "rewrite every file")
+
+    hub.on_request = move_main
+    result = _stream(tmp_path / "fused")
+    assert result.exit_code == 0, result.output
+    assert hub.repos[REPO].refs["main"] != first
+    assert _weights(_tree(tmp_path / "fused")) == _weights(local)
+    index = json.loads((tmp_path / "fused" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["fusemoe_ckpt_source_revision"] == first
+
+
+def test_the_pinned_commit_gone_mid_run(hub, stream_repo, tmp_path):  # noqa: F811
+    """A force-push that drops the commit the run started from: one line naming it, nothing left."""
+    first = hub.repos[REPO].refs["main"]
+
+    def rewrite_history(method: str, path: str) -> None:
+        if method == "GET" and path.endswith("model-00002-of-00004.safetensors") and first in hub.repos[REPO].commits:
+            files = hub.repos[REPO].commits.pop(first)
+            hub.repos[REPO].refs["main"] = ""
+            hub.repos[REPO].commit("main", files, "force-pushed")
+
+    hub.on_request = rewrite_history
+    result = _stream(tmp_path / "fused")
+    assert _one_line_error(result) == f"Error: {REPO}@{first}: the repo has no such branch, tag or commit"
+    _nothing_left(tmp_path)

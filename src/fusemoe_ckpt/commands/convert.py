@@ -281,21 +281,24 @@ def _convert_streamed(
     scratch = scratch_path(dst)
     what = f"{repo_id}@{revision}" if revision else repo_id
     dst.parent.mkdir(parents=True, exist_ok=True)
-    with hub_errors(what), progress_bars(download_progress):
+    with progress_bars(download_progress):
         try:
-            repo = pin_repo(repo_id, revision)
-            streamed = lay_out_scratch(repo, scratch, progress=download_progress)
-            source, plan = plan_for(scratch, **plan_options)
-            if push_to is None:
-                hooks = StreamHooks(streamed, source, plan, progress=download_progress)
-            else:
-                hooks = PushingHooks(
-                    streamed, source, plan, repo_id=push_to, private=private, progress=download_progress
+            with hub_errors(what):
+                repo = pin_repo(repo_id, revision)
+            # Named by the pinned commit from here on: a repo rewritten since (the commit gone) says so.
+            with hub_errors(f"{repo.repo_id}@{repo.commit}"):
+                streamed = lay_out_scratch(repo, scratch, progress=download_progress)
+                source, plan = plan_for(scratch, **plan_options)
+                if push_to is None:
+                    hooks = StreamHooks(streamed, source, plan, progress=download_progress)
+                else:
+                    hooks = PushingHooks(
+                        streamed, source, plan, repo_id=push_to, private=private, progress=download_progress
+                    )
+                provenance = {"fusemoe_ckpt_source": repo.repo_id, "fusemoe_ckpt_source_revision": repo.commit}
+                written, extras, kept = write_plan(
+                    source, plan, provenance, dst, progress=progress, hooks=hooks, **write_options
                 )
-            provenance = {"fusemoe_ckpt_source": repo.repo_id, "fusemoe_ckpt_source_revision": repo.commit}
-            written, extras, kept = write_plan(
-                source, plan, provenance, dst, progress=progress, hooks=hooks, **write_options
-            )
         except KeyboardInterrupt:
             raise  # the downloads are kept for --resume, as the written shards are
         except BaseException:

@@ -18,12 +18,13 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, HfApi, constants
 from huggingface_hub.lfs import UploadInfo
 
-from ..errors import DestinationError
+from ..errors import DestinationError, HubError
 from ..plan.layout import ConversionPlan, ShardPlan
 from ..reading.converted import read_converted_index
 from ..reading.json_document import parse_json, read_document
 from ..reading.source import INDEX_NAME, SourceCheckpoint
 from ..write.no_follow import open_own_file
+from .calls import hub_errors, root_cause
 from .model_card import write_model_card
 from .push import PushResult
 from .stream import StreamedSource, StreamHooks, peak_bytes
@@ -57,7 +58,8 @@ class PushingHooks(StreamHooks):
         self.planned_sizes = {shard.filename: shard.file_size for shard in plan.shards}
 
     def start(self, partial: Path, kept: set[str]) -> set[str]:
-        url = self.api.create_repo(self.repo_id, private=self.private, exist_ok=True)
+        with hub_errors(self.repo_id):
+            url = self.api.create_repo(self.repo_id, private=self.private, exist_ok=True)
         self.repo_id = url.repo_id
         self.url = str(url)
         self.record = partial / PUSHED_NAME
@@ -91,7 +93,8 @@ class PushingHooks(StreamHooks):
                 operations.append(CommitOperationAdd(path_in_repo=relative, path_or_fileobj=path))
         source = metadata.get("fusemoe_ckpt_source")
         message = f"Upload fused-expert checkpoint of {source} (fusemoe-ckpt {version('fusemoe-ckpt')})"
-        info = self.api.create_commit(self.repo_id, operations=operations, commit_message=message)
+        with hub_errors(self.repo_id):
+            info = self.api.create_commit(self.repo_id, operations=operations, commit_message=message)
         self.result = PushResult(
             repo_id=self.repo_id, url=self.url, commit=info.oid, revision=constants.DEFAULT_REVISION
         )
@@ -99,7 +102,11 @@ class PushingHooks(StreamHooks):
     def _upload(self, path: Path) -> None:
         """Pre-upload one shard, record it, and delete it locally."""
         operation = CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path))
-        self.api.preupload_lfs_files(self.repo_id, additions=[operation])
+        try:
+            with hub_errors(self.repo_id):
+                self.api.preupload_lfs_files(self.repo_id, additions=[operation])
+        except (RuntimeError, ValueError) as e:  # how huggingface_hub reports a failed LFS transfer
+            raise HubError(f"{self.repo_id}: cannot upload {path.name}: {root_cause(e)}") from e
         size, sha256 = operation.upload_info.size, operation.upload_info.sha256.hex()
         fd = open_own_file(self.record, "the push record", append=True)
         with os.fdopen(fd, "a", encoding="utf-8") as f:
