@@ -330,3 +330,38 @@ def test_the_pinned_commit_gone_mid_run(hub, stream_repo, tmp_path):  # noqa: F8
     result = _stream(tmp_path / "fused")
     assert _one_line_error(result) == f"Error: {REPO}@{first}: the repo has no such branch, tag or commit"
     _nothing_left(tmp_path)
+
+
+def test_a_finished_stream_run_again(hub, stream_repo, tmp_path):  # noqa: F811
+    """Run again by a scheduler: --resume reports it complete, without --resume it is refused."""
+    dst = tmp_path / "fused"
+    assert _stream(dst).exit_code == 0
+    before = _tree(dst)
+    again = CliRunner().invoke(
+        cli, ["convert", REPO, str(dst), "--stream", "--max-shard-size", OUTPUT_SHARD, "--resume"]
+    )
+    assert again.exit_code == 0, again.output
+    assert again.stdout.startswith(f"already complete: {dst} holds this conversion (5 shards, ")
+    assert _tree(dst) == before
+    assert _one_line_error(_stream(dst)) == (
+        f"Error: {dst}: exists and is not empty: it already holds this conversion of {REPO}; "
+        "pass --resume to accept it as complete, or --overwrite to convert again"
+    )
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".fused")] == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--stream", "--verify"], "--verify reads the source, which --stream deletes as it goes"),
+        (["--private"], "--private applies to the repo --push-to-hub creates"),
+    ],
+)
+def test_usage_errors(hub, stream_repo, tmp_path, args, message):  # noqa: F811
+    result = CliRunner().invoke(cli, ["convert", REPO, str(tmp_path / "fused"), *args])
+    assert result.exit_code == 2 and message in result.stderr, result.output
+
+
+def test_stream_of_a_local_folder_is_refused(stream_repo, tmp_path):
+    result = CliRunner().invoke(cli, ["convert", str(stream_repo), str(tmp_path / "fused"), "--stream"])
+    assert _one_line_error(result, exit_code=2) == f"Error: {stream_repo}: --stream applies to a Hub repo id SRC"

@@ -177,11 +177,15 @@ def convert(
             )
         check_destination(dst_path)
         if holds_files(dst_path) and not overwrite:
-            _refuse_non_empty(dst_path, str(src), this_conversion=False)
+            recorded = recorded_reason(
+                dst_path, source=str(src), revision=revision, family=family, dtype=dtype, dequantize=dequantize
+            )
+            if not (resume and recorded is None):
+                _refuse_non_empty(dst_path, str(src), this_conversion=recorded is None)
         check_no_partial(partial_path(dst_path), resume=resume, overwrite=overwrite)
         if workers is None:
             workers = default_workers(dequantize=dequantize)
-        plan, written, extras, kept, report = _convert_streamed(
+        source, plan, written, extras, kept, report = _convert_streamed(
             str(src),
             dst_path,
             revision=revision,
@@ -198,9 +202,10 @@ def convert(
             bytes_written=written,
             seconds=time.perf_counter() - started,
             copied_files=extras,
-            warnings=warnings,
+            warnings=warnings + _warnings(source, plan, family),
             kept_shards=kept,
             streamed=report,
+            already_complete=report is None,
         )
     if is_hub_source(src):
         from ..hub.download import download_checkpoint  # huggingface_hub is imported only for Hub sources
@@ -270,9 +275,10 @@ def _convert_streamed(
     download_progress: bool,
     plan_options: dict,
     write_options: dict,
-) -> tuple[ConversionPlan, int, list[str], int, StreamReport]:
+) -> tuple[SourceCheckpoint, ConversionPlan, int, list[str], int, StreamReport | None]:
     """Pin the repo, lay its shards out as placeholders beside DST, plan them, and write the plan
-    fetching each source shard just in time (and pushing each output shard, with `push_to`)."""
+    fetching each source shard just in time (and pushing each output shard, with `push_to`). The
+    report is None when DST held this conversion already (`--resume` run again): nothing written."""
     from ..hub.calls import hub_errors, progress_bars  # huggingface_hub is imported only for Hub sources
     from ..hub.fetch import pin_repo
     from ..hub.stream import StreamHooks, lay_out_scratch, remove_scratch, scratch_path
@@ -289,12 +295,15 @@ def _convert_streamed(
             with hub_errors(f"{repo.repo_id}@{repo.commit}"):
                 streamed = lay_out_scratch(repo, scratch, progress=download_progress)
                 source, plan = plan_for(scratch, **plan_options)
+                if holds_files(dst) and not write_options["overwrite"]:  # --resume: done already?
+                    if _finish_if_complete(dst, plan):
+                        remove_scratch(scratch)
+                        return source, plan, 0, [], len(plan.shards), None
+                    _refuse_non_empty(dst, repo_id, this_conversion=planned_reason(dst, plan) is None)
                 if push_to is None:
-                    hooks = StreamHooks(streamed, source, plan, progress=download_progress)
+                    hooks = StreamHooks(streamed, plan, progress=download_progress)
                 else:
-                    hooks = PushingHooks(
-                        streamed, source, plan, repo_id=push_to, private=private, progress=download_progress
-                    )
+                    hooks = PushingHooks(streamed, plan, repo_id=push_to, private=private, progress=download_progress)
                 provenance = {"fusemoe_ckpt_source": repo.repo_id, "fusemoe_ckpt_source_revision": repo.commit}
                 written, extras, kept = write_plan(
                     source, plan, provenance, dst, progress=progress, hooks=hooks, **write_options
@@ -306,7 +315,7 @@ def _convert_streamed(
             raise
         remove_scratch(scratch)
     pushed = getattr(hooks, "result", None)
-    return plan, written, extras, kept, StreamReport(hooks.downloaded_bytes, hooks.peak_sources, pushed)
+    return source, plan, written, extras, kept, StreamReport(hooks.downloaded_bytes, hooks.peak_sources, pushed)
 
 
 def _finish_if_complete(dst: Path, plan: ConversionPlan) -> bool:

@@ -18,11 +18,10 @@ from pathlib import Path, PurePosixPath
 from huggingface_hub.utils import filter_repo_objects
 
 from ..errors import CheckpointError, DestinationError
-from ..plan.conversion import plan_for
 from ..plan.layout import ConversionPlan, ShardPlan
 from ..reading.json_document import read_document
 from ..reading.safetensors_format import MAX_HEADER_BYTES
-from ..reading.source import INDEX_NAME, SINGLE_NAME, SourceCheckpoint, both_layouts, read_index, resolve_inside
+from ..reading.source import INDEX_NAME, SINGLE_NAME, both_layouts, read_index, resolve_inside
 from ..write.no_follow import open_own_file, refuse_unless_directory, remove_tree
 from ..write.output import ShardHooks
 from .download import SIDE_FILE_PATTERNS, WEIGHT_PATTERNS
@@ -96,9 +95,7 @@ class StreamHooks(ShardHooks):
     """Downloads the sources of each output shard just before it is written, and deletes each source
     once the last output shard that reads it is written."""
 
-    def __init__(
-        self, source: StreamedSource, checkpoint: SourceCheckpoint, plan: ConversionPlan, *, progress: bool
-    ) -> None:
+    def __init__(self, source: StreamedSource, plan: ConversionPlan, *, progress: bool) -> None:
         self.source = source
         self.progress = progress
         self.name_of = {source.scratch / name: name for name in source.shards}
@@ -177,11 +174,6 @@ def peak_bytes(todo: list[ShardPlan], hooks: StreamHooks, *, keep_outputs: bool)
             if not readers[name]:
                 present.discard(name)
     return peak
-
-
-def plan_streamed(source: StreamedSource, **options) -> tuple[SourceCheckpoint, ConversionPlan]:
-    """Plan the placeholders as a local convert plans the real files."""
-    return plan_for(source.scratch, **options)
 
 
 def remove_scratch(scratch: Path) -> None:

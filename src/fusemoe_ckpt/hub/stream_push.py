@@ -22,7 +22,7 @@ from ..errors import DestinationError, HubError
 from ..plan.layout import ConversionPlan, ShardPlan
 from ..reading.converted import read_converted_index
 from ..reading.json_document import parse_json, read_document
-from ..reading.source import INDEX_NAME, SourceCheckpoint
+from ..reading.source import INDEX_NAME
 from ..write.no_follow import open_own_file
 from .calls import hub_errors, root_cause
 from .model_card import write_model_card
@@ -40,14 +40,13 @@ class PushingHooks(StreamHooks):
     def __init__(
         self,
         source: StreamedSource,
-        checkpoint: SourceCheckpoint,
         plan: ConversionPlan,
         *,
         repo_id: str,
         private: bool | None,
         progress: bool,
     ) -> None:
-        super().__init__(source, checkpoint, plan, progress=progress)
+        super().__init__(source, plan, progress=progress)
         self.api = HfApi()
         self.repo_id = repo_id
         self.private = private
