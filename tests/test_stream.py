@@ -141,10 +141,14 @@ def _paused_run(tmp_path: Path, point: str, dst: Path, *options: str) -> subproc
     return process
 
 
-@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "SIGTERM"])
-def test_resume_after_a_kill_downloads_nothing_twice(hub, stream_repo, local, tmp_path, signum):  # noqa: F811
+@pytest.mark.parametrize(
+    ("signum", "point"), [(signal.SIGKILL, "shard-done:3"), (signal.SIGTERM, "shard-done:2")], ids=["kill-9", "SIGTERM"]
+)
+def test_resume_after_a_kill_downloads_nothing_twice(hub, stream_repo, local, tmp_path, signum, point):  # noqa: F811
+    """Killed once the second or third shard is journaled: by then the first source shard was
+    used up and dropped, the next ones downloaded or not."""
     dst = tmp_path / "fused"
-    process = _paused_run(tmp_path, "shard-done:2", dst)
+    process = _paused_run(tmp_path, point, dst)
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == (-9 if signum == signal.SIGKILL else 143), stderr

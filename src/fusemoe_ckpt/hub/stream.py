@@ -28,7 +28,9 @@ from .download import SIDE_FILE_PATTERNS, WEIGHT_PATTERNS
 from .fetch import PinnedRepo, download, read_range
 
 SCRATCH_SUFFIX = ".fusemoe-sources"
-FETCHED_NAME = ".fusemoe-fetched"  # the repo@commit, then one line per shard downloaded and checked
+# The repo@commit, then a line per shard downloaded and checked, and `DROPPED`name when it was dropped.
+FETCHED_NAME = ".fusemoe-fetched"
+DROPPED = "dropped "
 
 
 def scratch_path(dst: Path) -> Path:
@@ -150,12 +152,12 @@ class StreamHooks(ShardHooks):
         del self.source.headers[name]
 
     def _done(self, filename: str) -> None:
-        """`filename` is written: sources no other unwritten shard reads are deleted."""
+        """`filename` is written: sources no other unwritten shard reads are dropped."""
         for name, readers in self.readers.items():
             if filename in readers:
                 readers.discard(filename)
                 if not readers:
-                    (self.source.scratch / name).unlink(missing_ok=True)
+                    _drop(self.source.scratch, name)
 
 
 def peak_bytes(todo: list[ShardPlan], hooks: StreamHooks, *, keep_outputs: bool) -> int:
@@ -209,7 +211,13 @@ def _fetched(scratch: Path, repo: PinnedRepo) -> set[str]:
             text = read_document(record, error=DestinationError, what="download record", follow_links=False)
             lines = text.decode("utf-8", "replace").splitlines()
         if lines[:1] == [f"{repo.repo_id}@{repo.commit}"]:
-            return set(lines[1:])
+            fetched: set[str] = set()
+            for line in lines[1:]:
+                if line.startswith(DROPPED):
+                    fetched.discard(line.removeprefix(DROPPED))
+                else:
+                    fetched.add(line)
+            return fetched
         remove_tree(scratch, "the download folder")
     scratch.mkdir()
     fd = open_own_file(record, "the download record", exclusive=True)
@@ -218,12 +226,28 @@ def _fetched(scratch: Path, repo: PinnedRepo) -> set[str]:
     return set()
 
 
-def _record_fetched(scratch: Path, name: str) -> None:
+def _record_fetched(scratch: Path, name: str, *, dropped: bool = False) -> None:
     fd = open_own_file(scratch / FETCHED_NAME, "the download record", append=True)
     with os.fdopen(fd, "a", encoding="utf-8") as f:
-        f.write(name + "\n")
+        f.write(f"{DROPPED if dropped else ''}{name}\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def _drop(scratch: Path, name: str) -> None:
+    """Turn a downloaded source back into a placeholder, its data blocks freed and its header kept,
+    so that a resumed run plans it without fetching the header again. Recorded as no longer
+    downloaded first: a placeholder is never taken for the data."""
+    path = scratch / name
+    if os.path.islink(path) or not os.path.isfile(path):
+        return
+    _record_fetched(scratch, name, dropped=True)
+    size = path.lstat().st_size
+    header = _placeholder_header(path, size)
+    if header is None:
+        path.unlink()
+        return
+    _write_placeholder(path, header, size)
 
 
 def _header_bytes(repo: PinnedRepo, name: str, size: int, where: str) -> bytes:
@@ -254,10 +278,7 @@ def _placeholder_header(path: Path, size: int) -> bytes | None:
 
 
 def _write_placeholder(path: Path, header: bytes, size: int) -> None:
-    fd = open_own_file(path, "a source placeholder")
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, header)
-        os.ftruncate(fd, size)
-    finally:
-        os.close(fd)
+    with os.fdopen(open_own_file(path, "a source placeholder"), "wb") as f:
+        f.truncate(0)
+        f.write(header)
+        f.truncate(size)
