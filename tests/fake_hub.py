@@ -25,7 +25,7 @@ HF_HUB_DISABLE_XET=1. A gated repo answers file downloads with 403 and X-Error-C
 missing repo or revision 404 with RepoNotFound or RevisionNotFound, as huggingface_hub's
 hf_raise_for_status expects. Every request is logged, and every byte range served (`served`).
 `serve_instead` makes a file's download answer other bytes than its listing describes (a corrupted
-or truncated transfer).
+or truncated transfer), `refuse_uploads` refuses LFS uploads.
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ class FakeHub:
         self.lfs: dict[str, bytes] = {}  # uploaded LFS objects by sha256
         self.serve_instead: dict[str, bytes] = {}  # file path -> bytes its download answers
         self.on_request = None  # called with (method, path) before each request is answered
+        self.refuse_uploads: str | None = None  # an LFS upload is answered 403 with this message
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
 
@@ -296,6 +297,8 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self._json({"transfer": "basic", "objects": objects})
 
         def lfs_upload(self, oid: str, body: bytes, **_) -> None:
+            if hub.refuse_uploads:
+                return self._error(403, None, hub.refuse_uploads)
             if hashlib.sha256(body).hexdigest() != oid:
                 return self._error(400, None, f"uploaded bytes do not hash to {oid}")
             hub.lfs[oid] = body

@@ -369,3 +369,39 @@ def test_usage_errors(hub, stream_repo, tmp_path, args, message):  # noqa: F811
 def test_stream_of_a_local_folder_is_refused(stream_repo, tmp_path):
     result = CliRunner().invoke(cli, ["convert", str(stream_repo), str(tmp_path / "fused"), "--stream"])
     assert _one_line_error(result, exit_code=2) == f"Error: {stream_repo}: --stream applies to a Hub repo id SRC"
+
+
+def test_a_refused_upload_fails_and_commits_nothing(hub, stream_repo, tmp_path):  # noqa: F811
+    hub.refuse_uploads = "storage quota exceeded"
+    result = _stream(tmp_path / "fused", "--push-to-hub", "me/stream-fused")
+    line = _one_line_error(result)
+    assert line.startswith("Error: me/stream-fused: cannot upload model-00001-of-00005.safetensors: "), line
+    assert "403" in line, line
+    assert len(hub.repos["me/stream-fused"].commits) == 1
+    _nothing_left(tmp_path)
+
+
+def test_a_disk_that_fills_while_downloading_names_the_download(hub, stream_repo, tmp_path, monkeypatch):  # noqa: F811
+    """The free space dropping after the run's own check: the download is refused before its bytes
+    come, naming the file and the space it needs."""
+    import fusemoe_ckpt.hub.fetch as fetch_module
+
+    real = fetch_module.shutil.disk_usage
+    scratch = tmp_path / ".fused.fusemoe-sources"
+
+    def shrinking(path):
+        usage = real(path)
+        return usage._replace(free=50_000) if Path(path).is_relative_to(scratch) else usage
+
+    monkeypatch.setattr(fetch_module.shutil, "disk_usage", shrinking)
+    result = _stream(tmp_path / "fused")
+    name = "model-00001-of-00004.safetensors"
+    size = len(hub.files(REPO)[name])
+    line = _one_line_error(result)
+    assert re.fullmatch(
+        rf"Error: {re.escape(str(scratch / ('.' + name + '.part')))}: cannot download: \S+ KB \((\d+) bytes\) more are "
+        r"needed and 50.00 KB \(50000 bytes\) is free; free space there or convert to a disk with room",
+        line,
+    ), line
+    assert int(re.search(r"\((\d+) bytes\) more", line)[1]) < size
+    _nothing_left(tmp_path)
