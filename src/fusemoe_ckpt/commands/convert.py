@@ -73,8 +73,8 @@ class ConvertResult:
             return ""
         pushed = f"; {report.pushed.summary()}" if report.pushed else ""
         return (
-            f" (streamed: {format_size(report.downloaded_bytes)} downloaded, at most "
-            f"{format_size(report.peak_source_bytes)} of source shards on disk at once){pushed}"
+            f" (streamed: {format_size(report.downloaded_bytes)} of source shards fetched, at most "
+            f"{format_size(report.peak_source_bytes)} of them on disk at once){pushed}"
         )
 
     def _zero_rows(self) -> str:

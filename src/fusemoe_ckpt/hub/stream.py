@@ -145,9 +145,8 @@ class StreamHooks(ShardHooks):
             fd = open_own_file(part, "a download", exclusive=True)
             with os.fdopen(fd, "wb") as f:
                 f.write(self.source.headers[name])
-        before = part.stat().st_size
         download(self.source.repo, name, target, progress=self.progress)
-        self.downloaded_bytes += self.sizes[name] - before
+        self.downloaded_bytes += self.sizes[name]
         _record_fetched(self.source.scratch, name)
         del self.source.headers[name]
 
