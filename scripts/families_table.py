@@ -49,18 +49,18 @@ def render(tested: set[str]) -> str:
 
 
 def _under(transform, after: str = "") -> str:
-    """Where a sub-model's scoped transform applies (` under model.vision_tower.`), or nothing."""
+    """Where a sub-model's scoped transform applies (`under model.vision_tower.`), or nothing."""
     scope = getattr(transform, "scope", None)
     if scope is None:
         return ""
-    return f" under `{'.'.join(p for p in (scope.base, scope.prefix) if p)}.`{after}"
+    return f"{'' if after else ' '}under `{'.'.join(p for p in (scope.base, scope.prefix) if p)}.`{after}"
 
 
 def tested_model_types() -> set[str]:
     sys.path.insert(0, str(ROOT))
-    from tests.tiny_models import TINY_MODELS
+    from tests.tiny_models import TESTED_ELSEWHERE, TINY_MODELS
 
-    return set(TINY_MODELS)
+    return set(TINY_MODELS) | set(TESTED_ELSEWHERE)
 
 
 def replace_block(text: str, block: str) -> str:
