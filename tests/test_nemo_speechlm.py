@@ -117,3 +117,30 @@ def test_nemo_experts_that_are_not_3d_are_refused(tmp_path):
     message = refuse(tmp_path, src, tmp_path / "dst")
     file = src / "model.safetensors"
     assert message == f"{key}: expected a fused [experts, rows, cols] tensor to transpose, got [4, 8] ({file})"
+
+
+def test_transpose_reads_large_experts_in_bounded_bands(nemo, tmp_path, monkeypatch):
+    """An expert matrix larger than the read chunk is turned in bands of output rows, each a strided
+    read of the same columns of every stored row: every band within the chunk, the bytes those of
+    the whole transpose, and convert (with a chunk smaller than one expert) still what transformers holds."""
+    import os
+
+    from fusemoe_ckpt.plan.pieces import Piece
+    from fusemoe_ckpt.write import streams
+
+    matrix = torch.arange(7 * 5, dtype=torch.float32).reshape(7, 5)
+    path = tmp_path / "matrix.bin"
+    path.write_bytes(b"pad" + matrix.numpy().tobytes())
+    piece = Piece(path, 3, matrix.nbytes, transpose=(7, 5))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        bands = list(streams.piece_chunks(fd, piece, chunk=7 * 4 * 2))
+    finally:
+        os.close(fd)
+    assert [len(band) for band in bands] == [56, 56, 28]
+    assert b"".join(bands) == matrix.T.contiguous().numpy().tobytes()
+
+    src, ours, _ = nemo
+    monkeypatch.setattr(streams, "READ_CHUNK", 64)  # one stored expert matrix is 16 x 8 x 4 = 512 bytes
+    convert(src, tmp_path / "banded", max_shard_size="20KB")
+    assert_same_tensors(load_checkpoint(tmp_path / "banded"), load_checkpoint(ours))
