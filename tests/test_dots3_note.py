@@ -155,3 +155,16 @@ def test_dots3_note_vision_encoder_unfuse_converts_back(vision, tmp_path):
     src, ours = vision
     unfuse(ours, tmp_path / "back")
     assert_same_tensors(load_checkpoint(tmp_path / "back"), load_checkpoint(src))
+
+
+def test_dots3_note_scale_twins_keep_their_scope():
+    """transformers' FP8 quantizer copies each expert merge with its scope: the vision encoder's scale
+    twin fuses only under `model.vision_tower.`."""
+    from fusemoe_ckpt.reading.quantization import Quantization
+    from fusemoe_ckpt.rules.families import family_by_name
+    from fusemoe_ckpt.rules.quantized import for_quantization
+
+    rule = for_quantization(family_by_name("dots3_note"), Quantization("fp8", (128, 128), "float", "dynamic"))
+    scale = "vision_encoder.blocks.1.mlp.experts.0.fc1.weight_scale_inv"
+    assert rule.map_key(scale).target == "model.vision_tower.blocks.1.mlp.experts.gate_up_proj_scale_inv"
+    assert rule.map_key("model.layers.1.mlp.experts.0.fc1.weight_scale_inv").converter is None
