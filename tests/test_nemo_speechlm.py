@@ -54,6 +54,9 @@ def test_nemo_released_names_give_what_transformers_holds(nemo, tmp_path):
     assert stored.shape == (4, 16, 8) and fused[f"{EXPERTS}.up_proj"].shape == (4, 8, 16)
     assert torch.equal(fused[f"{EXPERTS}.up_proj"], stored.transpose(1, 2))
     assert len(result.plan.shards) > 1
+    # One MoE layer: the q/k/v splits of the encoders are no fused expert modules.
+    assert result.plan.fused_modules == ["model.language_model.layers.2.mixer.experts"]
+    assert result.summary().startswith("1 layers fused, 4 experts, 8 tensors dropped")
 
 
 def test_nemo_drops_what_transformers_ignores_and_says_so(nemo):

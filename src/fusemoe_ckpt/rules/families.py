@@ -759,10 +759,13 @@ def family_for_config(config: dict | None) -> Family | None:
 
 def families_matching(keys) -> list[str]:
     """Families whose expert patterns match at least one of `keys`; of several families with the same
-    expert patterns only the first in the table is named."""
+    expert patterns only the first in the table is named, and a whole model's family (scoped
+    sub-model rules) never."""
     keys = list(keys)
     names, seen = [], set()
     for family in FAMILIES:
+        if any(c.scope is not None for c in family.converters):
+            continue  # a whole model's rule (dots3_note) presumes that model's sub-models: never a hint
         merges = tuple(c for c in family.converters if isinstance(c, ExpertMerge))
         if merges and merges not in seen and any(isinstance(family.map_key(k).converter, ExpertMerge) for k in keys):
             names.append(family.name)
