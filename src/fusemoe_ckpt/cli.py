@@ -23,7 +23,7 @@ from .commands.verify import verify as verify_checkpoint
 from .errors import UsageError, interrupted_by, one_line, printable
 from .interrupts import signals_as_interrupts
 from .plan.cast import OUTPUT_DTYPES
-from .rules.families import FAMILIES, REFUSED
+from .rules.families import FAMILIES
 
 # Exit statuses, as README.md and --help state them; an interruption exits 128 + the signal.
 EXIT_FAILED = 1
@@ -396,16 +396,21 @@ def families() -> None:
         click.echo(f"{family.name}")
         click.echo(f"  model types: {', '.join(family.model_types)}")
         for converter in family.converters:
-            operation = type(converter).__name__
+            operation = type(converter).__name__ + _under(converter)
             targets = getattr(converter, "targets", None) or (converter.target,)
             click.echo(f"  {operation}: {' + '.join(converter.sources)} -> {' + '.join(targets)}")
         for rename in family.renames:
             targets = getattr(rename, "targets", None) or (rename.target,)
-            kind = "group rename" if len(targets) > 1 else "rename"
+            kind = ("group rename" if len(targets) > 1 else "rename") + _under(rename)
             click.echo(f"  {kind} {' | '.join(rename.sources)} -> {' | '.join(targets)}")
-    click.echo("refused (the rule needs an operation fusemoe-ckpt does not do)")
-    for model_type, reason in sorted(REFUSED.items()):
-        click.echo(f"  {model_type}: {reason}")
+
+
+def _under(transform) -> str:
+    """Where a scoped transform applies: ` (under model.vision_tower.)`, or nothing."""
+    scope = getattr(transform, "scope", None)
+    if scope is None:
+        return ""
+    return f" (under {'.'.join(p for p in (scope.base, scope.prefix) if p)}.)"
 
 
 @cli.command()

@@ -20,6 +20,7 @@ from ..rules.patterns import (
     ConcatenateShards,
     Converter,
     ExpertMerge,
+    Transpose,
     TransposeExperts,
     active_groups,
     map_key,
@@ -29,7 +30,15 @@ from ..rules.selection import resolve_family
 from ..sizes import parse_size
 from .cast import cast_of, output_dtype
 from .layout import ConversionPlan, lay_out
-from .operations import Slots, chunk_for_rope, concatenate, concatenate_shards, fuse_experts, transpose_experts
+from .operations import (
+    Slots,
+    chunk_for_rope,
+    concatenate,
+    concatenate_shards,
+    fuse_experts,
+    transpose,
+    transpose_experts,
+)
 from .pieces import FusedGroup, OutputTensor, piece_of
 from .quantization import (
     CONFIG_DTYPES,
@@ -129,13 +138,14 @@ def plan_conversion(
         name: OutputTensor(name, t.dtype, t.shape, (piece_of(t),)) for name, t in passthrough.items()
     }
     _refuse_missing_merges(groups, converter_of, family)
-    num_experts, zero_experts = _expected_experts(groups, converter_of, source.config)
+    counts = _expected_experts_by_config(groups, converter_of, source.config)
     # Modules in order, and within one the family's converter order, so gate keys are checked before down keys.
     position = {converter: i for i, converter in enumerate(family.converters)}
     fused_groups = []
     for target in sorted(groups, key=lambda t: (natural_key(t.rpartition(".")[0]), position[converter_of[t]])):
         converter = converter_of[target]
         # transformers gives LongCat-Flash's zero experts gate/up rows (never read), but no down rows.
+        num_experts, zero_experts = counts[_sub_config_name(converter)]
         extra = zero_experts if isinstance(converter, ExpertMerge) and len(converter.sources) == 2 else 0
         made, group = _apply(target, converter, groups[target], family, source.config, num_experts, extra)
         for tensor in made:
@@ -214,6 +224,8 @@ def _apply(
         tensor, group = concatenate_shards(target, converter, slots, family.name, config)
     elif isinstance(converter, TransposeExperts):
         tensor, group = transpose_experts(target, slots, family.name, config_hidden_size(config))
+    elif isinstance(converter, Transpose):
+        tensor, group = transpose(target, slots)
     else:
         tensor, group = concatenate(target, converter, slots, family.name)
     return [tensor], group
@@ -235,8 +247,25 @@ def config_hidden_size(config: dict | None) -> int | None:
     return _config_int(config, ("hidden_size",))
 
 
-def _expected_experts(
+def _sub_config_name(converter: Converter) -> str:
+    return converter.scope.config if converter.scope is not None else ""
+
+
+def _expected_experts_by_config(
     groups: dict[str, Slots], converter_of: dict[str, Converter], config: dict | None
+) -> dict[str, tuple[int, int]]:
+    """`_expected_experts` for each sub-model: a scoped converter's experts are counted by its
+    sub-config of config.json (a vision encoder's `vision_config`), the others by config.json."""
+    counts = {}
+    for name in {_sub_config_name(c) for c in converter_of.values()}:
+        mine = {t: g for t, g in groups.items() if _sub_config_name(converter_of[t]) == name}
+        sub = (config or {}).get(name) if name else config
+        counts[name] = _expected_experts(mine, converter_of, sub if isinstance(sub, dict) else None, name)
+    return counts
+
+
+def _expected_experts(
+    groups: dict[str, Slots], converter_of: dict[str, Converter], config: dict | None, where: str = ""
 ) -> tuple[int, int]:
     """(routed experts every fused module must hold, zero experts after them in gate_up only).
 
@@ -263,7 +292,8 @@ def _expected_experts(
         allowed = declared + (zero if sources == 2 else 0)
         if expert >= allowed:
             zeros = f" and {zero} zero experts" if zero and sources == 2 else ""
-            raise FamilyError(f"the checkpoint has expert {expert}, but config.json declares {declared} experts{zeros}")
+            what = f"config.json's {where}" if where else "config.json"
+            raise FamilyError(f"the checkpoint has expert {expert}, but {what} declares {declared} experts{zeros}")
     return declared, zero
 
 
@@ -275,7 +305,9 @@ def _refuse_missing_merges(groups: dict[str, Slots], converter_of: dict[str, Con
         if isinstance(converter, ExpertMerge):
             present[target.rpartition(".")[0]][converter] = target
     for module in sorted(present, key=natural_key):
-        for merge in merges:
+        # A module's merges are those of its sub-model's rule (one scope).
+        scopes = {converter.scope for converter in present[module]}
+        for merge in (m for m in merges if m.scope in scopes):
             if merge not in present[module]:
                 other = next(iter(present[module].values()))
                 some_key = next(iter(next(iter(groups[other].values())).values())).name
