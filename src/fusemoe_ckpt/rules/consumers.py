@@ -1,0 +1,260 @@
+"""Which inference and quantization engines load the fused layout, per model type: the one table.
+
+Engines read a checkpoint by its model type (config.json's `model_type`), not by fusemoe-ckpt's
+family rule, so the table is keyed by model type. Each row says what one engine, at the version
+tested, does with a fused checkpoint of that model type, and how that is known: a source file and
+function read, or a command run (`confirmed=True`), or what people who tried it report and the
+sources here could not settle (`confirmed=False`). A model type an engine's row does not name is
+"unknown" for that engine: nobody checked, and nothing is guessed.
+
+The model card (`hub/model_card.py`), `fusemoe-ckpt consumers` and `inspect` all read this table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import UsageError
+from .families import FAMILIES
+
+LOADS = "loads"  # reads the fused layout as it is
+NEEDS_UNFUSE = "needs_unfuse"  # refuses it with an error: give it `fusemoe-ckpt unfuse`'s output
+WRONG = "wrong"  # accepts it and serves or saves experts that are not the checkpoint's
+UNKNOWN = "unknown"  # not checked
+STATUSES = (LOADS, NEEDS_UNFUSE, WRONG, UNKNOWN)
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A loader people point at a Hub repo, at the version whose behaviour the table records."""
+
+    name: str
+    version: str
+
+
+@dataclass(frozen=True)
+class Support:
+    """What one engine does with a fused checkpoint of one model type, and how that is known."""
+
+    engine: Engine
+    model_type: str
+    status: str
+    detail: str
+    evidence: str
+    confirmed: bool
+
+
+VLLM = Engine("vLLM", "0.33")
+VLLM_TRANSFORMERS = Engine("vLLM Transformers backend", "0.33")
+SGLANG = Engine("SGLang", "0.5.23")
+LLAMA_CPP = Engine("llama.cpp convert_hf_to_gguf.py", "of llama-cpp-python 0.3.36")
+MLX_LM = Engine("mlx-lm load", "0.32")
+MLX_LM_SHARDED = Engine("mlx-lm sharded_load", "0.32")
+LLM_COMPRESSOR = Engine("llm-compressor", "0.14")
+TENSORRT_LLM = Engine("TensorRT-LLM", "")  # the version tried was not recorded
+
+ENGINES: tuple[Engine, ...] = (
+    VLLM,
+    VLLM_TRANSFORMERS,
+    SGLANG,
+    LLAMA_CPP,
+    MLX_LM,
+    MLX_LM_SHARDED,
+    LLM_COMPRESSOR,
+    TENSORRT_LLM,
+)
+
+_REPORTED = "reported by users who ran it"
+_VLLM_SOURCE = (
+    "the vLLM source readable here (vllm/model_executor/models/qwen3_moe.py at commit 2e0831b0, older than 0.33) "
+    "has no fused path: Qwen3MoeModel.load_weights sends `mlp.experts.gate_up_proj` to params_dict[name], "
+    "a KeyError; 0.33 itself was not read"
+)
+_GGUF_RUN = (
+    "ran scripts/check_gguf_consumers.py: tiny transformers-5 models saved per expert and fused "
+    "(save_original_format=False), both converted with --outtype bf16"
+)
+_MLX_SOURCE = (
+    "mlx-lm 0.32.0 source (commit d78bf58): Model.sanitize in mlx_lm/models/{file} stacks only "
+    "per-expert keys ({keys}) into switch_mlp; no fused name is mapped"
+)
+_LLMC_SOURCE = (
+    "llm-compressor source, 0.13.0+37 on the 0.14 line (commit ab1ba3ef): load_quantizable_moe "
+    "(modeling/moe/linearize.py) registers for {model_type} the per-expert load mapping of "
+    "ARCH_TO_2D_MAPPINGS['qwen2_moe'] (modeling/moe/conversion_mappings.py), which drops the fused "
+    "converters and renames only `experts.N.*`; the fused keys match nothing"
+)
+
+SUPPORT: tuple[Support, ...] = (
+    # vLLM native loaders
+    Support(VLLM, "qwen3_moe", LOADS, "native Qwen3MoeForCausalLM loader", f"{_REPORTED}; {_VLLM_SOURCE}", False),
+    Support(VLLM, "mixtral", NEEDS_UNFUSE, "native MixtralForCausalLM loader", _REPORTED, False),
+    Support(VLLM, "deepseek_v2", NEEDS_UNFUSE, "native DeepseekV2ForCausalLM loader", _REPORTED, False),
+    Support(VLLM, "deepseek_v3", NEEDS_UNFUSE, "native DeepseekV3ForCausalLM loader", _REPORTED, False),
+    Support(
+        VLLM_TRANSFORMERS,
+        "qwen3_moe",
+        LOADS,
+        "--model-impl transformers: the model is transformers' own",
+        _REPORTED,
+        False,
+    ),
+    # SGLang
+    Support(
+        SGLANG,
+        "qwen3_moe",
+        WRONG,
+        "Qwen3MoeForCausalLM.load_weights skips the fused expert names without a word; the experts stay uninitialised",
+        "SGLang source python/sglang/srt/models/qwen3_moe.py (commit 008af3a6): `mlp.experts.gate_up_proj` "
+        "matches no expert mapping, and `if name not in params_dict: continue` drops it silently",
+        True,
+    ),
+    Support(
+        SGLANG,
+        "mixtral",
+        WRONG,
+        "the Mixtral loader logs a warning and skips the fused expert names; the experts stay uninitialised",
+        _REPORTED,
+        False,
+    ),
+    Support(SGLANG, "deepseek_v2", LOADS, "DeepseekV2ForCausalLM loader", _REPORTED, False),
+    Support(SGLANG, "deepseek_v3", LOADS, "DeepseekV3ForCausalLM (DeepseekV2 loader)", _REPORTED, False),
+    # llama.cpp's converter
+    Support(
+        LLAMA_CPP,
+        "qwen3_moe",
+        LOADS,
+        "writes the same GGUF as from the per-expert original",
+        f"{_GGUF_RUN}: both exit 0, the same 27 tensors, shapes, types and bytes "
+        "(conversion/qwen.py Qwen2MoeModel.modify_tensors splits `mlp.experts.gate_up_proj`)",
+        True,
+    ),
+    Support(
+        LLAMA_CPP,
+        "mixtral",
+        NEEDS_UNFUSE,
+        "stops: ValueError: Can not map tensor 'model.layers.0.mlp.experts.gate_up_proj'",
+        f"{_GGUF_RUN}: the per-expert original converts, the fused one exits 1",
+        True,
+    ),
+    Support(
+        LLAMA_CPP,
+        "deepseek_v3",
+        NEEDS_UNFUSE,
+        "stops: ValueError: Unprocessed experts: ['model.layers.1.mlp.experts.down_proj', ...]",
+        f"{_GGUF_RUN}: the per-expert original converts, the fused one exits 1 (conversion/deepseek.py prepare_tensors)",
+        True,
+    ),
+    # mlx-lm
+    *(
+        Support(
+            MLX_LM,
+            model_type,
+            NEEDS_UNFUSE,
+            "mlx_lm.load (strict=True) refuses the unknown fused parameters",
+            _MLX_SOURCE.format(file=file, keys=keys) + "; utils.load_model passes strict=True to load_weights",
+            True,
+        )
+        for model_type, file, keys in (
+            ("qwen3_moe", "qwen3_moe.py", "mlp.experts.N.{gate,up,down}_proj"),
+            ("mixtral", "mixtral.py", "block_sparse_moe.experts.N.w1/w2/w3"),
+            ("deepseek_v3", "deepseek_v3.py", "mlp.experts.N.{gate,up,down}_proj"),
+        )
+    ),
+    *(
+        Support(
+            MLX_LM_SHARDED,
+            model_type,
+            WRONG,
+            "sharded_load (strict=False) ignores the fused names and serves the experts as initialised",
+            _MLX_SOURCE.format(file=file, keys=keys) + "; utils.sharded_load calls load_model(..., strict=False)",
+            True,
+        )
+        for model_type, file, keys in (
+            ("qwen3_moe", "qwen3_moe.py", "mlp.experts.N.{gate,up,down}_proj"),
+            ("mixtral", "mixtral.py", "block_sparse_moe.experts.N.w1/w2/w3"),
+            ("deepseek_v3", "deepseek_v3.py", "mlp.experts.N.{gate,up,down}_proj"),
+        )
+    ),
+    # llm-compressor
+    *(
+        Support(
+            LLM_COMPRESSOR,
+            model_type,
+            WRONG,
+            "load_quantizable_moe builds per-expert Linear modules the fused keys do not fill: the experts "
+            "are re-initialised (transformers lists them as missing) and saved again so",
+            _LLMC_SOURCE.format(model_type=model_type),
+            True,
+        )
+        for model_type in ("qwen3_moe", "deepseek_v3")
+    ),
+    Support(
+        LLM_COMPRESSOR,
+        "mixtral",
+        LOADS,
+        "load_quantizable_moe loads through transformers' own mixtral mapping, then linearizes the loaded experts",
+        "llm-compressor source (commit ab1ba3ef): mixtral maps to transformers' own `mixtral` conversion "
+        "pattern, which has no entry in ARCH_TO_2D_MAPPINGS, so has_linearize_load_mappings is False and "
+        "load_quantizable_moe calls from_pretrained unchanged, then linearize_moe on the loaded model",
+        True,
+    ),
+    # TensorRT-LLM
+    Support(TENSORRT_LLM, "qwen2_moe", LOADS, "splits the fused experts at load", _REPORTED, False),
+    Support(TENSORRT_LLM, "qwen3_moe", LOADS, "splits the fused experts at load", _REPORTED, False),
+    Support(TENSORRT_LLM, "mixtral", LOADS, "splits the fused experts at load", _REPORTED, False),
+)
+
+
+def consumers_of(model_type: str) -> list[Support]:
+    """One row per engine, in ENGINES order, for `model_type`; `unknown` where the engine's row is missing."""
+    found = {(s.engine, s.model_type): s for s in SUPPORT}
+    return [
+        found.get((engine, model_type))
+        or Support(engine, model_type, UNKNOWN, "not checked", "no check recorded for this model type", False)
+        for engine in ENGINES
+    ]
+
+
+def model_types() -> list[str]:
+    """Every model type the table has at least one checked row for."""
+    return sorted({s.model_type for s in SUPPORT})
+
+
+def checked_model_type(model_type: str) -> str:
+    """`model_type` if the table or a family rule knows it (a family's unchecked types read "unknown"),
+    else a usage error naming the recorded ones."""
+    if model_type not in model_types() and not any(model_type in f.model_types for f in FAMILIES):
+        known = ", ".join(model_types())
+        raise UsageError(
+            f"unknown model type {model_type!r}: no family rule or engine check names it; checked: {known}"
+        )
+    return model_type
+
+
+def engine_label(engine: Engine) -> str:
+    return f"{engine.name} {engine.version}" if engine.version else f"{engine.name} (version not recorded)"
+
+
+def by_status(model_type: str) -> dict[str, list[Support]]:
+    """The rows of `model_type` grouped by status, every status present (possibly empty), in STATUSES order."""
+    rows = consumers_of(model_type)
+    return {status: [s for s in rows if s.status == status] for status in STATUSES}
+
+
+def verdict_line(model_type: str) -> str:
+    """One line on which engines load a fused `model_type` checkpoint, for inspect's report."""
+    groups = by_status(model_type)
+    parts = [
+        f"{label}: {', '.join(engine_label(s.engine) for s in groups[status])}"
+        for status, label in (
+            (LOADS, "load it"),
+            (NEEDS_UNFUSE, "need unfuse"),
+            (WRONG, "load it WRONG"),
+        )
+        if groups[status]
+    ]
+    if not parts:
+        return f"engines on the fused layout of {model_type}: none checked (fusemoe-ckpt consumers)"
+    unknown = f"; {len(groups[UNKNOWN])} unchecked" if groups[UNKNOWN] else ""
+    return f"engines on the fused layout of {model_type}: {'; '.join(parts)}{unknown} (fusemoe-ckpt consumers)"
