@@ -142,7 +142,8 @@ SUPPORT: tuple[Support, ...] = (
         "deepseek_v3",
         NEEDS_UNFUSE,
         "stops: ValueError: Unprocessed experts: ['model.layers.1.mlp.experts.down_proj', ...]",
-        f"{_GGUF_RUN}: the per-expert original converts, the fused one exits 1 (conversion/deepseek.py prepare_tensors)",
+        f"{_GGUF_RUN}: the per-expert original converts, the fused one exits 1 "
+        "(conversion/deepseek.py prepare_tensors)",
         True,
     ),
     # mlx-lm
