@@ -402,7 +402,10 @@ def families() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON (schema in README.md).")
 @click.option("--evidence", is_flag=True, help="Show how each row is known: the source read or the run.")
 def consumers(model_type: str | None, as_json: bool, evidence: bool) -> None:
-    """Which engines load the fused layout of MODEL_TYPE (config.json's model_type), or of every one recorded."""
+    """Which engines load the fused layout of MODEL_TYPE, or of all recorded.
+
+    MODEL_TYPE is config.json's model_type (qwen3_moe, mixtral, deepseek_v3, ...).
+    """
     report = consumers_table(model_type)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
