@@ -30,6 +30,20 @@ def _engines_part(card: str) -> str:
     return card[card.index("### Other engines") :]
 
 
+def _items(part: str, title: str) -> list[str]:
+    """The nested items under the card's list entry that starts with `title`."""
+    lines = part.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith(f"- {title}")), None)
+    if start is None:
+        return []
+    items = []
+    for line in lines[start + 1 :]:
+        if not line.startswith("  - "):
+            break
+        items.append(line[4:])
+    return items
+
+
 def test_every_row_is_a_known_model_type_engine_and_status_once():
     family_types = {t for f in FAMILIES for t in f.model_types}
     keys = [(s.engine, s.model_type) for s in table.SUPPORT]
@@ -58,11 +72,13 @@ def test_the_card_names_every_engine_under_what_the_table_says(tmp_path, model_t
         holding = [line for line in lines if label in line]
         assert holding, f"{label} missing from the card for {model_type}"
         if s.status == table.WRONG:
-            assert f"> - **{label}" in part and s.detail in part
+            assert any(line.startswith(f"> - **{label}") and s.detail in line for line in holding)
         elif s.status == table.LOADS:
-            assert any(line.startswith("- Load the fused layout:") and s.detail in line for line in holding)
+            assert any(item.startswith(label) and item.endswith(s.detail) for item in _items(part, "Load the fused"))
         elif s.status == table.NEEDS_UNFUSE:
-            assert any(line.startswith("- Need the per-expert layout") for line in holding)
+            assert any(
+                item.startswith(label) and item.endswith(s.detail) for item in _items(part, "Need the per-expert")
+            )
         else:
             assert any(line.startswith("- Not checked for this model type:") for line in holding)
 
@@ -71,14 +87,19 @@ def test_the_card_warns_by_name_where_a_loader_is_silently_wrong(tmp_path):
     part = _engines_part(_card(tmp_path, "qwen3_moe"))
     warning = [line for line in part.splitlines() if line.startswith(">")]
     assert warning[0] == "> **Warning:** these accept this repo without an error and load its experts wrong:"
-    assert [line.split(":")[0] for line in warning[1:-1]] == [
+    assert [line.split(":")[0] for line in warning if line.startswith("> - ")] == [
         "> - **SGLang 0.5.23",
         "> - **mlx-lm sharded_load 0.32",
         "> - **llm-compressor 0.14",
     ]
     assert "fusemoe-ckpt unfuse" in warning[-1]
-    loads = next(line for line in part.splitlines() if line.startswith("- Load the fused layout:"))
-    assert "llama.cpp convert_hf_to_gguf.py of llama-cpp-python 0.3.36: writes the same GGUF" in loads
+    assert (
+        "llama.cpp convert_hf_to_gguf.py of llama-cpp-python 0.3.36: "
+        "writes the same GGUF as from the per-expert original" in _items(part, "Load the fused layout")
+    )
+    assert _items(part, "Need the per-expert layout") == [
+        "mlx-lm load 0.32: mlx_lm.load (strict=True) refuses the unknown fused parameters"
+    ]
 
 
 def test_a_change_in_the_table_shows_in_the_card(tmp_path, monkeypatch):
@@ -93,8 +114,7 @@ def test_a_change_in_the_table_shows_in_the_card(tmp_path, monkeypatch):
     monkeypatch.setattr(table, "SUPPORT", changed)
     after = _engines_part(_card(tmp_path, "qwen3_moe"))
     assert "> - **SGLang" not in after
-    loads = next(line for line in after.splitlines() if line.startswith("- Load the fused layout:"))
-    assert "SGLang 0.5.23: a fused loader, now" in loads
+    assert "SGLang 0.5.23: a fused loader, now" in _items(after, "Load the fused layout")
 
 
 def test_a_config_without_model_type_gets_unknown(tmp_path):

@@ -118,15 +118,18 @@ def engines_section(model_type: str | None) -> str:
     parts = [heading, "", f"What each engine, at the version tested, does with a fused `{model_type}` checkpoint:", ""]
     if groups[WRONG]:
         parts.append("> **Warning:** these accept this repo without an error and load its experts wrong:")
+        parts.append(">")
         parts += [f"> - **{_row(s)}**" for s in groups[WRONG]]
+        parts.append(">")
         parts.append("> Give them the per-expert layout instead (`fusemoe-ckpt unfuse`, or the source repo).")
         parts.append("")
     for status, title in (
-        (LOADS, "Load the fused layout"),
-        (NEEDS_UNFUSE, "Need the per-expert layout: run `fusemoe-ckpt unfuse` on this repo first, or use the source"),
+        (LOADS, "Load the fused layout:"),
+        (NEEDS_UNFUSE, "Need the per-expert layout (run `fusemoe-ckpt unfuse` on this repo first, or use the source):"),
     ):
         if groups[status]:
-            parts.append(f"- {title}: " + "; ".join(_row(s) for s in groups[status]))
+            parts.append(f"- {title}")
+            parts += [f"  - {_row(s)}" for s in groups[status]]
     if groups[UNKNOWN]:
         parts.append("- Not checked for this model type: " + ", ".join(engine_label(s.engine) for s in groups[UNKNOWN]))
     parts += [
