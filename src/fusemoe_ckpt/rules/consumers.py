@@ -78,6 +78,12 @@ _MLX_SOURCE = (
     "mlx-lm 0.32.0 source (commit d78bf58): Model.sanitize in mlx_lm/models/{file} stacks only "
     "per-expert keys ({keys}) into switch_mlp; no fused name is mapped"
 )
+_MLX_RUN = "ran scripts/check_mlx_consumers.py (mlx-lm 0.32.0, mlx CPU) on the tiny models of check_gguf_consumers.py"
+_MLX_FILES = (
+    ("qwen3_moe", "qwen3_moe.py", "mlp.experts.N.{gate,up,down}_proj", "the experts"),
+    ("mixtral", "mixtral.py", "block_sparse_moe.experts.N.w1/w2/w3", "the experts and the router"),
+    ("deepseek_v3", "deepseek_v3.py", "mlp.experts.N.{gate,up,down}_proj", "the experts"),
+)
 _LLMC_SOURCE = (
     "llm-compressor source, 0.13.0+37 on the 0.14 line (commit ab1ba3ef): load_quantizable_moe "
     "(modeling/moe/linearize.py) registers for {model_type} the per-expert load mapping of "
@@ -152,30 +158,27 @@ SUPPORT: tuple[Support, ...] = (
             MLX_LM,
             model_type,
             NEEDS_UNFUSE,
-            "mlx_lm.load (strict=True) refuses the unknown fused parameters",
-            _MLX_SOURCE.format(file=file, keys=keys) + "; utils.load_model passes strict=True to load_weights",
+            "mlx_lm.load (strict=True) refuses it: ValueError: Received N parameters not in model",
+            f"{_MLX_RUN}: the fused checkpoint is refused strict, the original loads; "
+            + _MLX_SOURCE.format(file=file, keys=keys)
+            + "; utils.load_model passes strict=True to load_weights",
             True,
         )
-        for model_type, file, keys in (
-            ("qwen3_moe", "qwen3_moe.py", "mlp.experts.N.{gate,up,down}_proj"),
-            ("mixtral", "mixtral.py", "block_sparse_moe.experts.N.w1/w2/w3"),
-            ("deepseek_v3", "deepseek_v3.py", "mlp.experts.N.{gate,up,down}_proj"),
-        )
+        for model_type, file, keys, _ in _MLX_FILES
     ),
     *(
         Support(
             MLX_LM_SHARDED,
             model_type,
             WRONG,
-            "sharded_load (strict=False) ignores the fused names and serves the experts as initialised",
-            _MLX_SOURCE.format(file=file, keys=keys) + "; utils.sharded_load calls load_model(..., strict=False)",
+            f"sharded_load (strict=False) ignores the fused names and serves {what} as initialised",
+            f"{_MLX_RUN}: not strict, the fused checkpoint loads without an error and {what} differ from "
+            "the original's; "
+            + _MLX_SOURCE.format(file=file, keys=keys)
+            + "; utils.sharded_load calls load_model(..., strict=False)",
             True,
         )
-        for model_type, file, keys in (
-            ("qwen3_moe", "qwen3_moe.py", "mlp.experts.N.{gate,up,down}_proj"),
-            ("mixtral", "mixtral.py", "block_sparse_moe.experts.N.w1/w2/w3"),
-            ("deepseek_v3", "deepseek_v3.py", "mlp.experts.N.{gate,up,down}_proj"),
-        )
+        for model_type, file, keys, what in _MLX_FILES
     ),
     # llm-compressor
     *(
