@@ -84,11 +84,16 @@ _MLX_FILES = (
     ("mixtral", "mixtral.py", "block_sparse_moe.experts.N.w1/w2/w3", "the experts and the router"),
     ("deepseek_v3", "deepseek_v3.py", "mlp.experts.N.{gate,up,down}_proj", "the experts"),
 )
+_LLMC_RUN = (
+    "ran scripts/check_llmcompressor_consumers.py (llmcompressor 0.14.0, transformers 5.17.0, CPU): "
+    "AutoModelForCausalLM.from_pretrained under load_quantizable_moe, logits against plain transformers "
+    "on the per-expert original"
+)
 _LLMC_SOURCE = (
-    "llm-compressor source, 0.13.0+37 on the 0.14 line (commit ab1ba3ef): load_quantizable_moe "
-    "(modeling/moe/linearize.py) registers for {model_type} the per-expert load mapping of "
-    "ARCH_TO_2D_MAPPINGS['qwen2_moe'] (modeling/moe/conversion_mappings.py), which drops the fused "
-    "converters and renames only `experts.N.*`; the fused keys match nothing"
+    "llmcompressor 0.14.0 wheel: load_quantizable_moe (modeling/moe/linearize.py) registers for "
+    "{model_type} the per-expert load mapping of ARCH_TO_2D_MAPPINGS['qwen2_moe'] "
+    "(modeling/moe/conversion_mappings.py), which drops the fused converters and renames only "
+    "`experts.N.*`, so the fused keys match nothing"
 )
 
 SUPPORT: tuple[Support, ...] = (
@@ -186,9 +191,10 @@ SUPPORT: tuple[Support, ...] = (
             LLM_COMPRESSOR,
             model_type,
             WRONG,
-            "load_quantizable_moe builds per-expert Linear modules the fused keys do not fill: the experts "
-            "are re-initialised (transformers lists them as missing) and saved again so",
-            _LLMC_SOURCE.format(model_type=model_type),
+            "load_quantizable_moe builds per-expert Linear modules the fused keys do not fill: no error, the "
+            "experts re-initialised (transformers' load report lists them MISSING), and saved so",
+            f"{_LLMC_RUN}: the original gives the reference logits, the fused checkpoint other ones; "
+            + _LLMC_SOURCE.format(model_type=model_type),
             True,
         )
         for model_type in ("qwen3_moe", "deepseek_v3")
@@ -198,9 +204,10 @@ SUPPORT: tuple[Support, ...] = (
         "mixtral",
         LOADS,
         "load_quantizable_moe loads through transformers' own mixtral mapping, then linearizes the loaded experts",
-        "llm-compressor source (commit ab1ba3ef): mixtral maps to transformers' own `mixtral` conversion "
-        "pattern, which has no entry in ARCH_TO_2D_MAPPINGS, so has_linearize_load_mappings is False and "
-        "load_quantizable_moe calls from_pretrained unchanged, then linearize_moe on the loaded model",
+        f"{_LLMC_RUN}: the fused checkpoint gives the reference logits; llmcompressor 0.14.0 wheel: mixtral "
+        "maps to transformers' own `mixtral` conversion pattern, which has no entry in ARCH_TO_2D_MAPPINGS, "
+        "so has_linearize_load_mappings is False and load_quantizable_moe calls from_pretrained unchanged, "
+        "then linearize_moe on the loaded model",
         True,
     ),
     # TensorRT-LLM
