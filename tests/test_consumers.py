@@ -133,7 +133,7 @@ def test_consumers_command_lists_one_line_per_engine():
         "\n".join(status_lines)
     )
     assert "  llm-compressor 0.14: loads the fused layout [checked]" in status_lines
-    assert "  SGLang 0.5.23: WARNING: accepts the fused layout and loads it wrong [reported]" in status_lines
+    assert "  SGLang 0.5.23: WARNING: accepts the fused layout and loads it wrong [checked]" in status_lines
     assert "  TensorRT-LLM (version not recorded): loads the fused layout [reported]" in status_lines
     assert "evidence:" not in result.output
     with_evidence = CliRunner().invoke(cli, ["consumers", "mixtral", "--evidence"]).output

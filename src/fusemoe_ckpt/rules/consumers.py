@@ -65,11 +65,13 @@ ENGINES: tuple[Engine, ...] = (
 )
 
 _REPORTED = "reported by users who ran it"
-_VLLM_SOURCE = (
-    "the vLLM source readable here (vllm/model_executor/models/qwen3_moe.py at commit 2e0831b0, older than 0.33) "
-    "has no fused path: Qwen3MoeModel.load_weights sends `mlp.experts.gate_up_proj` to params_dict[name], "
-    "a KeyError; 0.33 itself was not read"
+_VLLM_WHEEL = "vllm 0.33.0 wheel (pip download vllm==0.33.0 --no-deps), read"
+_VLLM_FUSED_PATH = (
+    "layers/fused_moe/routed_experts.py RoutedExperts.load_weights asks get_expert_mapping(include_fused=True), "
+    "whose `experts.gate_up_proj` entries chunk the [E, 2I, H] tensor into w1 and w3 and `experts.down_proj` "
+    "fills w2"
 )
+_SGLANG_WHEEL = "sglang 0.5.23 wheel (pip download sglang==0.5.23 --no-deps), read"
 _GGUF_RUN = (
     "ran scripts/check_gguf_consumers.py: tiny transformers-5 models saved per expert and fused "
     "(save_original_format=False), both converted with --outtype bf16"
@@ -98,17 +100,50 @@ _LLMC_SOURCE = (
 
 SUPPORT: tuple[Support, ...] = (
     # vLLM native loaders
-    Support(VLLM, "qwen3_moe", LOADS, "native Qwen3MoeForCausalLM loader", f"{_REPORTED}; {_VLLM_SOURCE}", False),
-    Support(VLLM, "mixtral", NEEDS_UNFUSE, "native MixtralForCausalLM loader", _REPORTED, False),
-    Support(VLLM, "deepseek_v2", NEEDS_UNFUSE, "native DeepseekV2ForCausalLM loader", _REPORTED, False),
-    Support(VLLM, "deepseek_v3", NEEDS_UNFUSE, "native DeepseekV3ForCausalLM loader", _REPORTED, False),
     Support(
-        VLLM_TRANSFORMERS,
+        VLLM,
         "qwen3_moe",
         LOADS,
-        "--model-impl transformers: the model is transformers' own",
-        _REPORTED,
-        False,
+        "native Qwen3MoeForCausalLM loader",
+        f"{_VLLM_WHEEL}: models/qwen3_moe.py Qwen3MoeModel.load_weights hands the experts to AutoWeightsLoader, "
+        f"which calls the MoE layer's load_weights; {_VLLM_FUSED_PATH}",
+        True,
+    ),
+    Support(
+        VLLM,
+        "mixtral",
+        NEEDS_UNFUSE,
+        "stops: ValueError: There is no module or parameter named 'model.layers.0.mlp' in MixtralForCausalLM",
+        f"{_VLLM_WHEEL}: models/mixtral.py keeps transformers' pre-5 module name `block_sparse_moe`, and "
+        "MixtralModel.hf_to_vllm_mapper maps no `mlp.` (the name transformers 5, and so the fused checkpoint, "
+        "uses) back to it; AutoWeightsLoader (models/utils.py) raises on a name no module has",
+        True,
+    ),
+    *(
+        Support(
+            VLLM,
+            model_type,
+            NEEDS_UNFUSE,
+            "stops: KeyError on 'model.layers.N.mlp.experts.gate_up_proj'",
+            f"{_VLLM_WHEEL}: models/deepseek_v2.py DeepseekV2Model.load_weights (also DeepseekV3ForCausalLM's) "
+            "matches experts through fused_moe_make_expert_params_mapping, the legacy mapping without fused "
+            "entries, so the fused name falls through to params_dict[name]",
+            True,
+        )
+        for model_type in ("deepseek_v2", "deepseek_v3")
+    ),
+    *(
+        Support(
+            VLLM_TRANSFORMERS,
+            model_type,
+            LOADS,
+            "--model-impl transformers: transformers' own module names, its 3D experts replaced by vLLM's MoE layer",
+            f"{_VLLM_WHEEL}: models/transformers/moe.py swaps transformers' 3D experts for vLLM's MoE layer, "
+            "whose TransformersRoutedExperts.get_expert_mapping covers gate_proj/up_proj and w1/w3 names, "
+            f"fused included; {_VLLM_FUSED_PATH}; the checkpoint's names are transformers 5's own",
+            True,
+        )
+        for model_type in ("qwen3_moe", "mixtral")
     ),
     # SGLang
     Support(
@@ -116,20 +151,34 @@ SUPPORT: tuple[Support, ...] = (
         "qwen3_moe",
         WRONG,
         "Qwen3MoeForCausalLM.load_weights skips the fused expert names without a word; the experts stay uninitialised",
-        "SGLang source python/sglang/srt/models/qwen3_moe.py (commit 008af3a6): `mlp.experts.gate_up_proj` "
-        "matches no expert mapping, and `if name not in params_dict: continue` drops it silently",
+        f"{_SGLANG_WHEEL}: models/qwen3_moe.py Qwen3MoeForCausalLM.load_weights: `mlp.experts.gate_up_proj` "
+        "matches no expert mapping (make_expert_params_mapping has per-expert names only) and "
+        "`if name not in params_dict: continue` drops it, with no log line",
         True,
     ),
     Support(
         SGLANG,
         "mixtral",
         WRONG,
-        "the Mixtral loader logs a warning and skips the fused expert names; the experts stay uninitialised",
-        _REPORTED,
-        False,
+        "MixtralForCausalLM.load_weights logs 'Parameter ... not found in params_dict' and skips the fused experts "
+        "and the router (`mlp.`, where its modules say `block_sparse_moe.`); they stay uninitialised",
+        f"{_SGLANG_WHEEL}: models/mixtral.py MixtralForCausalLM.load_weights maps per-expert w1/w2/w3 only, "
+        "and a name not in params_dict gets logger.warning and nothing else",
+        True,
     ),
-    Support(SGLANG, "deepseek_v2", LOADS, "DeepseekV2ForCausalLM loader", _REPORTED, False),
-    Support(SGLANG, "deepseek_v3", LOADS, "DeepseekV3ForCausalLM (DeepseekV2 loader)", _REPORTED, False),
+    *(
+        Support(
+            SGLANG,
+            model_type,
+            LOADS,
+            "the DeepSeek loader splits `experts.gate_up_proj` into w1/w3 per expert",
+            f"{_SGLANG_WHEEL}: models/deepseek_common/deepseek_weight_loader.py _load_fused_expert_tensor, "
+            "called from DeepseekV2WeightLoaderMixin (DeepseekV2ForCausalLM and DeepseekV3ForCausalLM), "
+            "maps `.experts.gate_up_proj` to w13 (chunk(2) per expert: gate, then up) and `.experts.down_proj` to w2",
+            True,
+        )
+        for model_type in ("deepseek_v2", "deepseek_v3")
+    ),
     # llama.cpp's converter
     Support(
         LLAMA_CPP,
