@@ -113,7 +113,8 @@ SUPPORT: tuple[Support, ...] = (
         VLLM,
         "mixtral",
         NEEDS_UNFUSE,
-        "stops: ValueError: There is no module or parameter named 'model.layers.0.mlp' in MixtralForCausalLM",
+        "stops: AutoWeightsLoader's ValueError, no module or parameter named `...mlp` (its modules say "
+        "`block_sparse_moe`)",
         f"{_VLLM_WHEEL}: models/mixtral.py keeps transformers' pre-5 module name `block_sparse_moe`, and "
         "MixtralModel.hf_to_vllm_mapper maps no `mlp.` (the name transformers 5, and so the fused checkpoint, "
         "uses) back to it; AutoWeightsLoader (models/utils.py) raises on a name no module has",
