@@ -149,6 +149,9 @@ def test_model_card_keeps_the_source_card_and_adds_provenance(hub, source_repo, 
     assert "the routed experts of 2 layers (8 experts in all) fused" in card.text
     assert "family rule `qwen2_moe`" in card.text
     assert 'snapshot_download("me/fused")' in card.text and "load_checkpoint_and_dispatch" in card.text
+    # The source is a qwen3_moe: the card says, from rules/consumers.py, which engines read it wrong.
+    assert "What each engine, at the version tested, does with a fused `qwen3_moe` checkpoint:" in card.text
+    assert "> - **SGLang 0.5.23: Qwen3MoeForCausalLM.load_weights skips the fused expert names" in card.text
     assert card.text.rstrip().endswith("# Tiny MoE\n\nThe source card's own text.".rstrip())
     assert text == (dst / "README.md").read_text()
 

@@ -14,6 +14,7 @@ import click
 from . import __version__
 from .batch.cluster import SHARD_BY, resolve_shard
 from .batch.runner import BatchInterrupted, EntryResult, plan_batch, run_batch
+from .commands.consumers import consumers as consumers_table
 from .commands.convert import convert as convert_checkpoint
 from .commands.example import write_example
 from .commands.inspect import inspect_checkpoint
@@ -411,6 +412,22 @@ def _under(transform) -> str:
     if scope is None:
         return ""
     return f" (under {'.'.join(p for p in (scope.base, scope.prefix) if p)}.)"
+
+
+@cli.command()
+@click.argument("model_type", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON (schema in README.md).")
+@click.option("--evidence", is_flag=True, help="Show how each row is known: the source read or the run.")
+def consumers(model_type: str | None, as_json: bool, evidence: bool) -> None:
+    """Which engines load the fused layout of MODEL_TYPE, or of all recorded.
+
+    MODEL_TYPE is config.json's model_type (qwen3_moe, mixtral, deepseek_v3, ...).
+    """
+    report = consumers_table(model_type)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        click.echo("\n".join(report.lines(evidence=evidence)))
 
 
 @cli.command()

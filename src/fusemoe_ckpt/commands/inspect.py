@@ -18,6 +18,7 @@ from ..plan.operations import HIDDEN_AXIS
 from ..plan.pieces import OutputTensor
 from ..reading.quantization import ACTIVATION_SCALE_NAMES, FP4_WEIGHT_DTYPE, SCALE_SUFFIX
 from ..reading.source import SourceCheckpoint
+from ..rules.consumers import verdict_line
 from ..rules.families import Family
 from ..rules.patterns import ExpertMerge, TransposeExperts
 from ..rules.quantized import is_scale_twin
@@ -159,6 +160,8 @@ class Inspection:
             + (f", {data['renamed_tensors']} tensors renamed" if data["renamed_tensors"] else ""),
             f"MoE modules: {len(self.modules)}",
         ]
+        if data["model_type"]:
+            lines.insert(1, verdict_line(data["model_type"]))
         if data["quantization"]:
             q = data["quantization"]
             block = f"block {q['block'][0]}x{q['block'][1]}" if q["block"] else "per-tensor/per-channel scales"
