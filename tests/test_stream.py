@@ -122,6 +122,9 @@ def test_stream_and_push_commits_once_with_every_shard_preuploaded(hub, stream_r
     assert not _weights(kept)
     assert {"config.json", "tokenizer_config.json", "README.md", "model.safetensors.index.json"} <= set(kept)
     assert ".fusemoe-pushed" in kept
+    # The card keeps the source's text and says what was fused, as a push of a local DST does.
+    card = pushed["README.md"].decode()
+    assert "## Fused-expert checkpoint" in card and "# Stream MoE" in card and f"base_model: {REPO}" in card
     assert {name: pushed[name] for name in kept if not name.startswith(".")} == {
         name: data for name, data in kept.items() if not name.startswith(".")
     }
