@@ -242,7 +242,8 @@ def _fuse_bytes(source: SourceCheckpoint, plan: ConversionPlan) -> int:
     for group in plan.fused_groups:
         if group.operation == "transpose_experts" and all(p.transpose is None for p in outputs[group.target].pieces):
             continue
-        total += sum(source.tensors[key].nbytes for key in group.source_keys)
+        # The pieces' source bytes: a packed weight planned dequantized is keyed by the weight it becomes.
+        total += sum(p.length for p in outputs[group.target].pieces if p.file is not None)
     return total
 
 
