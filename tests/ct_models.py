@@ -32,11 +32,14 @@ SCHEMES = {
 DYNAMIC_FP8_ACTIVATIONS = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token", "dynamic": True}
 
 
-def scheme_config(scheme: str, *, targets: list[str] | None = None, ignore: list[str] | None = None) -> dict:
-    """config.json's `quantization_config` for `scheme`, as compressed-tensors serialises it."""
+def scheme_config(
+    scheme: str, *, targets: list[str] | None = None, ignore: list[str] | None = None, group_size: int | None = None
+) -> dict:
+    """config.json's `quantization_config` for `scheme` (with another `group_size`, for tiny models), as
+    compressed-tensors serialises it."""
     from compressed_tensors.quantization import QuantizationConfig
 
-    weights = SCHEMES[scheme]
+    weights = SCHEMES[scheme] | ({"group_size": group_size} if group_size else {})
     fp8 = weights["type"] == "float"
     group = {
         "targets": targets or ["Linear"],
@@ -53,13 +56,15 @@ def scheme_config(scheme: str, *, targets: list[str] | None = None, ignore: list
     return json.loads(json.dumps(config.model_dump(exclude_none=False) | {"quant_method": "compressed-tensors"}))
 
 
-def compress(weight: torch.Tensor, scheme: str, *, scale_dtype=torch.bfloat16, seed: int = 0) -> dict:
+def compress(
+    weight: torch.Tensor, scheme: str, *, scale_dtype=torch.bfloat16, seed: int = 0, group_size: int | None = None
+) -> dict:
     """The compressed state dict of one linear `weight` under `scheme`, by compressed-tensors' compressor."""
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationScheme
     from compressed_tensors.quantization.utils import calculate_qparams
 
-    config = scheme_config(scheme)["config_groups"]["group_0"]
+    config = scheme_config(scheme, group_size=group_size)["config_groups"]["group_0"]
     scheme_object = QuantizationScheme.model_validate(config)
     args = scheme_object.weights
     rows, cols = weight.shape
@@ -74,7 +79,7 @@ def compress(weight: torch.Tensor, scheme: str, *, scale_dtype=torch.bfloat16, s
     scale, zero_point = calculate_qparams(low, high, args)
     spread = 2.0 ** torch.randint(-3, 4, scale.shape, generator=generator).float()
     scale = (scale.float() * spread).to(scale_dtype)
-    state = {"weight": weight.to(scale_dtype) * 0 + weight.to(scale_dtype), "weight_scale": scale}
+    state = {"weight": weight.to(scale_dtype), "weight_scale": scale}
     if not args.symmetric:
         state["weight_zero_point"] = zero_point.to(torch.int8)
     compressor = BaseCompressor.get_value_from_registry(config["format"])

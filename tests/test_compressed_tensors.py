@@ -46,6 +46,7 @@ def convert_cli(src: Path, dst: Path, *options: str):
 CASES = [
     ("qwen3_moe", "w4a16", torch.bfloat16, False),
     ("qwen3_moe", "w8a16", torch.bfloat16, False),
+    ("qwen3_moe", "w8a16", torch.float16, False),
     ("qwen3_moe", "w4a16", torch.float32, False),
     ("qwen3_moe", "fp8_dynamic", torch.bfloat16, False),
     ("qwen3_moe", "fp8_tensor", torch.float16, False),
@@ -71,6 +72,19 @@ def test_dequantized_is_what_transformers_holds(tmp_path, model_type, scheme, sc
 
 
 SCHEME_BITS = {"w4a16": 4, "w8a16": 8, "fp8_dynamic": None, "fp8_tensor": None}
+
+
+def test_dtype_casts_the_dequantized_values(tmp_path):
+    """`--dtype float32` writes the values transformers holds, widened: every weight float32."""
+    src = ct_checkpoint(tmp_path / "src", "qwen3_moe", "w4a16")
+    convert_cli(src, tmp_path / "bf16")
+    convert_cli(src, tmp_path / "f32", "--dtype", "float32")
+    narrow, wide = load_checkpoint_or_file(tmp_path / "bf16"), load_checkpoint_or_file(tmp_path / "f32")
+    assert sorted(narrow) == sorted(wide)
+    for key, tensor in narrow.items():
+        assert wide[key].dtype == torch.float32, key
+        assert torch.equal(wide[key], tensor.float()), key
+    assert verify(src, tmp_path / "f32").ok
 
 
 def test_experts_are_what_a_plain_from_pretrained_holds(tmp_path):
@@ -275,3 +289,40 @@ def test_zero_points_match_the_decompressor(scheme, bits):
     )
     ours = torch.frombuffer(bytearray(out), dtype=torch.bfloat16).view(40, 64)
     assert np.array_equal(ours.view(torch.int16).numpy(), expected.view(torch.int16).numpy())
+
+
+def test_kimi_k25_int4_experts_as_released(tmp_path):
+    """Kimi-K2.5 ships its routed experts as pack-quantized INT4 (group 32; 8 here, for tiny experts),
+    every other layer in floating point and listed in `ignore`. transformers dequantizes the experts at
+    load, and a plain `from_pretrained` holds exactly what `convert --dequantize` writes."""
+    from transformers import AutoModelForImageTextToText
+
+    from .conftest import load_checkpoint, write_checkpoint
+    from .released_models import kimi_checkpoint
+
+    plain = kimi_checkpoint(tmp_path / "plain")
+    tensors = {}
+    for i, (key, value) in enumerate(sorted(load_checkpoint(plain).items())):
+        if ".experts." in key and key.endswith(".weight"):
+            module = key.removesuffix(".weight")
+            compressed = compress(value, "w4a16", scale_dtype=torch.float32, seed=i, group_size=8)
+            tensors |= {f"{module}.{name}": t.contiguous() for name, t in compressed.items()}
+        else:
+            tensors[key] = value
+    config = json.loads((plain / "config.json").read_text())
+    ignore = [
+        "lm_head",
+        r"re:.*self_attn.*",
+        r"re:.*shared_experts.*",
+        r"re:.*mlp\.(gate|up|down)_proj.*",
+        r"re:.*vision_tower.*",
+        r"re:.*mm_projector.*",
+    ]
+    config["quantization_config"] = scheme_config("w4a16", group_size=8, ignore=ignore)
+    src = write_checkpoint(tmp_path / "src", tensors, shards=3, config=config)
+    message = refuse(tmp_path, src, tmp_path / "dst")
+    assert "a compressed-tensors checkpoint" in message and "convert with --dequantize" in message
+    convert_cli(src, tmp_path / "dst", "--max-shard-size", "40KB")
+    held = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32).state_dict()
+    assert_same_tensors(load_checkpoint(tmp_path / "dst"), {k: v.contiguous() for k, v in held.items()})
+    assert verify(src, tmp_path / "dst").ok

@@ -24,7 +24,7 @@ from ..reading.compressed_tensors import (
     WeightScheme,
     stored_shape,
 )
-from ..reading.quantization import FP8_WEIGHT_DTYPES, SCALE_SIZES, Scales, ZeroPoints
+from ..reading.quantization import FP8_WEIGHT_DTYPES, Scales, ZeroPoints
 from ..reading.source import SourceTensor
 
 # Scales compressed-tensors writes: the model's dtype, or float32.
@@ -168,7 +168,7 @@ def _grid(
 ) -> tuple[tuple[int, int], tuple[int, int]]:
     """(grid, block) of `scale` for a matrix of `shape` under `scheme`'s strategy."""
     rows, cols = shape
-    if scale.dtype not in _SCALE_DTYPES or scale.dtype not in SCALE_SIZES:
+    if scale.dtype not in _SCALE_DTYPES:
         raise CheckpointError(
             f"{scale.name}: dtype {scale.dtype} is not a scale dtype ({', '.join(_SCALE_DTYPES)}) ({scale.file})"
         )

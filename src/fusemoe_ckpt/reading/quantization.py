@@ -22,7 +22,9 @@ FP8_WEIGHT_DTYPES = ("F8_E4M3", "F8_E5M2")
 FP4_WEIGHT_DTYPE = "I8"
 FP4_BLOCK = (1, 32)
 # F32 (scale_fmt "float"), BF16, and E8M0 exponents (scale_fmt "ue8m0") stored as F8_E8M0 or raw U8.
-SCALE_SIZES = {"F32": 4, "BF16": 2, "F16": 2, "F8_E8M0": 1, "U8": 1}
+SCALE_SIZES = {"F32": 4, "BF16": 2, "F8_E8M0": 1, "U8": 1}
+# compressed-tensors scales are the model's dtype, F16 too.
+_SCALE_BYTES = SCALE_SIZES | {"F16": 2}
 SCALE_SUFFIX = "_scale_inv"  # `weight` -> `weight_scale_inv`, and `gate_up_proj` -> `gate_up_proj_scale_inv`
 # DeepSeek-V4 names the scale of `x.weight` `x.scale`; transformers' FP8 quantizer renames it `x.weight_scale_inv`.
 DOT_SCALE = ".scale"
@@ -84,7 +86,7 @@ class Scales:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.grid) * SCALE_SIZES[self.dtype]
+        return math.prod(self.grid) * _SCALE_BYTES[self.dtype]
 
     @property
     def row_bytes(self) -> int:
