@@ -107,6 +107,8 @@ def test_inspect_and_unfuse(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["quantization"]["method"] == "compressed-tensors"
+    assert report["quantization"]["scheme"] == "pack-quantized int4, group 32 scales"
+    assert report["renamed_tensors"] == 0  # x.weight_packed written as x.weight is no rename
     module = report["moe_modules"][0]
     assert (module["experts"], module["quantization"]["dequantized"]) == (4, True)
     assert module["quantization"]["block"] == [1, 32]
@@ -124,8 +126,8 @@ def test_without_dequantize_one_line_says_how(tmp_path):
     src = ct_checkpoint(tmp_path / "src", "qwen3_moe", "w4a16")
     message = refuse(tmp_path, src, tmp_path / "dst")
     assert message == (
-        f"{src / 'config.json'}: a compressed-tensors checkpoint (compressed-tensors (pack-quantized int4, group 32 "
-        "scales)): transformers dequantizes its experts at load, so they must be dequantized to be fused; convert "
+        f"{src / 'config.json'}: a compressed-tensors checkpoint (experts pack-quantized int4, group 32 "
+        "scales): transformers dequantizes its experts at load, so they must be dequantized to be fused; convert "
         "with --dequantize (floating weights, config.json without quantization_config)"
     )
 
@@ -326,3 +328,32 @@ def test_kimi_k25_int4_experts_as_released(tmp_path):
     held = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32).state_dict()
     assert_same_tensors(load_checkpoint(tmp_path / "dst"), {k: v.contiguous() for k, v in held.items()})
     assert verify(src, tmp_path / "dst").ok
+
+
+def test_mixed_schemes_asymmetric_dense_layers(tmp_path):
+    """Two config groups, as Kimi-style mixed configs have: int4 experts (`re:.*experts.*`) and
+    asymmetric int8 attention per channel (`Linear`); transformers picks each layer's group."""
+    from compressed_tensors.quantization import QuantizationConfig
+
+    from .conftest import write_checkpoint
+
+    plain = ct_checkpoint(tmp_path / "plain", "qwen3_moe", "w4a16", experts_only=True)
+    tensors = load_checkpoint_or_file(plain)
+    for key in [k for k in tensors if ".self_attn." in k and k.endswith("_proj.weight")]:
+        module = key.removesuffix(".weight")
+        compressed = compress(tensors.pop(key), "w8a16_asym", seed=len(tensors))
+        tensors |= {f"{module}.{name}": t.contiguous() for name, t in compressed.items()}
+    assert "model.layers.1.self_attn.o_proj.weight_zero_point" in tensors
+    experts = scheme_config("w4a16", targets=["re:.*experts.*"])["config_groups"]["group_0"]
+    dense = scheme_config("w8a16_asym", targets=["Linear"])["config_groups"]["group_0"]
+    mixed = QuantizationConfig(
+        config_groups={"experts": experts, "attention": dense},
+        format="mixed-precision",
+        quantization_status="compressed",
+        ignore=["lm_head", "re:.*mlp.gate$"],
+    )
+    config = json.loads((plain / "config.json").read_text())
+    config["quantization_config"] = json.loads(json.dumps(mixed.model_dump() | {"quant_method": "compressed-tensors"}))
+    src = write_checkpoint(tmp_path / "src", tensors, shards=2, config=config)
+    convert_cli(src, tmp_path / "dst")
+    assert_same_tensors(load_checkpoint_or_file(tmp_path / "dst"), held_dequantized(src, tmp_path / "held"))

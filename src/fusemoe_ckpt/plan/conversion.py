@@ -187,8 +187,9 @@ def _compressed_view(
 ) -> dict[str, SourceTensor]:
     """The tensors of a compressed-tensors checkpoint with every compressed layer planned dequantized."""
     if not dequantize:
+        scheme = quantization.compressed.experts.describe()
         raise CheckpointError(
-            f"{source.root / 'config.json'}: a compressed-tensors checkpoint ({quantization.describe()}): "
+            f"{source.root / 'config.json'}: a compressed-tensors checkpoint (experts {scheme}): "
             "transformers dequantizes its experts at load, so they must be dequantized to be fused; convert "
             "with --dequantize (floating weights, config.json without quantization_config)"
         )
