@@ -164,6 +164,14 @@ def _missing_scale(tensors, config):
     del tensors[f"{EXPERT}.weight_scale"]
 
 
+def _missing_shape(tensors, config):
+    del tensors[f"{EXPERT}.weight_shape"]
+
+
+def _missing_packed(tensors, config):
+    del tensors[f"{EXPERT}.weight_packed"]
+
+
 def _group_48(tensors, config):
     config["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] = 48
 
@@ -199,6 +207,12 @@ def _sparsity(tensors, config):
             "of 4-bit values: expected [256, 32] ({shard})",
         ),
         (_missing_scale, f"{EXPERT}.weight_scale: missing: the weight_scale of {EXPERT}.weight_packed ({{shard}})"),
+        (_missing_shape, f"{EXPERT}.weight_shape: missing: the weight_shape of {EXPERT}.weight_packed ({{shard}})"),
+        (
+            _missing_packed,
+            f"{EXPERT}.weight_scale: a compressed-tensors companion without its weight ({EXPERT}.weight_packed "
+            f"or an FP8 {EXPERT}.weight) ({{shard}})",
+        ),
         (
             _group_48,
             "model.layers.0.mlp.experts.0.down_proj.weight_packed: 256 columns are not a multiple of "
@@ -230,6 +244,8 @@ def _sparsity(tensors, config):
     ids=[
         "wrong-packed-shape",
         "missing-scale",
+        "missing-shape",
+        "missing-packed",
         "group-size",
         "asymmetric-experts",
         "static-activations",

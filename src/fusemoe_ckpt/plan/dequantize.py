@@ -1,4 +1,5 @@
-"""Dequantize FP8 rows by their scales, bit for bit as transformers does, with numpy instead of torch.
+"""Dequantize FP8 rows (and compressed-tensors' packed integer rows) by their scales, bit for bit as
+transformers does, with numpy instead of torch.
 
 transformers (`integrations/finegrained_fp8.py`, `Fp8Dequantize`) computes `(q.float() * s.float())
 .to(dtype)`: each FP8 value and scale decoded exactly to float32, one float32 multiply, one rounding
@@ -8,6 +9,11 @@ in a 256-entry table, so every step is exact and the result equals torch's. nump
 memory where torch costs 250 MB, which keeps `--dequantize` within convert's memory budget.
 The block index comes from `weight_block_size`, never from dividing shapes, so a 576-row weight with
 5 scale rows of 128 is dequantized right.
+
+compressed-tensors (`forward_helpers.py::_dequantize`) computes `(q.to(s.dtype) - zp.to(s.dtype)) * s`
+in the scale's dtype: here the integers are unpacked from their int32 words, the product taken in
+float32 (exact for 16-bit scales) and rounded to the scale's dtype (`Scales.rounding`), then to the
+output dtype, which is the rounding torch does.
 """
 
 from __future__ import annotations

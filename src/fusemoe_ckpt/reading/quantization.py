@@ -3,7 +3,8 @@
 fusemoe-ckpt reads FP8 block-quantized checkpoints (`quant_method: "fp8"`: F8_E4M3 weights, each
 with a `weight_scale_inv` over `weight_block_size` blocks, F32 or E8M0 scales), and the DeepSeek-V4
 variant whose routed experts are FP4 (`expert_dtype: "fp4"`: two E2M1 values packed in each I8 byte,
-one scale per row and 32 values) and whose scales are named `.scale`. Other methods are refused by
+one scale per row and 32 values) and whose scales are named `.scale`; compressed-tensors
+checkpoints are read by `compressed_tensors.py` (dequantized only). Other methods are refused by
 name, with the reason.
 """
 
