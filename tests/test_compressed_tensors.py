@@ -106,8 +106,16 @@ def test_inspect_and_unfuse(tmp_path):
     result = CliRunner().invoke(cli, ["inspect", str(src), "--dequantize", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["quantization"]["method"] == "compressed-tensors"
-    assert report["quantization"]["scheme"] == "pack-quantized int4, group 32 scales"
+    assert report["quantization"] == {
+        "method": "compressed-tensors",
+        "block": None,
+        "scale_fmt": "float",
+        "activation_scheme": "dynamic",
+        "expert_dtype": "int4",
+        "dequantize": True,
+        "scheme": "pack-quantized int4, group 32 scales",
+        "dropped_tensors": 0,
+    }
     assert report["renamed_tensors"] == 0  # x.weight_packed written as x.weight is no rename
     module = report["moe_modules"][0]
     assert (module["experts"], module["quantization"]["dequantized"]) == (4, True)

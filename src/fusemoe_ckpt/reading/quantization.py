@@ -50,7 +50,7 @@ class Quantization:
     block: tuple[int, int] | None  # (rows, cols) of one scale; None: per tensor or per channel
     scale_fmt: str
     activation_scheme: str
-    expert_dtype: str = "fp8"  # "fp4": routed experts are FP4 packed in I8
+    expert_dtype: str = "fp8"  # "fp4": routed experts are FP4 packed in I8; compressed-tensors: "int4", "int8"
     compressed: CompressedTensors | None = None  # compressed-tensors: its weight schemes
 
     @property
@@ -122,7 +122,10 @@ def quantization_of(config: dict | None, path: Path) -> Quantization | None:
         raise CheckpointError(f"{path}: quantization_config is not a JSON object")
     method = spec.get("quant_method")
     if method == COMPRESSED_TENSORS:
-        return Quantization(method, None, "float", "dynamic", compressed=compressed_tensors_of(spec, path))
+        compressed = compressed_tensors_of(spec, path)
+        experts = compressed.experts
+        stored = "fp8" if experts.kind == "float" else f"int{experts.bits}"
+        return Quantization(method, None, "float", "dynamic", stored, compressed=compressed)
     if method != "fp8":
         reason = _REFUSED_METHODS.get(method, "fusemoe-ckpt reads FP8 block-quantized checkpoints (quant_method fp8)")
         raise CheckpointError(f"{path}: quantization_config.quant_method {method!r} is not supported: {reason}")
