@@ -118,17 +118,19 @@ def _unpacked(data: np.ndarray, bits: int, count: int, cols: int) -> np.ndarray:
     """`count` rows of `bits`-bit values packed densely in little-endian int32 words (each row whole
     words), the first `cols` of each as float32 with compressed-tensors' offset 2 ** (bits - 1) removed."""
     raw = data.reshape(count, -1)
-    if bits == 8:
-        values = raw[:, :cols].astype(np.float32)
-    elif bits == 4:
-        values = np.empty((count, raw.shape[1] * 2), dtype=np.float32)
-        values[:, 0::2] = raw & 0x0F
-        values[:, 1::2] = raw >> 4
-        values = values[:, :cols]
-    else:
+    values = np.take(_unpack_table(bits), raw, axis=0).reshape(count, -1)
+    return values if values.shape[1] == cols else np.ascontiguousarray(values[:, :cols])
+
+
+@functools.cache
+def _unpack_table(bits: int) -> np.ndarray:
+    """The signed values of each byte of packed `bits`-bit integers, low bits first, as float32:
+    (256, 8 // bits)."""
+    if bits not in (4, 8):
         raise ValueError(f"cannot unpack {bits}-bit values")
-    values -= 1 << (bits - 1)
-    return values
+    codes = np.arange(256)
+    parts = [(codes >> shift) & ((1 << bits) - 1) for shift in range(0, 8, bits)]
+    return (np.stack(parts, axis=1) - (1 << (bits - 1))).astype(np.float32)
 
 
 def dequantize_rows(
