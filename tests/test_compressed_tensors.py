@@ -180,6 +180,10 @@ def _missing_packed(tensors, config):
     del tensors[f"{EXPERT}.weight_packed"]
 
 
+def _packed_and_plain(tensors, config):
+    tensors[f"{EXPERT}.weight"] = torch.zeros(256, 256, dtype=torch.bfloat16)
+
+
 def _group_48(tensors, config):
     config["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] = 48
 
@@ -222,6 +226,11 @@ def _sparsity(tensors, config):
             f"or an FP8 {EXPERT}.weight) ({{shard}})",
         ),
         (
+            _packed_and_plain,
+            f"{EXPERT}.weight: stored beside {EXPERT}.weight_packed, which compressed-tensors stores instead of it "
+            "({shard})",
+        ),
+        (
             _group_48,
             "model.layers.0.mlp.experts.0.down_proj.weight_packed: 256 columns are not a multiple of "
             "group_size 48, as compressed-tensors requires to dequantize it ({shard})",
@@ -254,6 +263,7 @@ def _sparsity(tensors, config):
         "missing-scale",
         "missing-shape",
         "missing-packed",
+        "packed-and-plain",
         "group-size",
         "asymmetric-experts",
         "static-activations",

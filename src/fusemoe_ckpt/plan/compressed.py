@@ -56,11 +56,16 @@ def compressed_view(
         if key.endswith(PACKED_SUFFIX):
             module = key.removesuffix(PACKED_SUFFIX)
             scheme = compressed.scheme_of(key)
-            scales, used = _packed(module, source, scheme, output)
+            if module + ".weight" in source:
+                raise CheckpointError(
+                    f"{module}.weight: stored beside {key}, which compressed-tensors stores instead of it "
+                    f"({source[module + '.weight'].file})"
+                )
+            scales, used = _packed(module, source, scheme)
         elif key.endswith(".weight") and tensor.dtype in FP8_WEIGHT_DTYPES:
             module = key.removesuffix(".weight")
             scheme = compressed.scheme_of(key)
-            scales, used = _float8(module, source, scheme, output)
+            scales, used = _float8(module, source, scheme)
         else:
             continue
         consumed |= used
@@ -81,7 +86,7 @@ def compressed_view(
     return tensors
 
 
-def _packed(module: str, source: dict[str, SourceTensor], scheme: WeightScheme, output: str) -> tuple[Scales, set[str]]:
+def _packed(module: str, source: dict[str, SourceTensor], scheme: WeightScheme) -> tuple[Scales, set[str]]:
     packed = source[module + PACKED_SUFFIX]
     if scheme.format != PACKED:
         raise CheckpointError(
@@ -136,7 +141,7 @@ def _packed(module: str, source: dict[str, SourceTensor], scheme: WeightScheme, 
     return scales, used
 
 
-def _float8(module: str, source: dict[str, SourceTensor], scheme: WeightScheme, output: str) -> tuple[Scales, set[str]]:
+def _float8(module: str, source: dict[str, SourceTensor], scheme: WeightScheme) -> tuple[Scales, set[str]]:
     weight = source[module + ".weight"]
     if scheme.kind != "float":
         raise CheckpointError(
