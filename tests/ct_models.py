@@ -26,6 +26,7 @@ SCHEMES = {
     "w4a16_asym": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 32},
     "w8a16": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"},
     "w8a16_asym": {"num_bits": 8, "type": "int", "symmetric": False, "strategy": "channel"},
+    "w4a16_tensor": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "tensor"},
     "fp8_dynamic": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel"},
     "fp8_tensor": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor"},
 }

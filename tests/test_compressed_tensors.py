@@ -47,6 +47,7 @@ CASES = [
     ("qwen3_moe", "w4a16", torch.bfloat16, False),
     ("qwen3_moe", "w8a16", torch.bfloat16, False),
     ("qwen3_moe", "w8a16", torch.float16, False),
+    ("qwen3_moe", "w4a16_tensor", torch.bfloat16, False),
     ("qwen3_moe", "w4a16", torch.float32, False),
     ("qwen3_moe", "fp8_dynamic", torch.bfloat16, False),
     ("qwen3_moe", "fp8_tensor", torch.float16, False),
@@ -71,7 +72,7 @@ def test_dequantized_is_what_transformers_holds(tmp_path, model_type, scheme, sc
         assert ours["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
 
 
-SCHEME_BITS = {"w4a16": 4, "w8a16": 8, "fp8_dynamic": None, "fp8_tensor": None}
+SCHEME_BITS = {"w4a16": 4, "w8a16": 8, "w4a16_tensor": 4, "fp8_dynamic": None, "fp8_tensor": None}
 
 
 def test_dtype_casts_the_dequantized_values(tmp_path):
