@@ -124,7 +124,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option(
     "--dequantize",
     is_flag=True,
-    help="Write FP8 weights dequantized by their scales (to --dtype, else config.json's dtype), for CPUs.",
+    help="Write quantized weights (FP8, compressed-tensors) dequantized by their scales (to --dtype, else "
+    "config.json's dtype): for CPUs, and needed for compressed-tensors.",
 )
 @click.option("--verify", "then_verify", is_flag=True, help="Run verify on DST right after converting.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars and no summary.")
@@ -279,7 +280,7 @@ def unfuse(
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
 @click.option("--dtype", type=click.Choice(sorted(OUTPUT_DTYPES)), help="Plan a cast to this dtype.")
 @click.option("--workers", type=int, default=None, help="Workers convert would use [default: min(4, usable CPUs)].")
-@click.option("--dequantize", is_flag=True, help="Plan FP8 weights dequantized, as convert --dequantize does.")
+@click.option("--dequantize", is_flag=True, help="Plan quantized weights dequantized, as convert --dequantize does.")
 def inspect(
     src: str,
     as_json: bool,

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from ..errors import CheckpointError, FamilyError, UsageError
 from ..naming import natural_key
-from ..reading.quantization import quantization_of
+from ..reading.quantization import Quantization, quantization_of
 from ..reading.source import EXPERT_COUNT_FIELDS, SourceCheckpoint, SourceTensor, open_checkpoint
 from ..rules.families import Family
 from ..rules.patterns import (
@@ -29,6 +29,7 @@ from ..rules.quantized import for_quantization
 from ..rules.selection import resolve_family
 from ..sizes import parse_size
 from .cast import cast_of, output_dtype
+from .compressed import compressed_view
 from .layout import ConversionPlan, lay_out
 from .operations import (
     Slots,
@@ -96,22 +97,26 @@ def plan_conversion(
     quantization = quantization_of(source.config, source.root / "config.json")
     if dequantize and quantization is None:
         raise UsageError(f"{source.root}: --dequantize: config.json declares no quantization_config")
-    dot_scales = quantization is not None and names_scales_dot_scale(source.tensors, quantization)
+    stored = source.tensors
+    if quantization is not None and quantization.compressed is not None:
+        stored = _compressed_view(source, quantization, dequantize, dtype)
+    dot_scales = quantization is not None and names_scales_dot_scale(stored, quantization)
     family = for_quantization(family, quantization, fuse_scales=not dequantize, rename_scales=dot_scales)
     renames = family.all_renames()
-    active, unguarded = active_groups(source.tensors, renames, family.model)
-    _refuse_unguarded(unguarded, source)
-    mappings = {key: map_key(key, renames, family.converters, family.model, active) for key in source.tensors}
+    active, unguarded = active_groups(stored, renames, family.model)
+    _refuse_unguarded(unguarded, stored)
+    mappings = {key: map_key(key, renames, family.converters, family.model, active) for key in stored}
     # Keys transformers ignores at load (multi-token-prediction layers, say) are dropped as it drops them.
     ignored = sorted((key for key, m in mappings.items() if family.model.ignores(m.target)), key=natural_key)
-    tensors = {key: t for key, t in source.tensors.items() if not family.model.ignores(mappings[key].target)}
+    tensors = {key: t for key, t in stored.items() if not family.model.ignores(mappings[key].target)}
     # Keys already in the model's names that the renames would spoil are no scales, whatever their name.
     named = {key: t for key, t in tensors.items() if not family.model.keeps(key)}
     dropped, config = [], None
     if dequantize:
-        output = dequantized_dtype(source.config, dtype)
-        scales = paired_scales(named, quantization)
-        tensors, dropped = dequantized_view(tensors, scales, output)
+        if quantization.compressed is None:
+            output = dequantized_dtype(source.config, dtype)
+            scales = paired_scales(named, quantization)
+            tensors, dropped = dequantized_view(tensors, scales, output)
         config = {k: v for k, v in source.config.items() if k != "quantization_config"}
     elif quantization is not None:
         scales = paired_scales(named, quantization)
@@ -187,13 +192,28 @@ def _config_dtype(config: dict | None) -> str | None:
     return config.get("dtype") or config.get("torch_dtype")
 
 
-def _refuse_unguarded(unguarded: dict[str, str], source: SourceCheckpoint) -> None:
+def _compressed_view(
+    source: SourceCheckpoint, quantization: Quantization, dequantize: bool, dtype: str | None
+) -> dict[str, SourceTensor]:
+    """The tensors of a compressed-tensors checkpoint with every compressed layer planned dequantized."""
+    if not dequantize:
+        scheme = quantization.compressed.experts.describe()
+        raise CheckpointError(
+            f"{source.root / 'config.json'}: a compressed-tensors checkpoint (experts {scheme}): "
+            "transformers dequantizes its experts at load, so they must be dequantized to be fused; convert "
+            "with --dequantize (floating weights, config.json without quantization_config)"
+        )
+    output = dequantized_dtype(source.config, dtype)
+    return compressed_view(source.tensors, quantization.compressed, output, forced=dtype is not None)
+
+
+def _refuse_unguarded(unguarded: dict[str, str], tensors: dict[str, SourceTensor]) -> None:
     """A key a group rename renames only after its guard, in a checkpoint whose guard keys stop short."""
     if unguarded:
         key = min(unguarded, key=natural_key)
         raise FamilyError(
             f"{unguarded[key]}: missing: the key that tells transformers to rename {key} "
-            f"({source.tensors[key].file}); other blocks have theirs"
+            f"({tensors[key].file}); other blocks have theirs"
         )
 
 

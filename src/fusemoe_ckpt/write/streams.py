@@ -97,16 +97,26 @@ def _dequantized_chunks(fd: int, piece: Piece, chunk: int) -> Iterator[bytes]:
     """The quantized matrix of `piece`, whole rows at a time, dequantized by its scales into the
     output dtype. The rows read at once hold about `chunk` // DEQUANTIZE_WORK_FACTOR bytes, so the
     float32 values, the rounding and the output together stay near `chunk`."""
-    from ..plan.dequantize import dequantize_rows, scale_values  # numpy, only for --dequantize
+    from ..plan.dequantize import dequantize_rows, scale_values, zero_point_values  # numpy, for --dequantize
 
     scales = piece.scales
-    scale_fd = open_regular(scales.file, what="shard file")[0]
-    try:
-        grid = scale_values(read_exact(scale_fd, scales.offset, scales.nbytes, scales.file), scales)
-    finally:
-        os.close(scale_fd)
-    cols = scales.shape[1]
-    step = max(1, chunk // DEQUANTIZE_WORK_FACTOR // cols) * cols
+    grid = scale_values(_read_whole(scales.file, scales.offset, scales.nbytes), scales)
+    zeros = scales.zero_points
+    if zeros is not None:
+        zeros = zero_point_values(_read_whole(zeros.file, zeros.offset, zeros.nbytes), scales)
+    row_bytes = scales.row_bytes
+    # A row of packed values becomes several times its bytes as float32.
+    expansion = scales.shape[1] / row_bytes
+    step = max(1, int(chunk / DEQUANTIZE_WORK_FACTOR / expansion) // row_bytes) * row_bytes
     for start in range(0, piece.length, step):
         data = read_exact(fd, piece.offset + start, min(step, piece.length - start), piece.file)
-        yield dequantize_rows(data, start // cols, grid, scales, piece.cast[1])
+        yield dequantize_rows(data, start // row_bytes, grid, scales, piece.cast[1], zeros)
+
+
+def _read_whole(file, offset: int, length: int) -> bytearray:
+    """The `length` bytes at `offset` of `file` (a matrix's scales or zero points)."""
+    scale_fd = open_regular(file, what="shard file")[0]
+    try:
+        return read_exact(scale_fd, offset, length, file)
+    finally:
+        os.close(scale_fd)
