@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from fusemoe_ckpt.rules.families import FAMILIES, REFUSED
+from fusemoe_ckpt.rules.families import FAMILIES
 
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- families:start -->", "<!-- families:end -->"
@@ -23,7 +23,7 @@ def _code(items) -> str:
 
 
 def render(tested: set[str]) -> str:
-    """The markdown block: one row per family, then the refused model types."""
+    """The markdown block: one row per family; a sub-model's scoped rule names where it applies."""
     lines = [
         START,
         "| family | model types (end-to-end tested in bold) | converters | renames |",
@@ -32,29 +32,35 @@ def render(tested: set[str]) -> str:
     for family in FAMILIES:
         types = ", ".join(f"**{t}**" if t in tested else t for t in family.model_types)
         converters = "<br>".join(
-            f"{type(c).__name__}: {_code(c.sources)} → {_code(getattr(c, 'targets', None) or [c.target])}"
+            f"{type(c).__name__}{_under(c)}: {_code(c.sources)} → {_code(getattr(c, 'targets', None) or [c.target])}"
             for c in family.converters
         )
         renames = (
             "<br>".join(
-                f"{'GroupRename: ' if hasattr(r, 'targets') else ''}{_code(r.sources)} → "
+                f"{'GroupRename: ' if hasattr(r, 'targets') else ''}{_under(r, ': ')}{_code(r.sources)} → "
                 f"{_code(getattr(r, 'targets', None) or [r.target])}"
                 for r in family.renames
             )
             or "—"
         )
         lines.append(f"| `{family.name}` | {types} | {converters} | {renames} |")
-    lines += ["", "Refused, with the operation named in the error:", ""]
-    lines += [f"- `{name}`: {reason}" for name, reason in sorted(REFUSED.items())]
     lines.append(END)
     return "\n".join(lines)
 
 
+def _under(transform, after: str = "") -> str:
+    """Where a sub-model's scoped transform applies (`under model.vision_tower.`), or nothing."""
+    scope = getattr(transform, "scope", None)
+    if scope is None:
+        return ""
+    return f"{'' if after else ' '}under `{'.'.join(p for p in (scope.base, scope.prefix) if p)}.`{after}"
+
+
 def tested_model_types() -> set[str]:
     sys.path.insert(0, str(ROOT))
-    from tests.tiny_models import TINY_MODELS
+    from tests.tiny_models import TESTED_ELSEWHERE, TINY_MODELS
 
-    return set(TINY_MODELS)
+    return set(TINY_MODELS) | set(TESTED_ELSEWHERE)
 
 
 def replace_block(text: str, block: str) -> str:

@@ -4,20 +4,28 @@ A standard-library HTTP server on 127.0.0.1 (a free port) that answers the endpo
 2.4 calls to download a snapshot and to push a folder, and keeps every repo in memory:
 
     GET  /api/models/{repo}[/revision/{rev}]      model info: sha, siblings
-    GET  /api/models/{repo}/tree/{rev}            the file listing snapshot_download filters
+    GET  /api/models/{repo}/tree/{rev}            the file listing, with "lfs": {"oid": sha256} for LFS files
     HEAD /{repo}/resolve/{rev}/{path}             X-Repo-Commit, ETag, Content-Length
-    GET  /{repo}/resolve/{rev}/{path}             the bytes
+    GET  /{repo}/resolve/{rev}/{path}             the bytes; a Range header gets 206 and those bytes
     POST /api/validate-yaml                       the card's front matter: always fine
     POST /api/repos/create                        409 when it exists (create_repo's exist_ok)
     POST /api/models/{repo}/branch/{branch}       a branch from main
-    POST /api/models/{repo}/preupload/{rev}       every file "regular"
-    POST /api/models/{repo}/commit/{rev}          NDJSON: header, base64 "file" lines
+    POST /api/models/{repo}/preupload/{rev}       "lfs" for weights and files of 10 KB or more, else "regular"
+    POST /{repo}.git/info/lfs/objects/batch       LFS batch API: a basic-transfer upload and verify action
+    PUT  /lfs-upload/{oid}                        the object's bytes, refused unless they hash to oid
+    POST /lfs-verify/{oid}                        200 once the object is stored
+    POST /api/models/{repo}/commit/{rev}          NDJSON: header, base64 "file" and "lfsFile" lines
 
-Preupload answers "regular" for every file, so uploads travel base64 inside the commit and neither
-the LFS batch API nor Xet storage is needed (the real Hub answers "lfs" for weights, and then
-huggingface_hub uploads them through Xet; that protocol is not emulated). A gated repo answers file
-downloads with 403 and X-Error-Code GatedRepo, a missing repo or revision 404 with RepoNotFound or
-RevisionNotFound, as huggingface_hub's hf_raise_for_status expects. Every request is logged.
+LFS files are those the real Hub's .gitattributes sends to LFS (weights) and those of 10 KB or more.
+They are uploaded as the real Hub takes them without Xet: preupload says "lfs", the LFS batch API
+hands out an upload URL, the bytes are PUT there, and the commit names them by sha256 ("lfsFile"),
+which the commit refuses for an object never uploaded. The real Hub offers Xet storage instead, which
+huggingface_hub prefers when hf_xet is installed; that protocol is not emulated, so tests set
+HF_HUB_DISABLE_XET=1. A gated repo answers file downloads with 403 and X-Error-Code GatedRepo, a
+missing repo or revision 404 with RepoNotFound or RevisionNotFound, as huggingface_hub's
+hf_raise_for_status expects. Every request is logged, and every byte range served (`served`).
+`serve_instead` makes a file's download answer other bytes than its listing describes (a corrupted
+or truncated transfer), `refuse_uploads` refuses LFS uploads.
 """
 
 from __future__ import annotations
@@ -33,6 +41,12 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 REPO = r"(?P<repo>[^/]+/[^/]+)"
+LFS_EXTENSIONS = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx", ".h5", ".msgpack")
+LFS_THRESHOLD = 10_000
+
+
+def is_lfs(name: str, data: bytes) -> bool:
+    return name.endswith(LFS_EXTENSIONS) or len(data) >= LFS_THRESHOLD
 
 
 @dataclass
@@ -64,6 +78,11 @@ class FakeHub:
     def __init__(self) -> None:
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, authorization)
+        self.served: list[tuple[str, int, int]] = []  # (file path, first byte, bytes) of each download
+        self.lfs: dict[str, bytes] = {}  # uploaded LFS objects by sha256
+        self.serve_instead: dict[str, bytes] = {}  # file path -> bytes its download answers
+        self.on_request = None  # called with (method, path) before each request is answered
+        self.refuse_uploads: str | None = None  # an LFS upload is answered 403 with this message
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
 
@@ -84,6 +103,13 @@ class FakeHub:
     def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
         repo = self.repos[repo_id]
         return repo.commits[repo.resolve(revision)]
+
+    def bytes_served(self) -> dict[str, int]:
+        """Bytes of each file sent in downloads, ranges included."""
+        total: dict[str, int] = {}
+        for name, _, length in self.served:
+            total[name] = total.get(name, 0) + length
+        return total
 
     def fetched(self) -> list[str]:
         """Paths of the files downloaded (GET on resolve), in request order."""
@@ -109,14 +135,29 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:
             self._route("POST")
 
+        def do_PUT(self) -> None:
+            self._route("PUT")
+
         def _route(self, method: str) -> None:
             path = urlsplit(self.path).path
             hub.requests.append((method, path, self.headers.get("authorization")))
-            body = self.rfile.read(int(self.headers.get("content-length") or 0)) if method == "POST" else b""
+            if hub.on_request is not None:
+                hub.on_request(method, path)
+            body = self._body() if method in ("POST", "PUT") else b""
             for route_method, pattern, handler in ROUTES:
                 if method in route_method and (match := re.fullmatch(pattern, path)):
                     return handler(self, body=body, head=method == "HEAD", **match.groupdict())
             self._error(404, "EntryNotFound", f"no route for {method} {path}")
+
+        def _body(self) -> bytes:
+            if "chunked" not in (self.headers.get("transfer-encoding") or ""):
+                return self.rfile.read(int(self.headers.get("content-length") or 0))
+            data = b""
+            while size := int(self.rfile.readline().strip().split(b";")[0], 16):
+                data += self.rfile.read(size)
+                self.rfile.readline()
+            self.rfile.readline()
+            return data
 
         # --- reading -------------------------------------------------------------------------
         def model_info(self, repo: str, rev: str | None = None, **_) -> None:
@@ -131,7 +172,17 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             found = self._repo_at(repo, unquote(rev))
             if found:
                 entries = [
-                    {"type": "file", "path": name, "size": len(data), "oid": _git_oid(data)}
+                    {
+                        "type": "file",
+                        "path": name,
+                        "size": len(data),
+                        "oid": _git_oid(data),
+                        **(
+                            {"lfs": {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}}
+                            if is_lfs(name, data)
+                            else {}
+                        ),
+                    }
                     for name, data in sorted(found[1].items())
                 ]
                 self._json(entries)
@@ -147,13 +198,26 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             if name not in files:
                 return self._error(404, "EntryNotFound", f"{name} does not exist", commit=sha)
             data = files[name]
-            self.send_response(200)
+            etag = _git_oid(data)
+            data = hub.serve_instead.get(name, data)
+            start, end = 0, len(data)
+            asked = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("range") or "")
+            if asked:
+                start = int(asked[1])
+                end = min(len(data), int(asked[2]) + 1) if asked[2] else len(data)
+                if start >= len(data):
+                    return self._error(416, None, f"range {start}- past the end of {name}")
+            self.send_response(206 if asked else 200)
             self.send_header("X-Repo-Commit", sha)
-            self.send_header("ETag", f'"{_git_oid(data)}"')
-            self.send_header("Content-Length", str(len(data)))
+            self.send_header("ETag", f'"{etag}"')
+            self.send_header("Accept-Ranges", "bytes")
+            if asked:
+                self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+            self.send_header("Content-Length", str(end - start))
             self.end_headers()
             if not head:
-                self.wfile.write(data)
+                hub.served.append((name, start, end - start))
+                self.wfile.write(data[start:end])
 
         # --- writing -------------------------------------------------------------------------
         def validate_yaml(self, **_) -> None:
@@ -183,7 +247,9 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 answer = [
                     {
                         "path": f["path"],
-                        "uploadMode": "regular",
+                        "uploadMode": "lfs"
+                        if f["path"].endswith(LFS_EXTENSIONS) or f["size"] >= LFS_THRESHOLD
+                        else "regular",
                         "shouldIgnore": False,
                         "oid": _git_oid(files[f["path"]]) if f["path"] in files else None,
                     }
@@ -203,12 +269,45 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                     message = item["value"]["summary"]
                 elif item["key"] == "file":
                     files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+                elif item["key"] == "lfsFile":
+                    value = item["value"]
+                    stored = hub.lfs.get(value["oid"])
+                    if stored is None or len(stored) != value["size"]:
+                        return self._error(400, None, f"{value['path']}: no uploaded LFS object {value['oid']}")
+                    files[value["path"]] = stored
                 elif item["key"] == "deletedFile":
                     files.pop(item["value"]["path"], None)
                 else:
                     return self._error(400, None, f"the fake hub does not take {item['key']!r} lines")
             sha = hub.repos[repo].commit(branch, files, message)
             self._json({"commitUrl": f"{hub.url}/{repo}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None})
+
+        def lfs_batch(self, repo: str, body: bytes, **_) -> None:
+            if repo not in hub.repos:
+                return self._error(404, "RepoNotFound", "Repository not found")
+            objects = []
+            for item in json.loads(body)["objects"]:
+                entry = {"oid": item["oid"], "size": item["size"]}
+                if item["oid"] not in hub.lfs:
+                    entry["actions"] = {
+                        "upload": {"href": f"{hub.url}/lfs-upload/{item['oid']}"},
+                        "verify": {"href": f"{hub.url}/lfs-verify/{item['oid']}"},
+                    }
+                objects.append(entry)
+            self._json({"transfer": "basic", "objects": objects})
+
+        def lfs_upload(self, oid: str, body: bytes, **_) -> None:
+            if hub.refuse_uploads:
+                return self._error(403, None, hub.refuse_uploads)
+            if hashlib.sha256(body).hexdigest() != oid:
+                return self._error(400, None, f"uploaded bytes do not hash to {oid}")
+            hub.lfs[oid] = body
+            self._json({})
+
+        def lfs_verify(self, oid: str, **_) -> None:
+            if oid not in hub.lfs:
+                return self._error(404, None, f"no LFS object {oid}")
+            self._json({})
 
         # --- helpers -------------------------------------------------------------------------
         def _repo_at(self, repo_id: str, revision: str) -> tuple[str, dict[str, bytes]] | None:
@@ -253,6 +352,9 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
         ("POST", rf"/api/models/{REPO}/branch/(?P<branch>[^/]+)", Handler.create_branch),
         ("POST", rf"/api/models/{REPO}/preupload/(?P<rev>[^/]+)", Handler.preupload),
         ("POST", rf"/api/models/{REPO}/commit/(?P<rev>[^/]+)", Handler.commit),
+        ("POST", r"/(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/batch", Handler.lfs_batch),
+        ("PUT", r"/lfs-upload/(?P<oid>[0-9a-f]{64})", Handler.lfs_upload),
+        ("POST", r"/lfs-verify/(?P<oid>[0-9a-f]{64})", Handler.lfs_verify),
     ]
     return Handler
 

@@ -16,6 +16,7 @@ multi-token-prediction layer (`mtp.0.*`) is there for transformers to ignore.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -290,4 +291,204 @@ def kimi_checkpoint(root: Path, *, shards: int = 3, seed: int = 0) -> Path:
     assert (info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"]) == (set(), set(), set()), info
     expected = model.state_dict()
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in expected.items())
+    return src
+
+
+# Nemotron 3.5 Transcribe as NeMo exports it: in-memory name -> released name, applied in order
+# (q, k and v joined into w_qkv, and the experts stored fused as (in_features, out_features), apart).
+NEMO_RELEASED = [
+    (r"^model\.audio_tower\.asr_encoder\.", "perception.encoder.asr_encoder."),
+    (r"^model\.audio_tower\.diarization_model\.model\.audio_tower\.", "perception.encoder.diarization_model.encoder."),
+    (r"^model\.audio_tower\.diarization_model\.model\.proj\.", "SORTFORMER.encoder_proj."),
+    (r"^model\.audio_tower\.diarization_model\.model\.upsampler\.conv\.", "SORTFORMER.subpixel_upsample."),
+    (r"^model\.audio_tower\.diarization_model\.classifier\.dense\.", "SORTFORMER.first_hidden_to_hidden."),
+    (r"^model\.audio_tower\.diarization_model\.classifier\.out_proj\.", "SORTFORMER.single_hidden_to_spks."),
+    (r"^model\.audio_tower\.diarization_model\.silence_embeds$", "SORTFORMER.learnable_sil_emb"),
+    (r"^SORTFORMER\.", "perception.encoder.diarization_model.sortformer_modules."),
+    (r"^model\.audio_tower\.asr_norm\.", "perception.encoder.asr_norm."),
+    (r"^model\.audio_tower\.speaker_norm\.", "perception.encoder.diar_norm."),
+    (r"^model\.multi_modal_projector\.", "perception.proj."),
+    (r"^model\.word_timestamp_encoder\.upsampler\.", "ctc_timestamp.decoder.upsample."),
+    (r"^model\.word_timestamp_encoder\.", "ctc_timestamp.decoder.transformer."),
+    (r"^word_timestamp_head\.", "ctc_timestamp.decoder.decoder_layers.0."),
+    (r"^model\.language_model\.embeddings\.", "llm.model.embed_tokens."),
+    (r"^model\.language_model\.norm_f\.", "llm.model.norm."),
+    (r"^model\.language_model\.layers\.", "llm.model.layers."),
+    (r"^lm_head\.", "llm.lm_head."),
+    (r"\.embedder\.projection\.", ".pre_encode.proj."),
+    (r"\.input_layer_norm\.", ".embed_norm."),
+    (r"\.layer_norm\.", ".final_norm."),
+    (r"\.layer_norm1\.", ".norm1."),
+    (r"\.layer_norm2\.", ".norm2."),
+    (r"\.self_attn\.o_proj\.", ".attn.out_proj."),
+    (r"\.self_attn\.q_norm\.", ".attn.q_norm."),
+    (r"\.self_attn\.k_norm\.", ".attn.k_norm."),
+    (r"\.mlp\.fc1\.", ".ffn.net.0."),
+    (r"\.mlp\.fc2\.", ".ffn.net.3."),
+    (r"\.mixer\.(A_log|D|dt_bias)$", r".mixer._fp32_params.\1"),
+]
+# What the export holds that transformers ignores at load: (name, dtype, shape).
+NEMO_IGNORED = [
+    ("llm.mtp.layers.0.norm.weight", torch.float32, (16,)),
+    ("perception.preprocessor.featurizer.window", torch.float32, (8,)),
+    ("perception.encoder.diarization_model.preprocessor.featurizer.fb", torch.float32, (1, 8, 4)),
+    ("perception.encoder.diarization_model.sortformer_modules.hidden_to_spks.weight", torch.float32, (2, 8)),
+    ("perception.encoder.asr_encoder.layers.0.attn.w_qkv._extra_state", torch.uint8, (6,)),
+    ("ctc_timestamp.decoder.residual_scale", torch.float32, ()),
+    ("ctc_timestamp.decoder.upsample_factor", torch.int64, ()),
+    ("ctc_timestamp.tokenizer.model_proto", torch.uint8, (12,)),
+]
+
+
+def nemo_released_name(key: str) -> str:
+    for pattern, replacement in NEMO_RELEASED:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def nemo_config():
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model("nemo_speechlm", **copy.deepcopy(TINY_MODELS["nemo_speechlm"]))
+
+
+def nemo_checkpoint(root: Path, *, shards: int = 3, seed: int = 0, ignored: bool = True) -> Path:
+    """A tiny float32 Nemotron 3.5 Transcribe under the names of NeMo's export, with the tensors
+    transformers ignores at load (NEMO_IGNORED) beside them."""
+    from transformers import AutoModelForPreTraining
+
+    torch.manual_seed(seed)
+    config = nemo_config()
+    model = AutoModelForPreTraining.from_config(config, dtype=torch.float32)
+    tensors: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in model.state_dict().items():
+        found = re.fullmatch(r"(.*)\.self_attn\.([qkv])_proj\.weight", key)
+        if found and "language_model" not in key:
+            qkv.setdefault(nemo_released_name(found.group(1)) + ".attn.w_qkv.weight", {})[found.group(2)] = value
+        elif key.endswith(".mixer.experts.up_proj"):
+            name = nemo_released_name(key).removesuffix("up_proj") + "gate_and_up_projs"
+            tensors[name] = value.transpose(1, 2).contiguous()
+        elif key.endswith(".mixer.experts.down_proj"):
+            tensors[nemo_released_name(key) + "s"] = value.transpose(1, 2).contiguous()
+        else:
+            tensors[nemo_released_name(key)] = value.contiguous()
+    for name, parts in qkv.items():
+        tensors[name] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    if ignored:
+        for name, dtype, shape in NEMO_IGNORED:
+            tensors[name] = torch.ones(shape, dtype=dtype)
+    document = json.loads(config.to_json_string()) | {
+        "architectures": ["Nemotron3_5TranscribeForConditionalGeneration"]
+    }
+    src = write_checkpoint(root, tensors, shards=shards, config=document)
+    loaded, info = AutoModelForPreTraining.from_pretrained(src, output_loading_info=True, dtype=torch.float32)
+    assert (info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"]) == (set(), set(), set()), info
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    return src
+
+
+# dots.note (dots3_note) as released: in-memory name -> released name, applied in order (experts apart).
+DOTS3_RELEASED = [
+    (r"^model\.language_model\.", "model."),
+    (r"^model\.vision_tower\.norm\.", "vision_encoder.post_trunk_norm."),
+    (r"^model\.vision_tower\.merger\.", "vision_encoder.adapter."),
+    (r"^model\.vision_tower\.", "vision_encoder."),
+    (r"^(vision_encoder\.blocks\.\d+)\.norm1\.", r"\1.norm_1."),
+    (r"^(vision_encoder\.blocks\.\d+)\.norm2\.", r"\1.norm_2."),
+    (r"^(vision_encoder\.blocks\.\d+\.mlp)\.gate_proj\.", r"\1.fc1."),
+    (r"^(vision_encoder\.blocks\.\d+\.mlp)\.down_proj\.", r"\1.fc2."),
+    (r"^(vision_encoder\.blocks\.\d+\.mlp)\.up_proj\.", r"\1.fc3."),
+    (r"^(vision_encoder\..*)\.mlp\.gate\.weight$", r"\1.mlp.gate_weight"),
+    (r"^(vision_encoder\..*)\.mlp\.e_score_correction_bias$", r"\1.mlp.router_bias"),
+    (r"^model\.audio_tower\.adapter\.norm\.", "audio_encoder.audio_adapter.proj.0."),
+    (r"^model\.audio_tower\.adapter\.fc1\.", "audio_encoder.audio_adapter.proj.1."),
+    (r"^model\.audio_tower\.adapter\.fc2\.", "audio_encoder.audio_adapter.proj.3."),
+    (r"^model\.audio_tower\.conv_stem\.convs\.0\.", "model.audio_tower.conv_stem.conv2d1."),
+    (r"^model\.audio_tower\.conv_stem\.convs\.1\.", "model.audio_tower.conv_stem.conv2d2."),
+    (r"^model\.audio_tower\.conv_stem\.convs\.2\.", "model.audio_tower.conv_stem.conv2d3."),
+    (r"^model\.audio_tower\.conv_stem\.", "model.audio_tower."),
+    (r"^model\.audio_tower\.", "audio_encoder.dots_encoder.speech_encoder."),
+    (r"^(audio_encoder\..*)\.self_attn\.o_proj\.", r"\1.self_attn.out_proj."),
+    (r"^(audio_encoder\..*)\.input_layernorm\.", r"\1.self_attn_layer_norm."),
+    (r"^(audio_encoder\..*)\.post_attention_layernorm\.", r"\1.final_layer_norm."),
+    (r"^(audio_encoder\..*layers\.\d+)\.mlp\.gate_up_proj\.", r"\1.fc1."),
+    (r"^(audio_encoder\..*layers\.\d+)\.mlp\.down_proj\.", r"\1.fc2."),
+]
+DOTS3_VISION_EXPERTS = ("fc1", "fc3", "fc2")  # gate, up, down
+DOTS3_TEXT_EXPERTS = TINY_MODELS["dots3_note"]["text_config"]["n_routed_experts"]
+# unlike the text model's: each sub-model's config counts its own
+DOTS3_VISION_EXPERTS_COUNT = TINY_MODELS["dots3_note"]["vision_config"]["num_local_experts"]
+
+
+def dots3_released_name(key: str) -> str:
+    for pattern, replacement in DOTS3_RELEASED:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def dots3_config():
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model("dots3_note", **copy.deepcopy(TINY_MODELS["dots3_note"]))
+
+
+def _dots3_tensors(state: dict[str, torch.Tensor], rename) -> dict[str, torch.Tensor]:
+    """`state` under released names: renamed, the fused experts split per expert (the text model's
+    as gate_proj/up_proj/down_proj, the vision encoder's as fc1/fc3/fc2)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if not key.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+            tensors[rename(key)] = value.contiguous()
+            continue
+        prefix = rename(key.rpartition(".")[0]) + "."
+        names = DOTS3_VISION_EXPERTS if "blocks." in key else ("gate_proj", "up_proj", "down_proj")
+        for expert in range(value.shape[0]):
+            if key.endswith("gate_up_proj"):
+                gate, up = value[expert].chunk(2)
+                tensors[f"{prefix}{expert}.{names[0]}.weight"] = gate.contiguous()
+                tensors[f"{prefix}{expert}.{names[1]}.weight"] = up.contiguous()
+            else:
+                tensors[f"{prefix}{expert}.{names[2]}.weight"] = value[expert].contiguous()
+    return tensors
+
+
+def dots3_checkpoint(root: Path, *, shards: int = 3, seed: int = 0) -> Path:
+    """A tiny float32 dots.note under the released names, with a multi-token-prediction layer
+    (`model.layers.46.*`, as the released one has after its 46 layers) for transformers to ignore."""
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(seed)
+    config = dots3_config()
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    tensors = _dots3_tensors(model.state_dict(), dots3_released_name)
+    for key, value in list(tensors.items()):
+        if key.startswith("model.layers.1.") and (".mlp.experts." in key or "norm" in key):
+            tensors["model.layers.46." + key.removeprefix("model.layers.1.")] = value.clone()
+    document = json.loads(config.to_json_string()) | {"architectures": ["Dots3NoteForConditionalGeneration"]}
+    src = write_checkpoint(root, tensors, shards=shards, config=document)
+    loaded, info = AutoModelForImageTextToText.from_pretrained(src, output_loading_info=True, dtype=torch.float32)
+    assert (info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"]) == (set(), set(), set()), info
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    return src
+
+
+def dots3_vision_checkpoint(root: Path, *, shards: int = 2, seed: int = 0) -> Path:
+    """A tiny float32 dots.note vision encoder alone (model_type dots3_note_vision_encoder), under the
+    released vision encoder's names without the `vision_encoder.` before them."""
+    from transformers import Dots3NoteVisionModel
+
+    torch.manual_seed(seed)
+    config = dots3_config().vision_config
+    model = Dots3NoteVisionModel._from_config(config, dtype=torch.float32)
+
+    def rename(key: str) -> str:
+        return dots3_released_name("model.vision_tower." + key).removeprefix("vision_encoder.")
+
+    tensors = _dots3_tensors(model.state_dict(), rename)
+    document = json.loads(config.to_json_string()) | {"architectures": ["Dots3NoteVisionModel"]}
+    src = write_checkpoint(root, tensors, shards=shards, config=document)
+    loaded, info = Dots3NoteVisionModel.from_pretrained(src, output_loading_info=True, dtype=torch.float32)
+    assert (info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"]) == (set(), set(), set()), info
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
     return src

@@ -11,7 +11,6 @@ from click.testing import CliRunner
 
 from fusemoe_ckpt import FAMILIES, __version__
 from fusemoe_ckpt.cli import cli
-from fusemoe_ckpt.rules.families import REFUSED
 
 from .conftest import load_checkpoint
 from .test_bad_input import one_line_error
@@ -102,16 +101,16 @@ def test_family_that_config_json_names_anyway_gives_no_warning(qwen_checkpoint, 
     assert (result.exit_code, result.stderr) == (0, "")
 
 
-def test_a_model_holding_a_refused_sub_model_gets_no_family_hint(qwen_checkpoint, tmp_path):
-    """dots3_note's text experts match qwen2_moe, but its vision encoder's rule is beyond it: no hint,
-    since following one would convert the wrong plan without a word."""
+def test_forcing_a_sub_model_family_on_a_whole_model_warns(qwen_checkpoint, tmp_path):
+    """dots3_note's text experts match qwen2_moe, whose rule lacks the whole model's renames: forcing it
+    converts with a warning that says how to check the result against the model."""
     (qwen_checkpoint / "config.json").write_text('{"model_type": "dots3_note"}')
-    result = CliRunner().invoke(cli, ["convert", str(qwen_checkpoint), str(tmp_path / "out")])
-    assert result.exit_code == 1
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["convert", "-q", "--family", "qwen2_moe", str(qwen_checkpoint), str(out)])
+    assert result.exit_code == 0
     assert result.stderr == (
-        f"Error: {qwen_checkpoint}: model_type 'dots3_note' is not supported: it holds a dots3_note_vision_encoder "
-        "whose transformers rule needs a rule scoped to the vision encoder inside a dots3_note model; no family "
-        "rule accounts for all its keys\n"
+        "Warning: --family qwen2_moe overrides config.json's model_type 'dots3_note' (family dots3_note); "
+        "check the result against the model with `fusemoe-ckpt verify --load-check SRC DST`\n"
     )
 
 
@@ -130,10 +129,14 @@ def test_python_dash_m_runs():
     assert __version__ in result.stdout
 
 
-def test_families_lists_refused_model_types_with_the_reason():
+def test_families_lists_scoped_rules_where_they_apply_and_refuses_none():
     output = CliRunner().invoke(cli, ["families"]).output
-    for model_type, reason in REFUSED.items():
-        assert f"  {model_type}: {reason}\n" in output
+    assert (
+        "  ExpertMerge (under model.vision_tower.): .mlp.experts.*.fc1.weight + .mlp.experts.*.fc3.weight "
+        "-> .mlp.experts.gate_up_proj\n"
+    ) in output
+    assert "  Transpose: \\.mixer\\.experts\\.down_projs -> \\.mixer\\.experts\\.down_proj\n" in output
+    assert "refused" not in output
 
 
 # --- errors: one line each, exit 2 for usage, 1 for the rest ----------------------------------------

@@ -12,7 +12,6 @@ import torch
 from safetensors import safe_open
 
 from fusemoe_ckpt import FamilyError, convert
-from fusemoe_ckpt.rules.families import REFUSED
 
 from .conftest import (
     HIDDEN,
@@ -268,14 +267,6 @@ def test_mixed_checkpoint_fuses_only_what_is_per_expert(qwen_checkpoint, tmp_pat
     out = load_checkpoint(tmp_path / "out")
     assert out.keys() == fused_once.keys()
     assert all(torch.equal(out[k], fused_once[k]) for k in out)
-
-
-@pytest.mark.parametrize("model_type", sorted(REFUSED))
-def test_refused_model_types_name_the_operation(qwen_checkpoint, tmp_path, model_type):
-    (qwen_checkpoint / "config.json").write_text(json.dumps({"model_type": model_type}))
-    with pytest.raises(FamilyError, match=rf"model_type '{model_type}' is not supported: its transformers rule needs"):
-        convert(qwen_checkpoint, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
 
 
 def test_one_shard_copied_by_several_threads_is_identical(qwen_checkpoint, tmp_path):

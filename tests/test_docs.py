@@ -42,3 +42,12 @@ def test_family_table_matches_the_family_rules():
     expected = module.render(module.tested_model_types())
     start, end = README.index(module.START), README.index(module.END) + len(module.END)
     assert README[start:end] == expected, "run: python scripts/families_table.py --write"
+
+
+def test_every_convert_option_is_in_the_options_table():
+    table = README[README.index("`convert` options:") :]
+    table = table[: table.index("\n\n", table.index("| option |"))]
+    for param in cli.commands["convert"].params:
+        if param.param_type_name == "option" and param.name != "help":
+            flag = max(param.opts, key=len)
+            assert f"| `{flag}" in table, flag

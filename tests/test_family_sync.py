@@ -1,7 +1,9 @@
 """The family table against the installed transformers' conversion mapping.
 
 When transformers adds a model type that merges experts, or changes the rule of one we know, a test
-here fails and names the model type.
+here fails and names the model type: no model type whose rule touches experts is refused. A whole
+model whose sub-models bring their own rules (transformers scopes each to its module path) is
+compared with the list transformers builds for its model.
 """
 
 from __future__ import annotations
@@ -10,7 +12,12 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from transformers.conversion_mapping import _build_checkpoint_conversion_mapping  # noqa: E402
+import transformers  # noqa: E402
+from accelerate import init_empty_weights  # noqa: E402
+from transformers.conversion_mapping import (  # noqa: E402
+    _build_checkpoint_conversion_mapping,
+    get_model_conversion_mapping,
+)
 from transformers.core_model_loading import (  # noqa: E402
     Chunk,
     GroupWeightRename,
@@ -21,8 +28,16 @@ from transformers.core_model_loading import (  # noqa: E402
     WeightRenaming,
 )
 
-from fusemoe_ckpt.rules.families import FAMILIES, LEGACY_RENAMES, REFUSED, Family, family_for_config  # noqa: E402
-from fusemoe_ckpt.rules.patterns import ChunkForRope, ConcatenateShards, GroupRename, SplitBySize  # noqa: E402
+from fusemoe_ckpt.rules.families import FAMILIES, LEGACY_RENAMES, Family, family_for_config  # noqa: E402
+from fusemoe_ckpt.rules.patterns import (  # noqa: E402
+    ChunkForRope,
+    ConcatenateShards,
+    GroupRename,
+    Scope,
+    SplitBySize,
+)
+
+from .released_models import dots3_config, nemo_config  # noqa: E402
 
 MAPPING = _build_checkpoint_conversion_mapping()
 
@@ -39,9 +54,10 @@ def _touches_experts(transforms) -> bool:
     return False
 
 
-# Refused although every operation is one we have: the rule only works with the model at hand.
-MODEL_DEPENDENT = {
-    "dots3_note_vision_encoder": "scoped to the vision encoder inside a dots3_note model",
+# Whole models whose families hold their sub-models' scoped rules: (config builder, auto class).
+WHOLE_MODELS = {
+    "dots3_note": (dots3_config, "AutoModelForImageTextToText"),
+    "nemo_speechlm": (nemo_config, "AutoModelForPreTraining"),
 }
 
 EXPERT_RULES = sorted(name for name, transforms in MAPPING.items() if _touches_experts(transforms))
@@ -60,12 +76,14 @@ def _operation(converter: WeightConverter) -> str:
         return "Concatenate"
     if kinds == ["Concatenate"] and ops[0].dim == 0 and wildcard and ops[0].num_shards_attribute:
         return f"ConcatenateShards(count_field={ops[0].num_shards_attribute!r})"
+    if len(ops) == 1 and isinstance(ops[0], Transpose) and (ops[0].dim0, ops[0].dim1) == (1, 2):
+        return "TransposeExperts" if ops[0].check_dims else "Transpose"
     if (
-        len(ops) == 1
-        and isinstance(ops[0], Transpose)
-        and (ops[0].dim0, ops[0].dim1, ops[0].check_dims) == (1, 2, True)
+        kinds == ["Chunk"]
+        and (ops[0].dim, ops[0].num_shards_attribute) == (0, None)
+        and len(converter._original_source_patterns) == 1
     ):
-        return "TransposeExperts"
+        return "Chunk"
     if (
         kinds == ["Chunk", "PermuteForRope"]
         and isinstance(ops[0], Chunk)
@@ -106,7 +124,7 @@ def _our_operation(converter) -> str:
         return f"ConcatenateShards(count_field={converter.count_field!r})"
     if isinstance(converter, SplitBySize):
         return "SplitBySize"
-    if isinstance(converter, ChunkForRope):
+    if isinstance(converter, ChunkForRope) and converter.rope:
         return f"ChunkForRope(rope={converter.rope}, rope_config={converter.rope_config!r})"
     return type(converter).__name__
 
@@ -117,11 +135,13 @@ def _our_rename(rename) -> tuple:
     return ("PrefixChange" if rename.prefix_change else "WeightRenaming", rename.sources, rename.target)
 
 
-def _our_rule(family: Family) -> tuple[list, list]:
-    renames = [_our_rename(r) for r in family.renames]
+def _our_rule(family: Family, scope: Scope | None = None) -> tuple[list, list]:
+    """The family's transforms of one scope (by default the unscoped ones: the model type's own rule)."""
+    renames = [_our_rename(r) for r in family.renames if getattr(r, "scope", None) == scope]
     converters = [
         (_our_operation(c), c.sources, c.targets if isinstance(c, ChunkForRope) else c.target)
         for c in family.converters
+        if c.scope == scope
     ]
     return renames, converters
 
@@ -137,16 +157,8 @@ def test_transformers_has_expert_rules():
 
 @pytest.mark.parametrize("name", EXPERT_RULES)
 def test_rule_matches_transformers(name):
-    """Every model type whose transformers rule touches experts has our exact rule, or is refused."""
+    """Every model type whose transformers rule touches experts has our exact rule: none is refused."""
     renames, converters = _transformers_rule(MAPPING[name])
-    if name in REFUSED:
-        assert _family_for(name) is None
-        unsupported = [c for c in converters if c[0].startswith("unsupported")]
-        group_renames = [r for r in renames if r[0] != "WeightRenaming" and r[0] != "PrefixChange"]
-        assert unsupported or group_renames or name in MODEL_DEPENDENT, (
-            f"{name} is refused but its rule looks supported"
-        )
-        return
     family = _family_for(name)
     assert family is not None, f"{name}: transformers fuses its experts but fusemoe-ckpt has no family for it"
     assert not [c for c in converters if c[0].startswith("unsupported")], (name, converters)
@@ -157,11 +169,55 @@ def test_rule_matches_transformers(name):
 def test_every_model_type_we_claim_has_that_rule_in_transformers():
     for family in FAMILIES:
         for name in family.model_types:
-            assert name in EXPERT_RULES, f"{name} (family {family.name}) has no expert rule in transformers"
+            assert name in EXPERT_RULES or name in WHOLE_MODELS, (
+                f"{name} (family {family.name}) has no expert rule in transformers"
+            )
 
 
-def test_refused_model_types_exist_in_transformers():
-    assert set(REFUSED) <= set(EXPERT_RULES)
+def _scoped_transforms(model) -> list[tuple]:
+    """transformers' list for `model` (without the legacy renames), each transform with its scope."""
+    listed = []
+    for t in get_model_conversion_mapping(model, add_legacy=False):
+        kind = _operation(t) if isinstance(t, WeightConverter) else type(t).__name__
+        scope = None if t.scope_prefix is None else (t.scope_prefix, t.base_model_prefix)
+        listed.append((kind, tuple(t._original_source_patterns), _targets(t), scope))
+    return listed
+
+
+def _our_scoped_transforms(family: Family) -> list[tuple]:
+    """Our family as the same kind of list: its renames, then its converters, each with its scope."""
+
+    def where(t):
+        scope = getattr(t, "scope", None)
+        return None if scope is None else (scope.prefix, scope.base)
+
+    renames = [(*_our_rename(r), where(r)) for r in family.renames]
+    converters = [
+        (_our_operation(c), c.sources, c.targets if isinstance(c, ChunkForRope) else c.target, where(c))
+        for c in family.converters
+    ]
+    return renames + converters
+
+
+@pytest.mark.parametrize("model_type", sorted(WHOLE_MODELS))
+def test_whole_model_rules_match_transformers_scoped_rules(model_type):
+    """A whole model's family is the list transformers builds for its model: the root rule, then each
+    sub-model's rule scoped to its module path (dots3_note's text, vision and audio rules;
+    nemo_speechlm's Nemotron-H language model), in transformers' order."""
+    build, auto_class = WHOLE_MODELS[model_type]
+    with init_empty_weights():
+        model = getattr(transformers, auto_class).from_config(build())
+    family = family_for_config({"model_type": model_type})
+    theirs = _scoped_transforms(model)
+    assert any(scope is not None for *_, scope in theirs)
+
+    # transformers applies every renaming in list order, then the first converter that matches in
+    # list order: the two sequences, each transform with its scope, are the whole semantics.
+    def split(listed):
+        renames = [t for t in listed if t[0] in ("WeightRenaming", "PrefixChange", "GroupWeightRename")]
+        return renames, [t for t in listed if t not in renames]
+
+    assert split(_our_scoped_transforms(family)) == split(theirs)
 
 
 def test_legacy_renames_match_transformers():

@@ -230,6 +230,7 @@ def test_inspect_shows_the_quantization(tmp_path):
         "activation_scheme": "dynamic",
         "expert_dtype": "fp8",
         "dequantize": False,
+        "scheme": None,
         "dropped_tensors": 0,
     }
     module = data["moe_modules"][0]

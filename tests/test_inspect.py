@@ -167,7 +167,8 @@ def test_text_report(qwen_checkpoint):
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0] == "family: qwen2_moe (model_type qwen3_moe)"
-    assert lines[2:5] == [
+    assert lines[1].startswith("engines on the fused layout of qwen3_moe: load it: ")
+    assert lines[3:6] == [
         "MoE modules: 2",
         "  model.layers.0.mlp.experts: per_expert, E=4 I=3 H=4 F32, 576 B",
         "  model.layers.1.mlp.experts: per_expert, E=4 I=3 H=4 F32, 576 B",

@@ -299,11 +299,16 @@ def _heads(value):
             lambda c: c.__setitem__(
                 "quantization_config", {"quant_method": "compressed-tensors", "format": "pack-quantized"}
             ),
-            r".*config\.json: quantization_config\.quant_method 'compressed-tensors' is not supported: "
-            r"compressed-tensors experts must be dequantized, which fusemoe-ckpt does not do yet",
+            r".*config\.json: quantization_config\.config_groups is not an object of config groups",
         ),
     ],
-    ids=["missing-guard", "heads-do-not-divide", "heads-not-positive", "qkv-rows-not-divisible", "int4-experts"],
+    ids=[
+        "missing-guard",
+        "heads-do-not-divide",
+        "heads-not-positive",
+        "qkv-rows-not-divisible",
+        "compressed-tensors-without-groups",
+    ],
 )
 def test_bad_kimi_input_is_refused_in_one_line(kimi, tmp_path, edit_tensors, edit_config, message):
     src = _copy_source(kimi[0], tmp_path / "src", edit_tensors=edit_tensors, edit_config=edit_config)

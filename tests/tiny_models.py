@@ -465,8 +465,84 @@ TINY_MODELS: dict[str, dict] = {
     },
 }
 
+_ENCODER = {"hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1, "num_attention_heads": 2}
+TINY_MODELS["nemo_speechlm"] = {  # FULL_KWARGS: speech encoders, a Nemotron-H language model, a word-timestamp head
+    "audio_config": {
+        "asr_config": _ENCODER | {"num_mel_bins": 8},
+        "diarization_config": {
+            "audio_config": _ENCODER | {"num_mel_bins": 8},
+            "head_config": {"hidden_size": 8, "audio_hidden_size": 16},
+        },
+    },
+    "text_config": BASE
+    | {
+        "model_type": "nemotron_h",
+        "head_dim": 8,
+        "hybrid_override_pattern": "M*E",  # a Mamba-2 layer, an attention layer, a MoE layer
+        "mamba_num_heads": 2,
+        "mamba_head_dim": 8,
+        "ssm_state_size": 8,
+        "n_groups": 1,
+        "mamba_d_conv": 2,
+        "moe_intermediate_size": 8,
+        "moe_shared_expert_intermediate_size": 8,
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+    },
+    "word_timestamp_config": _ENCODER | {"num_mel_bins": 8, "vocab_size": 10, "blank_token_id": 9},
+}
+TINY_MODELS["dots3_note"] = {  # FULL_KWARGS: text, vision and audio; the vision encoder has 3 experts, the text 4
+    "text_config": _TEXT
+    | _MLA
+    | {
+        "head_dim": 8,
+        "moe_intermediate_size": 8,
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "shared_experts_intermediate_size": 8,
+        "index_topk": 4,
+        "index_head_dim": 8,
+        "index_n_heads": 2,
+        "pad_token_id": None,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "mlp_layer_types": ["dense", "sparse"],
+    },
+    "vision_config": {
+        "hidden_size": 16,
+        "intermediate_size": 24,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "moe_intermediate_size": 8,
+        "num_local_experts": 3,
+        "num_experts_per_tok": 2,
+        "adapter_in_dim": 16,
+        "adapter_out_dim": 16,
+        "patch_size": 2,
+        "mlp_layer_types": ["dense", "sparse"],
+    },
+    "audio_config": {
+        **_ENCODER,
+        "downsample_hidden_size": 8,
+        "adapter_input_size": 16,
+        "adapter_out_dim": 16,
+        "feature_size": 8,
+    },
+}
+
 # Nested configs: pass TINY_MODELS[t] as the full kwargs, do NOT merge with BASE.
-FULL_KWARGS = {"qwen3_vl_moe", "minimax_m3_vl", "deepseek_ocr2", "deepseek_v4", "kimi_k25"}
+FULL_KWARGS = {
+    "qwen3_vl_moe",
+    "minimax_m3_vl",
+    "deepseek_ocr2",
+    "deepseek_v4",
+    "kimi_k25",
+    "nemo_speechlm",
+    "dots3_note",
+}
+
+# Model types tested end to end elsewhere, from their own tiny configs (no text input to compare logits on).
+TESTED_ELSEWHERE = {"dots3_note_vision_encoder": "tests/test_dots3_note.py"}
 
 AUTO_CLASS = {
     "glm5_next": "AutoModelForImageTextToText",
@@ -476,6 +552,8 @@ AUTO_CLASS = {
     "minimax_m3_vl": "AutoModelForImageTextToText",
     "deepseek_ocr2": "AutoModelForImageTextToText",
     "kimi_k25": "AutoModelForImageTextToText",
+    "nemo_speechlm": "AutoModelForPreTraining",
+    "dots3_note": "AutoModelForImageTextToText",
 }
 
 # Base models without lm_head: output has .last_hidden_state, not .logits.

@@ -138,12 +138,19 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option(
     "--dequantize",
     is_flag=True,
-    help="Write FP8 weights dequantized by their scales (to --dtype, else config.json's dtype), for CPUs.",
+    help="Write quantized weights (FP8, compressed-tensors) dequantized by their scales (to --dtype, else "
+    "config.json's dtype): for CPUs, and needed for compressed-tensors.",
 )
 @click.option("--verify", "then_verify", is_flag=True, help="Run verify on DST right after converting.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars and no summary.")
 @click.option("--push-to-hub", "push_to", metavar="REPO_ID", help="Then push DST to this Hub repo, with a model card.")
 @click.option("--private", is_flag=True, help="Create the --push-to-hub repo as private.")
+@click.option(
+    "--stream",
+    is_flag=True,
+    help="Hub SRC: fetch source shards one at a time beside DST, not into the HF cache, each deleted once "
+    "used; with --push-to-hub, upload each output shard as it completes and keep only the small files.",
+)
 def convert(
     src: str,
     dst: str,
@@ -160,6 +167,7 @@ def convert(
     quiet: bool,
     push_to: str | None,
     private: bool,
+    stream: bool,
 ) -> None:
     """Fuse the per-expert tensors of checkpoint SRC into a new checkpoint at DST.
 
@@ -175,6 +183,8 @@ def convert(
     """
     if private and push_to is None:
         raise click.UsageError("--private applies to the repo --push-to-hub creates; pass --push-to-hub REPO_ID")
+    if stream and then_verify:
+        raise click.UsageError("--verify reads the source, which --stream deletes as it goes; verify a local convert")
     if hasattr(signal, "SIGXFSZ"):
         # Past a file size limit (ulimit -f) the write must fail with EFBIG, not kill the process.
         # CPython's startup ignores SIGXFSZ already; an embedding interpreter may not.
@@ -196,6 +206,9 @@ def convert(
             progress=bar.update,
             revision=revision,
             download_progress=not quiet,
+            stream=stream,
+            push_to=push_to if stream else None,
+            private=(private or None) if stream else None,
         )
     for warning in result.warnings:
         click.echo(f"Warning: {printable(warning)}", err=True)
@@ -209,7 +222,7 @@ def convert(
 
         checked = verify_checkpoint(result.source_dir, result.destination, family=result.plan.family.name, dtype=dtype)
         _report(checked, quiet=quiet)
-    if push_to is not None:
+    if push_to is not None and not stream:
         _push(dst, push_to, private=private or None, revision=None, commit_message=None, quiet=quiet)
 
 
@@ -289,7 +302,7 @@ def unfuse(
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
 @click.option("--dtype", type=click.Choice(sorted(OUTPUT_DTYPES)), help="Plan a cast to this dtype.")
 @click.option("--workers", type=int, default=None, help="Workers convert would use [default: min(4, usable CPUs)].")
-@click.option("--dequantize", is_flag=True, help="Plan FP8 weights dequantized, as convert --dequantize does.")
+@click.option("--dequantize", is_flag=True, help="Plan quantized weights dequantized, as convert --dequantize does.")
 def inspect(
     src: str,
     as_json: bool,
@@ -408,22 +421,45 @@ def batch(
 @cli.command()
 def families() -> None:
     """List the family rules with their model types and per-expert key patterns."""
-    from .rules.families import FAMILIES, REFUSED
+    from .rules.families import FAMILIES
 
     for family in FAMILIES:
         click.echo(f"{family.name}")
         click.echo(f"  model types: {', '.join(family.model_types)}")
         for converter in family.converters:
-            operation = type(converter).__name__
+            operation = type(converter).__name__ + _under(converter)
             targets = getattr(converter, "targets", None) or (converter.target,)
             click.echo(f"  {operation}: {' + '.join(converter.sources)} -> {' + '.join(targets)}")
         for rename in family.renames:
             targets = getattr(rename, "targets", None) or (rename.target,)
-            kind = "group rename" if len(targets) > 1 else "rename"
+            kind = ("group rename" if len(targets) > 1 else "rename") + _under(rename)
             click.echo(f"  {kind} {' | '.join(rename.sources)} -> {' | '.join(targets)}")
-    click.echo("refused (the rule needs an operation fusemoe-ckpt does not do)")
-    for model_type, reason in sorted(REFUSED.items()):
-        click.echo(f"  {model_type}: {reason}")
+
+
+def _under(transform) -> str:
+    """Where a scoped transform applies: ` (under model.vision_tower.)`, or nothing."""
+    scope = getattr(transform, "scope", None)
+    if scope is None:
+        return ""
+    return f" (under {'.'.join(p for p in (scope.base, scope.prefix) if p)}.)"
+
+
+@cli.command()
+@click.argument("model_type", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON (schema in README.md).")
+@click.option("--evidence", is_flag=True, help="Show how each row is known: the source read or the run.")
+def consumers(model_type: str | None, as_json: bool, evidence: bool) -> None:
+    """Which engines load the fused layout of MODEL_TYPE, or of all recorded.
+
+    MODEL_TYPE is config.json's model_type (qwen3_moe, mixtral, deepseek_v3, ...).
+    """
+    from .commands.consumers import consumers as consumers_table
+
+    report = consumers_table(model_type)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        click.echo("\n".join(report.lines(evidence=evidence)))
 
 
 @cli.command()

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import DestinationError, UsageError
 from ..hub.repo_id import is_hub_source
@@ -28,6 +29,9 @@ from ..write.lock import DestinationLock
 from ..write.output import finish_installed, write_plan
 from ..write.workers import default_workers
 
+if TYPE_CHECKING:
+    from ..hub.push import PushResult  # huggingface_hub is imported only when the Hub is used
+
 
 @dataclass
 class ConvertResult:
@@ -42,6 +46,7 @@ class ConvertResult:
     kept_shards: int = 0
     source_dir: Path | None = None
     already_complete: bool = False  # DST held this conversion already (--resume): nothing written
+    streamed: StreamReport | None = None  # with `stream`: what was downloaded and pushed
 
     @property
     def nothing_to_fuse(self) -> bool:
@@ -59,7 +64,17 @@ class ConvertResult:
             f"{len(self.plan.fused_modules)} layers fused, {self.plan.num_experts} experts{self._quantized()}"
             f"{self._zero_rows()}{self._ignored()}, "
             f"{format_size(self.bytes_written)} written in {len(self.plan.shards)} shards{kept}, "
-            f"{self.seconds:.1f} s, {rate:.2f} GB/s -> {self.destination}"
+            f"{self.seconds:.1f} s, {rate:.2f} GB/s -> {self.destination}{self._streamed()}"
+        )
+
+    def _streamed(self) -> str:
+        report = self.streamed
+        if report is None:
+            return ""
+        pushed = f"; {report.pushed.summary()}" if report.pushed else ""
+        return (
+            f" (streamed: {format_size(report.downloaded_bytes)} of source shards fetched, at most "
+            f"{format_size(report.peak_source_bytes)} of them on disk at once){pushed}"
         )
 
     def _zero_rows(self) -> str:
@@ -88,6 +103,15 @@ class ConvertResult:
         return f", {len(ignored)} tensors dropped that transformers ignores at load ({patterns})"
 
 
+@dataclass
+class StreamReport:
+    """What a `stream` conversion fetched and kept at most, and its push."""
+
+    downloaded_bytes: int
+    peak_source_bytes: int
+    pushed: PushResult | None = None
+
+
 def convert(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -103,6 +127,9 @@ def convert(
     progress: Callable[[int, int], None] | None = None,
     revision: str | None = None,
     download_progress: bool = True,
+    stream: bool = False,
+    push_to: str | None = None,
+    private: bool | None = None,
 ) -> ConvertResult:
     """Write the fused checkpoint of `src` to `dst`.
 
@@ -123,6 +150,13 @@ def convert(
         progress: called as progress(bytes_just_written, total_bytes), from worker threads.
         revision: branch, tag or commit of a Hub repo id `src`.
         download_progress: show huggingface_hub's progress bars while downloading `src`.
+        stream: with a Hub repo `src`: fetch its shards one at a time, as the plan needs them, into a
+            folder beside `dst` instead of the HF cache, each deleted once the output shards that read
+            it are written.
+        push_to: with `stream`: pre-upload each output shard to this Hub repo as it completes, delete
+            it locally, and commit everything at the end; `dst` keeps the small files and a record
+            of the upload.
+        private: visibility of a `push_to` repo created here.
 
     Raises:
         FusemoeError: bad input or destination, a full disk; `dst` is then left as it was and the
@@ -134,6 +168,45 @@ def convert(
     src_path = Path(src).absolute()
     dst_path, warnings = resolve_destination(Path(dst).absolute())
     provenance = {"fusemoe_ckpt_source": str(src)}
+    if stream or push_to is not None:
+        if not (stream and is_hub_source(src)):
+            raise UsageError(
+                f"{src}: --stream applies to a Hub repo id SRC"
+                if stream
+                else "convert pushes as it writes only with --stream; push a finished DST with push"
+            )
+        check_destination(dst_path)
+        if holds_files(dst_path) and not overwrite:
+            recorded = recorded_reason(
+                dst_path, source=str(src), revision=revision, family=family, dtype=dtype, dequantize=dequantize
+            )
+            if not (resume and recorded is None):
+                _refuse_non_empty(dst_path, str(src), this_conversion=recorded is None)
+        check_no_partial(partial_path(dst_path), resume=resume, overwrite=overwrite)
+        if workers is None:
+            workers = default_workers(dequantize=dequantize)
+        source, plan, written, extras, kept, report = _convert_streamed(
+            str(src),
+            dst_path,
+            revision=revision,
+            push_to=push_to,
+            private=private,
+            progress=progress,
+            download_progress=download_progress,
+            plan_options={"family": family, "max_shard_size": max_shard_size, "dtype": dtype, "dequantize": dequantize},
+            write_options={"overwrite": overwrite, "resume": resume, "workers": workers, "durable": durable},
+        )
+        return ConvertResult(
+            destination=dst_path,
+            plan=plan,
+            bytes_written=written,
+            seconds=time.perf_counter() - started,
+            copied_files=extras,
+            warnings=warnings + _warnings(source, plan, family),
+            kept_shards=kept,
+            streamed=report,
+            already_complete=report is None,
+        )
     if is_hub_source(src):
         from ..hub.download import download_checkpoint  # huggingface_hub is imported only for Hub sources
 
@@ -189,6 +262,60 @@ def convert(
         kept_shards=kept,
         source_dir=src_path,
     )
+
+
+def _convert_streamed(
+    repo_id: str,
+    dst: Path,
+    *,
+    revision: str | None,
+    push_to: str | None,
+    private: bool | None,
+    progress: Callable[[int, int], None] | None,
+    download_progress: bool,
+    plan_options: dict,
+    write_options: dict,
+) -> tuple[SourceCheckpoint, ConversionPlan, int, list[str], int, StreamReport | None]:
+    """Pin the repo, lay its shards out as placeholders beside DST, plan them, and write the plan
+    fetching each source shard just in time (and pushing each output shard, with `push_to`). The
+    report is None when DST held this conversion already (`--resume` run again): nothing written."""
+    from ..hub.calls import hub_errors, progress_bars  # huggingface_hub is imported only for Hub sources
+    from ..hub.fetch import pin_repo
+    from ..hub.stream import StreamHooks, lay_out_scratch, remove_scratch, scratch_path
+    from ..hub.stream_push import PushingHooks
+
+    scratch = scratch_path(dst)
+    what = f"{repo_id}@{revision}" if revision else repo_id
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with progress_bars(download_progress):
+        try:
+            with hub_errors(what):
+                repo = pin_repo(repo_id, revision)
+            # Named by the pinned commit from here on: a repo rewritten since (the commit gone) says so.
+            with hub_errors(f"{repo.repo_id}@{repo.commit}"):
+                streamed = lay_out_scratch(repo, scratch, progress=download_progress)
+                source, plan = plan_for(scratch, **plan_options)
+                if holds_files(dst) and not write_options["overwrite"]:  # --resume: done already?
+                    if _finish_if_complete(dst, plan):
+                        remove_scratch(scratch)
+                        return source, plan, 0, [], len(plan.shards), None
+                    _refuse_non_empty(dst, repo_id, this_conversion=planned_reason(dst, plan) is None)
+                if push_to is None:
+                    hooks = StreamHooks(streamed, plan, progress=download_progress)
+                else:
+                    hooks = PushingHooks(streamed, plan, repo_id=push_to, private=private, progress=download_progress)
+                provenance = {"fusemoe_ckpt_source": repo.repo_id, "fusemoe_ckpt_source_revision": repo.commit}
+                written, extras, kept = write_plan(
+                    source, plan, provenance, dst, progress=progress, hooks=hooks, **write_options
+                )
+        except KeyboardInterrupt:
+            raise  # the downloads are kept for --resume, as the written shards are
+        except BaseException:
+            remove_scratch(scratch)
+            raise
+        remove_scratch(scratch)
+    pushed = getattr(hooks, "result", None)
+    return source, plan, written, extras, kept, StreamReport(hooks.downloaded_bytes, hooks.peak_sources, pushed)
 
 
 def _finish_if_complete(dst: Path, plan: ConversionPlan) -> bool:

@@ -18,6 +18,7 @@ from ..plan.operations import HIDDEN_AXIS
 from ..plan.pieces import OutputTensor
 from ..reading.quantization import ACTIVATION_SCALE_NAMES, FP4_WEIGHT_DTYPE, SCALE_SUFFIX
 from ..reading.source import SourceCheckpoint
+from ..rules.consumers import verdict_line
 from ..rules.families import Family
 from ..rules.patterns import ExpertMerge, TransposeExperts
 from ..rules.quantized import is_scale_twin
@@ -64,7 +65,9 @@ class Inspection:
     @property
     def renamed_tensors(self) -> int:
         converted = {g.target for g in self.plan.fused_groups}
-        return len(self.plan.tensor_to_filename.keys() - self.source.tensors.keys() - converted)
+        # A compressed-tensors layer `x.weight_packed` is written as `x.weight`: the same layer, not renamed.
+        unpacked = {key.removesuffix("_packed") for key in self.source.tensors if key.endswith(".weight_packed")}
+        return len(self.plan.tensor_to_filename.keys() - self.source.tensors.keys() - unpacked - converted)
 
     @property
     def buffer_bytes_per_worker(self) -> int:
@@ -159,11 +162,16 @@ class Inspection:
             + (f", {data['renamed_tensors']} tensors renamed" if data["renamed_tensors"] else ""),
             f"MoE modules: {len(self.modules)}",
         ]
+        if data["model_type"]:
+            lines.insert(1, verdict_line(data["model_type"]))
         if data["quantization"]:
             q = data["quantization"]
             block = f"block {q['block'][0]}x{q['block'][1]}" if q["block"] else "per-tensor/per-channel scales"
             fate = "dequantized" if q["dequantize"] else "kept, scales fused beside the weights"
-            lines.append(f"quantization: {q['method']}, {block}, scale_fmt {q['scale_fmt']}: {fate}")
+            if q.get("scheme"):
+                lines.append(f"quantization: {q['method']}, experts {q['scheme']}: {fate}")
+            else:
+                lines.append(f"quantization: {q['method']}, {block}, scale_fmt {q['scale_fmt']}: {fate}")
         lines += [
             f"  {m.module}: {m.state}, E={m.experts} I={m.intermediate_size} H={m.hidden_size} {m.dtype}"
             f"{_scales_note(m.quantization)}, {format_size(m.nbytes)}"
@@ -196,6 +204,7 @@ def _described(plan: ConversionPlan) -> dict | None:
         "activation_scheme": q.activation_scheme,
         "expert_dtype": q.expert_dtype,
         "dequantize": plan.dequantized,
+        "scheme": q.compressed.experts.describe() if q.compressed is not None else None,
         "dropped_tensors": len([k for k in plan.dropped if k.rpartition(".")[2] in ACTIVATION_SCALE_NAMES]),
     }
 
@@ -242,7 +251,8 @@ def _fuse_bytes(source: SourceCheckpoint, plan: ConversionPlan) -> int:
     for group in plan.fused_groups:
         if group.operation == "transpose_experts" and all(p.transpose is None for p in outputs[group.target].pieces):
             continue
-        total += sum(source.tensors[key].nbytes for key in group.source_keys)
+        # The pieces' source bytes: a packed weight planned dequantized is keyed by the weight it becomes.
+        total += sum(p.length for p in outputs[group.target].pieces if p.file is not None)
     return total
 
 

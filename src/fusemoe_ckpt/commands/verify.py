@@ -2,7 +2,7 @@
 
 The plan is recomputed from SRC; DST is read as untrusted input, file by file, so one broken shard
 names its own keys instead of stopping the check. Bytes are compared as streams: each side is read
-in bounded chunks (a transposed expert is turned whole, as the writer does), never a whole tensor.
+in bounded chunks (a transposed expert in bands of output rows, as the writer does), never a whole tensor.
 """
 
 from __future__ import annotations

@@ -63,18 +63,19 @@ def hub_errors(what: str) -> Iterator[None]:
                 "download it once online, or unset HF_HUB_OFFLINE"
             ) from e
         raise HubError(
-            f"{what}: cannot reach the Hub at {endpoint} ({_root_cause(e)}) and the cache "
+            f"{what}: cannot reach the Hub at {endpoint} ({root_cause(e)}) and the cache "
             f"{constants.HF_HUB_CACHE} lacks it; check the network or HF_ENDPOINT"
         ) from e
     except httpx2.TransportError as e:
-        raise HubError(f"{what}: cannot reach the Hub at {endpoint} ({_root_cause(e)}); check the network") from e
+        raise HubError(f"{what}: cannot reach the Hub at {endpoint} ({root_cause(e)}); check the network") from e
     except HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else "?"
         detail = e.server_message.strip().splitlines()[0] if e.server_message else "no message"
         raise HubError(f"{what}: the Hub at {endpoint} answered {status}: {detail}") from e
 
 
-def _root_cause(error: BaseException) -> str:
+def root_cause(error: BaseException) -> str:
+    """The innermost cause of `error`, as `Type: first line`."""
     while error.__cause__ is not None:
         error = error.__cause__
     text = str(error).strip().splitlines()

@@ -11,6 +11,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from ..errors import CheckpointError, DestinationError
 from ..reading.json_document import read_document
 from ..reading.source import CONFIG_NAME, read_config
+from ..rules.consumers import LOADS, NEEDS_UNFUSE, UNKNOWN, WRONG, Support, by_status, engine_label
 from ..write.no_follow import open_own_file
 
 CARD_NAME = "README.md"
@@ -102,5 +103,43 @@ with init_empty_weights():
     model = {build}
 model = load_checkpoint_and_dispatch(model, path, device_map="auto", strict=True)
 ```
+
+{engines_section(config.get("model_type"))}
 {END}
 """
+
+
+def engines_section(model_type: str | None) -> str:
+    """What other engines, at the versions tested, do with this fused checkpoint (rules/consumers.py)."""
+    heading = "### Other engines"
+    if not isinstance(model_type, str):
+        return f"{heading}\n\nconfig.json names no `model_type`: which engines load this layout is unknown.\n"
+    groups = by_status(model_type)
+    parts = [heading, "", f"What each engine, at the version tested, does with a fused `{model_type}` checkpoint:", ""]
+    if groups[WRONG]:
+        parts.append("> **Warning:** these accept this repo without an error and load its experts wrong:")
+        parts.append(">")
+        parts += [f"> - **{_row(s)}**" for s in groups[WRONG]]
+        parts.append(">")
+        parts.append("> Give them the per-expert layout instead (`fusemoe-ckpt unfuse`, or the source repo).")
+        parts.append("")
+    for status, title in (
+        (LOADS, "Load the fused layout:"),
+        (NEEDS_UNFUSE, "Need the per-expert layout (run `fusemoe-ckpt unfuse` on this repo first, or use the source):"),
+    ):
+        if groups[status]:
+            parts.append(f"- {title}")
+            parts += [f"  - {_row(s)}" for s in groups[status]]
+    if groups[UNKNOWN]:
+        parts.append("- Not checked for this model type: " + ", ".join(engine_label(s.engine) for s in groups[UNKNOWN]))
+    parts += [
+        "",
+        "Rows marked *reported* come from users who ran the engine; the others were checked in its "
+        "source or by a run (`fusemoe-ckpt consumers --evidence` says how).",
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def _row(support: Support) -> str:
+    mark = "" if support.confirmed else " (*reported*)"
+    return f"{engine_label(support.engine)}{mark}: {support.detail}"

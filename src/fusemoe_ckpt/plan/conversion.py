@@ -13,7 +13,7 @@ from dataclasses import replace
 from ..cycles import collector_paused
 from ..errors import CheckpointError, FamilyError, UsageError
 from ..naming import natural_key
-from ..reading.quantization import quantization_of
+from ..reading.quantization import Quantization, quantization_of
 from ..reading.source import EXPERT_COUNT_FIELDS, SourceCheckpoint, SourceTensor, open_checkpoint
 from ..rules.families import Family
 from ..rules.patterns import (
@@ -21,6 +21,7 @@ from ..rules.patterns import (
     ConcatenateShards,
     Converter,
     ExpertMerge,
+    Transpose,
     TransposeExperts,
     active_groups,
     map_key,
@@ -29,8 +30,17 @@ from ..rules.quantized import for_quantization
 from ..rules.selection import resolve_family
 from ..sizes import parse_size
 from .cast import cast_of, output_dtype
+from .compressed import compressed_view
 from .layout import ConversionPlan, lay_out
-from .operations import Slots, chunk_for_rope, concatenate, concatenate_shards, fuse_experts, transpose_experts
+from .operations import (
+    Slots,
+    chunk_for_rope,
+    concatenate,
+    concatenate_shards,
+    fuse_experts,
+    transpose,
+    transpose_experts,
+)
 from .pieces import FusedGroup, OutputTensor, piece_of
 from .quantization import (
     CONFIG_DTYPES,
@@ -89,22 +99,26 @@ def plan_conversion(
     quantization = quantization_of(source.config, source.root / "config.json")
     if dequantize and quantization is None:
         raise UsageError(f"{source.root}: --dequantize: config.json declares no quantization_config")
-    dot_scales = quantization is not None and names_scales_dot_scale(source.tensors, quantization)
+    stored = source.tensors
+    if quantization is not None and quantization.compressed is not None:
+        stored = _compressed_view(source, quantization, dequantize, dtype)
+    dot_scales = quantization is not None and names_scales_dot_scale(stored, quantization)
     family = for_quantization(family, quantization, fuse_scales=not dequantize, rename_scales=dot_scales)
     renames = family.all_renames()
-    active, unguarded = active_groups(source.tensors, renames, family.model)
-    _refuse_unguarded(unguarded, source)
-    mappings = {key: map_key(key, renames, family.converters, family.model, active) for key in source.tensors}
+    active, unguarded = active_groups(stored, renames, family.model)
+    _refuse_unguarded(unguarded, stored)
+    mappings = {key: map_key(key, renames, family.converters, family.model, active) for key in stored}
     # Keys transformers ignores at load (multi-token-prediction layers, say) are dropped as it drops them.
     ignored = sorted((key for key, m in mappings.items() if family.model.ignores(m.target)), key=natural_key)
-    tensors = {key: t for key, t in source.tensors.items() if not family.model.ignores(mappings[key].target)}
+    tensors = {key: t for key, t in stored.items() if not family.model.ignores(mappings[key].target)}
     # Keys already in the model's names that the renames would spoil are no scales, whatever their name.
     named = {key: t for key, t in tensors.items() if not family.model.keeps(key)}
     dropped, config = [], None
     if dequantize:
-        output = dequantized_dtype(source.config, dtype)
-        scales = paired_scales(named, quantization)
-        tensors, dropped = dequantized_view(tensors, scales, output)
+        if quantization.compressed is None:
+            output = dequantized_dtype(source.config, dtype)
+            scales = paired_scales(named, quantization)
+            tensors, dropped = dequantized_view(tensors, scales, output)
         config = {k: v for k, v in source.config.items() if k != "quantization_config"}
     elif quantization is not None:
         scales = paired_scales(named, quantization)
@@ -131,13 +145,14 @@ def plan_conversion(
         name: OutputTensor(name, t.dtype, t.shape, (piece_of(t),)) for name, t in passthrough.items()
     }
     _refuse_missing_merges(groups, converter_of, family)
-    num_experts, zero_experts = _expected_experts(groups, converter_of, source.config)
+    counts = _expected_experts_by_config(groups, converter_of, source.config)
     # Modules in order, and within one the family's converter order, so gate keys are checked before down keys.
     position = {converter: i for i, converter in enumerate(family.converters)}
     fused_groups = []
     for target in sorted(groups, key=lambda t: (natural_key(t.rpartition(".")[0]), position[converter_of[t]])):
         converter = converter_of[target]
         # transformers gives LongCat-Flash's zero experts gate/up rows (never read), but no down rows.
+        num_experts, zero_experts = counts[_sub_config_name(converter)]
         extra = zero_experts if isinstance(converter, ExpertMerge) and len(converter.sources) == 2 else 0
         made, group = _apply(target, converter, groups[target], family, source.config, num_experts, extra)
         for tensor in made:
@@ -179,13 +194,28 @@ def _config_dtype(config: dict | None) -> str | None:
     return config.get("dtype") or config.get("torch_dtype")
 
 
-def _refuse_unguarded(unguarded: dict[str, str], source: SourceCheckpoint) -> None:
+def _compressed_view(
+    source: SourceCheckpoint, quantization: Quantization, dequantize: bool, dtype: str | None
+) -> dict[str, SourceTensor]:
+    """The tensors of a compressed-tensors checkpoint with every compressed layer planned dequantized."""
+    if not dequantize:
+        scheme = quantization.compressed.experts.describe()
+        raise CheckpointError(
+            f"{source.root / 'config.json'}: a compressed-tensors checkpoint (experts {scheme}): "
+            "transformers dequantizes its experts at load, so they must be dequantized to be fused; convert "
+            "with --dequantize (floating weights, config.json without quantization_config)"
+        )
+    output = dequantized_dtype(source.config, dtype)
+    return compressed_view(source.tensors, quantization.compressed, output, forced=dtype is not None)
+
+
+def _refuse_unguarded(unguarded: dict[str, str], tensors: dict[str, SourceTensor]) -> None:
     """A key a group rename renames only after its guard, in a checkpoint whose guard keys stop short."""
     if unguarded:
         key = min(unguarded, key=natural_key)
         raise FamilyError(
             f"{unguarded[key]}: missing: the key that tells transformers to rename {key} "
-            f"({source.tensors[key].file}); other blocks have theirs"
+            f"({tensors[key].file}); other blocks have theirs"
         )
 
 
@@ -216,6 +246,8 @@ def _apply(
         tensor, group = concatenate_shards(target, converter, slots, family.name, config)
     elif isinstance(converter, TransposeExperts):
         tensor, group = transpose_experts(target, slots, family.name, config_hidden_size(config))
+    elif isinstance(converter, Transpose):
+        tensor, group = transpose(target, slots)
     else:
         tensor, group = concatenate(target, converter, slots, family.name)
     return [tensor], group
@@ -237,8 +269,25 @@ def config_hidden_size(config: dict | None) -> int | None:
     return _config_int(config, ("hidden_size",))
 
 
-def _expected_experts(
+def _sub_config_name(converter: Converter) -> str:
+    return converter.scope.config if converter.scope is not None else ""
+
+
+def _expected_experts_by_config(
     groups: dict[str, Slots], converter_of: dict[str, Converter], config: dict | None
+) -> dict[str, tuple[int, int]]:
+    """`_expected_experts` for each sub-model: a scoped converter's experts are counted by its
+    sub-config of config.json (a vision encoder's `vision_config`), the others by config.json."""
+    counts = {}
+    for name in {_sub_config_name(c) for c in converter_of.values()}:
+        mine = {t: g for t, g in groups.items() if _sub_config_name(converter_of[t]) == name}
+        sub = (config or {}).get(name) if name else config
+        counts[name] = _expected_experts(mine, converter_of, sub if isinstance(sub, dict) else None, name)
+    return counts
+
+
+def _expected_experts(
+    groups: dict[str, Slots], converter_of: dict[str, Converter], config: dict | None, where: str = ""
 ) -> tuple[int, int]:
     """(routed experts every fused module must hold, zero experts after them in gate_up only).
 
@@ -265,7 +314,8 @@ def _expected_experts(
         allowed = declared + (zero if sources == 2 else 0)
         if expert >= allowed:
             zeros = f" and {zero} zero experts" if zero and sources == 2 else ""
-            raise FamilyError(f"the checkpoint has expert {expert}, but config.json declares {declared} experts{zeros}")
+            what = f"config.json's {where}" if where else "config.json"
+            raise FamilyError(f"the checkpoint has expert {expert}, but {what} declares {declared} experts{zeros}")
     return declared, zero
 
 
@@ -277,7 +327,9 @@ def _refuse_missing_merges(groups: dict[str, Slots], converter_of: dict[str, Con
         if isinstance(converter, ExpertMerge):
             present[target.rpartition(".")[0]][converter] = target
     for module in sorted(present, key=natural_key):
-        for merge in merges:
+        # A module's merges are those of its sub-model's rule (one scope).
+        scopes = {converter.scope for converter in present[module]}
+        for merge in (m for m in merges if m.scope in scopes):
             if merge not in present[module]:
                 other = next(iter(present[module].values()))
                 some_key = next(iter(next(iter(groups[other].values())).values())).name

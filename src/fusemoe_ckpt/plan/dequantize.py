@@ -1,4 +1,5 @@
-"""Dequantize FP8 rows by their scales, bit for bit as transformers does, with numpy instead of torch.
+"""Dequantize FP8 rows (and compressed-tensors' packed integer rows) by their scales, bit for bit as
+transformers does, with numpy instead of torch.
 
 transformers (`integrations/finegrained_fp8.py`, `Fp8Dequantize`) computes `(q.float() * s.float())
 .to(dtype)`: each FP8 value and scale decoded exactly to float32, one float32 multiply, one rounding
@@ -8,6 +9,11 @@ in a 256-entry table, so every step is exact and the result equals torch's. nump
 memory where torch costs 250 MB, which keeps `--dequantize` within convert's memory budget.
 The block index comes from `weight_block_size`, never from dividing shapes, so a 576-row weight with
 5 scale rows of 128 is dequantized right.
+
+compressed-tensors (`forward_helpers.py::_dequantize`) computes `(q.to(s.dtype) - zp.to(s.dtype)) * s`
+in the scale's dtype: here the integers are unpacked from their int32 words, the product taken in
+float32 (exact for 16-bit scales) and rounded to the scale's dtype (`Scales.rounding`), then to the
+output dtype, which is the rounding torch does.
 """
 
 from __future__ import annotations
@@ -72,6 +78,8 @@ def scale_values(raw: bytes | bytearray, scales: Scales) -> np.ndarray:
         grid = np.frombuffer(raw, dtype="<f4")
     elif scales.dtype == "BF16":
         grid = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+    elif scales.dtype == "F16":
+        grid = np.frombuffer(raw, dtype="<f2").astype(np.float32)
     else:
         grid = code_table(scales.dtype)[np.frombuffer(raw, dtype=np.uint8)]
     return grid.reshape(scales.grid)
@@ -96,21 +104,81 @@ def decode(data: bytes | bytearray, dtype: str) -> np.ndarray:
     return values
 
 
+def zero_point_values(raw: bytes | bytearray, scales: Scales) -> np.ndarray:
+    """The zero points of a compressed-tensors matrix as float32, shape `scales.grid`: `bits`-bit
+    integers packed in int32 words along the rows of each grid column, stored offset by 2 ** (bits - 1)."""
+    zero = scales.zero_points
+    grid_rows, grid_cols = scales.grid
+    words = np.frombuffer(raw, dtype="<u4").reshape(-1, grid_cols)  # [ceil(rows * bits / 32), grid cols]
+    by_column = np.ascontiguousarray(words.T)  # each grid column's words, in row order
+    return _unpacked(by_column.view(np.uint8), zero.bits, grid_cols, grid_rows).T.copy()
+
+
+def _unpacked(data: np.ndarray, bits: int, count: int, cols: int) -> np.ndarray:
+    """`count` rows of `bits`-bit values packed densely in little-endian int32 words (each row whole
+    words), the first `cols` of each as float32 with compressed-tensors' offset 2 ** (bits - 1) removed."""
+    raw = data.reshape(count, -1)
+    values = np.take(_unpack_table(bits), raw, axis=0).reshape(count, -1)
+    return values if values.shape[1] == cols else np.ascontiguousarray(values[:, :cols])
+
+
+@functools.cache
+def _unpack_table(bits: int) -> np.ndarray:
+    """The signed values of each byte of packed `bits`-bit integers, low bits first, as float32:
+    (256, 8 // bits)."""
+    if bits not in (4, 8):
+        raise ValueError(f"cannot unpack {bits}-bit values")
+    codes = np.arange(256)
+    parts = [(codes >> shift) & ((1 << bits) - 1) for shift in range(0, 8, bits)]
+    return (np.stack(parts, axis=1) - (1 << (bits - 1))).astype(np.float32)
+
+
 def dequantize_rows(
-    data: bytes | bytearray, first_row: int, grid: np.ndarray, scales: Scales, output: str
+    data: bytes | bytearray,
+    first_row: int,
+    grid: np.ndarray,
+    scales: Scales,
+    output: str,
+    zero_points: np.ndarray | None = None,
 ) -> memoryview:
     """Rows `first_row`, `first_row` + 1, ... of the quantized matrix, whose bytes are `data`,
-    dequantized to `output` ("BF16", "F16" or "F32"): a view of the little-endian bytes."""
+    dequantized to `output` ("BF16", "F16" or "F32"): a view of the little-endian bytes.
+
+    Each value is `(q - zero point) * scale` in float32; where `scales.rounding` names a 16-bit dtype
+    (compressed-tensors computes in the scale's dtype) the product is rounded to it first. Both
+    factors are exact in that dtype and their product exact in float32, so this is its one rounding.
+    """
     rows, cols = scales.shape
     block_rows, block_cols = scales.block
-    count = len(data) // cols
-    values = decode(data, scales.quantized_dtype).reshape(count, cols)
-    row_scales = grid[np.arange(first_row, first_row + count) // block_rows]  # (count, grid cols)
-    if cols % block_cols == 0:
-        values.reshape(count, cols // block_cols, block_cols)[...] *= row_scales[:, :, None]
+    count = len(data) // scales.row_bytes
+    if scales.bits is None:
+        values = decode(data, scales.quantized_dtype).reshape(count, cols)
     else:
+        values = _unpacked(np.frombuffer(data, dtype=np.uint8), scales.bits, count, cols)
+    row_index = np.arange(first_row, first_row + count) // block_rows
+    row_scales = grid[row_index]  # (count, grid cols)
+    row_zeros = None if zero_points is None else zero_points[row_index]
+    if cols % block_cols == 0:
+        blocks = values.reshape(count, cols // block_cols, block_cols)
+        if row_zeros is not None:
+            blocks -= row_zeros[:, :, None]
+        blocks *= row_scales[:, :, None]
+    else:
+        if row_zeros is not None:
+            values -= np.repeat(row_zeros, block_cols, axis=1)[:, :cols]
         values *= np.repeat(row_scales, block_cols, axis=1)[:, :cols]
+    if scales.rounding in ("BF16", "F16") and scales.rounding != output:
+        values = _rounded(values, scales.rounding)
     return _encode(values, output)
+
+
+def _rounded(values: np.ndarray, dtype: str) -> np.ndarray:
+    """`values` rounded to `dtype` (round to nearest even, as torch) and widened back to float32."""
+    if dtype == "F16":
+        with np.errstate(over="ignore"):
+            return values.astype(np.float16).astype(np.float32)
+    upper = np.frombuffer(_encode(values, "BF16"), dtype="<u2")
+    return (upper.astype(np.uint32) << 16).view(np.float32).reshape(values.shape)
 
 
 def _encode(values: np.ndarray, output: str) -> memoryview:

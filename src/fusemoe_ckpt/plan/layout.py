@@ -65,8 +65,9 @@ class ConversionPlan:
 
     @property
     def fused_modules(self) -> list[str]:
-        """The expert modules that were fused, e.g. `model.layers.3.mlp.experts`."""
-        return sorted({g.target.rpartition(".")[0] for g in self.fused_groups}, key=natural_key)
+        """The expert modules that were fused, e.g. `model.layers.3.mlp.experts` (not a q/k/v split or a
+        concatenation, which hold no experts)."""
+        return sorted({g.target.rpartition(".")[0] for g in self.fused_groups if g.num_experts}, key=natural_key)
 
     @property
     def num_experts(self) -> int:

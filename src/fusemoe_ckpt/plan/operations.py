@@ -179,17 +179,38 @@ def transpose_experts(
         pieces: tuple[Piece, ...] = (piece_of(tensor),)
         shape = tensor.shape
     elif tensor.shape[3 - axis] == hidden_size:
-        size = rows * cols * DTYPE_SIZES[tensor.dtype]
-        pieces = tuple(
-            Piece(tensor.file, tensor.offset + e * size, size, transpose=(rows, cols)) for e in range(experts)
-        )
-        shape = (experts, cols, rows)
+        pieces, shape = transposed_pieces(tensor)
     else:
         raise FamilyError(f"{tensor.name}: shape {list(tensor.shape)} has no axis of hidden_size {hidden_size}")
     return (
         OutputTensor(target, tensor.dtype, shape, pieces),
         FusedGroup(target, "transpose_experts", experts, (tensor.name,)),
     )
+
+
+def transposed_pieces(tensor: SourceTensor) -> tuple[tuple[Piece, ...], tuple[int, int, int]]:
+    """A fused [E, a, b] tensor as E pieces, each expert's matrix written transposed, and the
+    [E, b, a] shape they make."""
+    experts, rows, cols = tensor.shape
+    size = rows * cols * DTYPE_SIZES[tensor.dtype]
+    pieces = tuple(Piece(tensor.file, tensor.offset + e * size, size, transpose=(rows, cols)) for e in range(experts))
+    return pieces, (experts, cols, rows)
+
+
+def transpose(target: str, slots: Slots) -> tuple[OutputTensor, FusedGroup]:
+    """A fused [E, a, b] tensor turned to [E, b, a], whatever its shape (`Transpose(1, 2)`).
+
+    Raises:
+        FamilyError: the tensor is not 3-D (naming key and file).
+    """
+    tensor = slots[0][None]
+    if len(tensor.shape) != 3:
+        raise FamilyError(
+            f"{tensor.name}: expected a fused [experts, rows, cols] tensor to transpose, got {list(tensor.shape)} "
+            f"({tensor.file})"
+        )
+    pieces, shape = transposed_pieces(tensor)
+    return OutputTensor(target, tensor.dtype, shape, pieces), FusedGroup(target, "transpose", shape[0], (tensor.name,))
 
 
 def rope_rows(rows: int, heads: int, *, inverse: bool = False) -> list[int]:
@@ -250,7 +271,7 @@ def chunk_for_rope(
         pieces = row_pieces(tensor, start, rows, order)
         start += rows
         outputs.append(OutputTensor(name, tensor.dtype, (rows, *tensor.shape[1:]), pieces))
-    kind = "split" if isinstance(converter, SplitBySize) else "chunk_for_rope"
+    kind = "split" if isinstance(converter, SplitBySize) else "chunk_for_rope" if converter.rope else "chunk"
     return outputs, FusedGroup(target, kind, 0, (tensor.name,))
 
 

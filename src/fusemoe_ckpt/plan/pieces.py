@@ -32,6 +32,8 @@ class Piece:
         if self.cast is None:
             return self.length
         source, output = self.cast
+        if self.scales is not None:  # packed integers hold several values per byte
+            return self.scales.shape[0] * self.scales.shape[1] * DTYPE_SIZES[output]
         return self.length // DTYPE_SIZES[source] * DTYPE_SIZES[output]
 
 

@@ -26,6 +26,7 @@ from ..rules.patterns import (
     ExpertMerge,
     GroupRename,
     SplitBySize,
+    Transpose,
     TransposeExperts,
     active_groups,
     map_key,
@@ -34,7 +35,7 @@ from ..rules.patterns import (
 from ..rules.quantized import for_quantization
 from .conversion import config_hidden_size
 from .layout import ConversionPlan, lay_out
-from .operations import hidden_axis, rope_heads, rope_rows, row_pieces, shard_count
+from .operations import hidden_axis, rope_heads, rope_rows, row_pieces, shard_count, transposed_pieces
 from .pieces import FusedGroup, OutputTensor, Piece, coalesce
 
 
@@ -55,7 +56,7 @@ def plan_unfuse(source: SourceCheckpoint, family: Family, *, max_shard_size: int
     for key in sorted(source.tensors, key=natural_key):
         tensor = source.tensors[key]
         already = map_key(key, (), family.converters).converter
-        if isinstance(already, ExpertMerge | Concatenate | ConcatenateShards | ChunkForRope):
+        if isinstance(already, ExpertMerge | Concatenate | ConcatenateShards | ChunkForRope | Transpose):
             raise FamilyError(
                 f"{key}: already in the per-expert layout of family {family.name}; unfuse takes a fused checkpoint"
             )
@@ -161,6 +162,13 @@ def _split(tensor: SourceTensor, converter: Converter, hidden_size: int | None, 
     """(name before renames, tensor, source slot, expert) for each tensor the fused one came from."""
     if isinstance(converter, TransposeExperts):
         return [(tensor.name, _turn_back(tensor, hidden_size), 0, None)]
+    if isinstance(converter, Transpose):
+        # `Transpose(1, 2)` is its own inverse: each expert turned back, under the source name.
+        if len(tensor.shape) != 3:
+            raise FamilyError(f"{tensor.name}: {list(tensor.shape)} is not a fused [experts, rows, cols] tensor")
+        name = _replace_target(tensor.name, converter, converter.source_texts()[0])
+        pieces, shape = transposed_pieces(tensor)
+        return [(name, OutputTensor(name, tensor.dtype, shape, pieces), 0, None)]
     if isinstance(converter, ConcatenateShards):
         return _split_shards(tensor, converter, config)
     slots = len(converter.sources)

@@ -3,7 +3,8 @@
 fusemoe-ckpt reads FP8 block-quantized checkpoints (`quant_method: "fp8"`: F8_E4M3 weights, each
 with a `weight_scale_inv` over `weight_block_size` blocks, F32 or E8M0 scales), and the DeepSeek-V4
 variant whose routed experts are FP4 (`expert_dtype: "fp4"`: two E2M1 values packed in each I8 byte,
-one scale per row and 32 values) and whose scales are named `.scale`. Other methods are refused by
+one scale per row and 32 values) and whose scales are named `.scale`; compressed-tensors
+checkpoints are read by `compressed_tensors.py` (dequantized only). Other methods are refused by
 name, with the reason.
 """
 
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointError
+from .compressed_tensors import METHOD as COMPRESSED_TENSORS
+from .compressed_tensors import CompressedTensors, compressed_tensors_of
 
 FP8_WEIGHT_DTYPES = ("F8_E4M3", "F8_E5M2")
 # FP4 (E2M1) experts: two values per I8 byte, the low nibble first; one scale per row and 32 values.
@@ -21,6 +24,8 @@ FP4_WEIGHT_DTYPE = "I8"
 FP4_BLOCK = (1, 32)
 # F32 (scale_fmt "float"), BF16, and E8M0 exponents (scale_fmt "ue8m0") stored as F8_E8M0 or raw U8.
 SCALE_SIZES = {"F32": 4, "BF16": 2, "F8_E8M0": 1, "U8": 1}
+# compressed-tensors scales are the model's dtype, F16 too.
+_SCALE_BYTES = SCALE_SIZES | {"F16": 2}
 SCALE_SUFFIX = "_scale_inv"  # `weight` -> `weight_scale_inv`, and `gate_up_proj` -> `gate_up_proj_scale_inv`
 # DeepSeek-V4 names the scale of `x.weight` `x.scale`; transformers' FP8 quantizer renames it `x.weight_scale_inv`.
 DOT_SCALE = ".scale"
@@ -34,7 +39,6 @@ _EXPERT_DTYPE_AT_TOP = ("deepseek_v4",)
 _REFUSED_METHODS = {
     "gptq": "transformers 5.24 does not fuse GPTQ experts (qweight/qzeros/scales stay per expert)",
     "awq": "transformers 5.24 does not fuse AWQ experts (qweight/qzeros/scales stay per expert)",
-    "compressed-tensors": "compressed-tensors experts must be dequantized, which fusemoe-ckpt does not do yet",
 }
 
 
@@ -46,7 +50,8 @@ class Quantization:
     block: tuple[int, int] | None  # (rows, cols) of one scale; None: per tensor or per channel
     scale_fmt: str
     activation_scheme: str
-    expert_dtype: str = "fp8"  # "fp4": routed experts are FP4 packed in I8
+    expert_dtype: str = "fp8"  # "fp4": routed experts are FP4 packed in I8; compressed-tensors: "int4", "int8"
+    compressed: CompressedTensors | None = None  # compressed-tensors: its weight schemes
 
     @property
     def weight_dtypes(self) -> tuple[str, ...]:
@@ -54,6 +59,8 @@ class Quantization:
         return FP8_WEIGHT_DTYPES + ((FP4_WEIGHT_DTYPE,) if self.expert_dtype == "fp4" else ())
 
     def describe(self) -> str:
+        if self.compressed is not None:
+            return f"{self.method} ({self.compressed.experts.describe()})"
         block = f"block {self.block[0]}x{self.block[1]}" if self.block else "per-tensor/per-channel scales"
         experts = ", FP4 experts" if self.expert_dtype == "fp4" else ""
         return f"{self.method} ({block}, scale_fmt {self.scale_fmt}, {self.activation_scheme} activations{experts})"
@@ -72,10 +79,33 @@ class Scales:
     block: tuple[int, int]
     shape: tuple[int, int]
     quantized_dtype: str
+    # compressed-tensors: integers of `bits` bits packed in int32 words, each row padded to whole words.
+    bits: int | None = None
+    zero_points: ZeroPoints | None = None
+    # The dtype the product is rounded to first (compressed-tensors multiplies in the scale's dtype).
+    rounding: str | None = None
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.grid) * SCALE_SIZES[self.dtype]
+        return math.prod(self.grid) * _SCALE_BYTES[self.dtype]
+
+    @property
+    def row_bytes(self) -> int:
+        """Stored bytes of one row of the quantized matrix."""
+        cols = self.shape[1]
+        return cols if self.bits is None else -(-cols * self.bits // 32) * 4
+
+
+@dataclass(frozen=True, slots=True)
+class ZeroPoints:
+    """Zero points of an asymmetric compressed-tensors matrix: one per scale, `bits`-bit integers packed
+    in int32 words along the rows (a [ceil(rows * bits / 32), grid cols] tensor named `name`)."""
+
+    name: str
+    file: Path
+    offset: int
+    nbytes: int
+    bits: int
 
 
 def quantization_of(config: dict | None, path: Path) -> Quantization | None:
@@ -91,6 +121,11 @@ def quantization_of(config: dict | None, path: Path) -> Quantization | None:
     if not isinstance(spec, dict):
         raise CheckpointError(f"{path}: quantization_config is not a JSON object")
     method = spec.get("quant_method")
+    if method == COMPRESSED_TENSORS:
+        compressed = compressed_tensors_of(spec, path)
+        experts = compressed.experts
+        stored = "fp8" if experts.kind == "float" else f"int{experts.bits}"
+        return Quantization(method, None, "float", "dynamic", stored, compressed=compressed)
     if method != "fp8":
         reason = _REFUSED_METHODS.get(method, "fusemoe-ckpt reads FP8 block-quantized checkpoints (quant_method fp8)")
         raise CheckpointError(f"{path}: quantization_config.quant_method {method!r} is not supported: {reason}")

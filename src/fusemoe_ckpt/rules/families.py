@@ -6,11 +6,12 @@ entry here. `tests/test_family_sync.py` compares this table with the installed t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import FamilyError
 from .model_keys import ModelKeys
 from .patterns import (
+    Chunk,
     ChunkForRope,
     Concatenate,
     ConcatenateShards,
@@ -19,7 +20,9 @@ from .patterns import (
     GroupRename,
     Rename,
     Renaming,
+    Scope,
     SplitBySize,
+    Transpose,
     TransposeExperts,
     map_key,
 )
@@ -71,6 +74,12 @@ def _gated(prefix: str, gate: str, up: str, down: str) -> tuple[ExpertMerge, ...
     )
 
 
+def _under(scope: Scope, transforms: tuple) -> tuple:
+    """A sub-model's rule as transformers applies it inside a whole model: each transform scoped to
+    the sub-model's module path (`get_model_conversion_mapping`)."""
+    return tuple(replace(transform, scope=scope) for transform in transforms)
+
+
 QWEN2_MOE = _gated("mlp.experts", "gate_proj", "up_proj", "down_proj")
 MIXTRAL_EXPERTS = _gated(".experts", "w1", "w3", "w2")
 ESCAPED_W_EXPERTS = _gated(r"\.experts", "w1", "w3", "w2")  # deepseek_v4, kimi_linear, mistral_large4...
@@ -101,6 +110,52 @@ GLM5_NEXT_FP32 = (
     "ffn_hc.scale",
     "gate.weight",
 )
+NEMOTRON_H_RENAMES = (Rename(("backbone.",), "model."),)
+NEMOTRON_H_EXPERTS = (
+    ExpertMerge(("mixer.experts.*.up_proj.weight",), "mixer.experts.up_proj"),
+    ExpertMerge(("mixer.experts.*.down_proj.weight",), "mixer.experts.down_proj"),
+)
+# Nemotron 3.5 Transcribe's language model is a NemotronHModel at `model.language_model`.
+NEMO_LANGUAGE_MODEL = Scope("language_model", "model", config="text_config")
+_DIARIZATION = r"^perception\.encoder\.diarization_model\.sortformer_modules\."
+DOTS3_VISION_RENAMES = (
+    Rename((r"^post_trunk_norm\.",), "norm."),
+    Rename((r"^adapter\.",), "merger."),
+    Rename((r"(blocks\.\d+)\.norm_1\.",), r"\1.norm1."),
+    Rename((r"(blocks\.\d+)\.norm_2\.",), r"\1.norm2."),
+    Rename((r"(blocks\.\d+\.mlp)\.fc1\.",), r"\1.gate_proj."),
+    Rename((r"(blocks\.\d+\.mlp)\.fc2\.",), r"\1.down_proj."),
+    Rename((r"(blocks\.\d+\.mlp)\.fc3\.",), r"\1.up_proj."),
+    Rename((r"\.mlp\.gate_weight",), ".mlp.gate.weight"),
+    Rename((r"\.mlp\.router_bias",), ".mlp.e_score_correction_bias"),
+)
+DOTS3_VISION_EXPERTS = (
+    ExpertMerge((".mlp.experts.*.fc1.weight", ".mlp.experts.*.fc3.weight"), ".mlp.experts.gate_up_proj"),
+    ExpertMerge((".mlp.experts.*.fc2.weight",), ".mlp.experts.down_proj"),
+)
+DOTS3_AUDIO_RENAMES = (
+    Rename((r"^audio_adapter\.",), "adapter."),
+    Rename((r"^adapter\.proj\.0\.",), "adapter.norm."),
+    Rename((r"^adapter\.proj\.1\.",), "adapter.fc1."),
+    Rename((r"^adapter\.proj\.3\.",), "adapter.fc2."),
+    Rename((r"dots_encoder\.speech_encoder\.",), "speech_encoder."),
+    Rename((r"speech_encoder\.(conv2d[123]|conv_out)\.",), r"speech_encoder.conv_stem.\1."),
+    Rename((r"conv_stem\.conv2d1\.",), "conv_stem.convs.0."),
+    Rename((r"conv_stem\.conv2d2\.",), "conv_stem.convs.1."),
+    Rename((r"conv_stem\.conv2d3\.",), "conv_stem.convs.2."),
+    Rename((r"(speech_encoder\.layers\.\d+\.self_attn)\.out_proj\.",), r"\1.o_proj."),
+    Rename((r"\.self_attn_layer_norm\.",), ".input_layernorm."),
+    Rename((r"\.final_layer_norm\.",), ".post_attention_layernorm."),
+    Rename((r"(speech_encoder\.layers\.\d+)\.fc1\.",), r"\1.mlp.gate_up_proj."),
+    Rename((r"(speech_encoder\.layers\.\d+)\.fc2\.",), r"\1.mlp.down_proj."),
+    Rename((r"^speech_encoder\.(conv_stem|layers|layer_norm)\.",), r"\1."),
+)
+# Inside Dots3NoteForConditionalGeneration: Dots3NoteModel at `model` (its rule applies to every key,
+# with or without `model.`), its text model, vision encoder and audio encoder, each rule scoped there.
+DOTS3_MODEL = Scope("", "model")
+DOTS3_TEXT = Scope("language_model", "model", config="text_config")
+DOTS3_VISION = Scope("vision_tower", "model", config="vision_config")
+DOTS3_AUDIO = Scope("audio_tower", "model", config="audio_config")
 QKV_CONV = Concatenate(
     ("self_attn.q_conv1d.weight", "self_attn.k_conv1d.weight", "self_attn.v_conv1d.weight"),
     "self_attn.conv1d.weight",
@@ -522,13 +577,119 @@ FAMILIES: tuple[Family, ...] = (
         ),
     ),
     Family(
-        name="nemotron_h",
-        model_types=("nemotron_h",),
-        converters=(
-            ExpertMerge(("mixer.experts.*.up_proj.weight",), "mixer.experts.up_proj"),
-            ExpertMerge(("mixer.experts.*.down_proj.weight",), "mixer.experts.down_proj"),
+        # Dots3NoteVisionModel alone: its modules are the top level, no prefix is added.
+        name="dots3_note_vision_encoder",
+        model_types=("dots3_note_vision_encoder",),
+        converters=DOTS3_VISION_EXPERTS,
+        renames=DOTS3_VISION_RENAMES,
+        model=ModelKeys(
+            prefix="model",
+            head=("blocks", "merger", "norm", "patch_embed", "rotary_pos_emb"),
+            keep_in_fp32=("e_score_correction_bias", "gate.weight"),
         ),
-        renames=(Rename(("backbone.",), "model."),),
+    ),
+    Family(
+        # The whole dots.note model: text, vision and audio, each under its sub-model's rule.
+        name="dots3_note",
+        model_types=("dots3_note",),
+        converters=(*_under(DOTS3_TEXT, QWEN2_MOE), *_under(DOTS3_VISION, DOTS3_VISION_EXPERTS)),
+        renames=(
+            Rename((r"^audio_encoder\.audio_adapter\.",), "audio_adapter."),
+            Rename((r"^(vision_encoder|audio_encoder|audio_adapter)\.",), r"model.\1."),
+            Rename((r"^model\.(.+)",), r"\1", prefix_change=True, scope=DOTS3_MODEL),
+            Rename((r"^(embed_tokens|layers|norm)\.",), r"language_model.\1.", scope=DOTS3_MODEL),
+            Rename((r"^vision_encoder\.",), "vision_tower.", scope=DOTS3_MODEL),
+            Rename((r"^audio_encoder\.",), "audio_tower.", scope=DOTS3_MODEL),
+            Rename((r"^audio_adapter\.",), "audio_tower.audio_adapter.", scope=DOTS3_MODEL),
+            *_under(DOTS3_VISION, DOTS3_VISION_RENAMES),
+            *_under(DOTS3_AUDIO, DOTS3_AUDIO_RENAMES),
+        ),
+        model=ModelKeys(
+            prefix="model",
+            head=("lm_head",),
+            ignored=(r"^model\.(language_model\.)?layers\.46\.", r"^model\.(language_model\.)?mtp\."),  # MTP
+            keep_in_fp32=("e_score_correction_bias", "gate.weight"),
+        ),
+    ),
+    Family(name="nemotron_h", model_types=("nemotron_h",), converters=NEMOTRON_H_EXPERTS, renames=NEMOTRON_H_RENAMES),
+    Family(
+        # NeMo's export of Nemotron 3.5 Transcribe: audio encoders, a Nemotron-H language model whose
+        # experts are stored fused as (in_features, out_features), and a word-timestamp head.
+        name="nemo_speechlm",
+        model_types=("nemo_speechlm",),
+        converters=(
+            Chunk(
+                (r"\.attn\.w_qkv\.weight",),
+                r"\.self_attn\.q_proj\.weight",
+                targets=tuple(rf"\.self_attn\.{part}_proj\.weight" for part in "qkv"),
+            ),
+            Transpose((r"\.mixer\.experts\.gate_and_up_projs",), r"\.mixer\.experts\.up_proj"),
+            Transpose((r"\.mixer\.experts\.down_projs",), r"\.mixer\.experts\.down_proj"),
+            *_under(NEMO_LANGUAGE_MODEL, NEMOTRON_H_EXPERTS),
+        ),
+        renames=(
+            Rename((r"^perception\.encoder\.asr_encoder\.",), r"^model\.audio_tower\.asr_encoder\."),
+            Rename(
+                (r"^perception\.encoder\.diarization_model\.encoder\.",),
+                r"^model\.audio_tower\.diarization_model\.model\.audio_tower\.",
+            ),
+            Rename((r"^ctc_timestamp\.decoder\.transformer\.",), r"^model\.word_timestamp_encoder\."),
+            Rename((r"^ctc_timestamp\.decoder\.upsample\.",), r"^model\.word_timestamp_encoder\.upsampler\."),
+            Rename((r"^ctc_timestamp\.decoder\.decoder_layers\.0\.",), r"^word_timestamp_head\."),
+            Rename((_DIARIZATION + r"encoder_proj\.",), r"^model\.audio_tower\.diarization_model\.model\.proj\."),
+            Rename(
+                (_DIARIZATION + r"subpixel_upsample\.",),
+                r"^model\.audio_tower\.diarization_model\.model\.upsampler\.conv\.",
+            ),
+            Rename(
+                (_DIARIZATION + r"first_hidden_to_hidden\.",),
+                r"^model\.audio_tower\.diarization_model\.classifier\.dense\.",
+            ),
+            Rename(
+                (_DIARIZATION + r"single_hidden_to_spks\.",),
+                r"^model\.audio_tower\.diarization_model\.classifier\.out_proj\.",
+            ),
+            Rename((_DIARIZATION + r"learnable_sil_emb",), r"^model\.audio_tower\.diarization_model\.silence_embeds"),
+            Rename((r"^perception\.encoder\.asr_norm\.",), r"^model\.audio_tower\.asr_norm\."),
+            Rename((r"^perception\.encoder\.diar_norm\.",), r"^model\.audio_tower\.speaker_norm\."),
+            Rename((r"^perception\.proj\.",), r"^model\.multi_modal_projector\."),
+            Rename((r"^llm\.model\.embed_tokens\.",), r"^model\.language_model\.embeddings\."),
+            Rename((r"^llm\.model\.norm\.",), r"^model\.language_model\.norm_f\."),
+            Rename((r"^llm\.model\.layers\.",), r"^model\.language_model\.layers\."),
+            Rename((r"^llm\.lm_head\.",), r"^lm_head\."),
+            Rename((r"\.pre_encode\.proj\.",), r"\.embedder\.projection\."),
+            Rename((r"\.embed_norm\.",), r"\.input_layer_norm\."),
+            Rename((r"\.final_norm\.",), r"\.layer_norm\."),
+            Rename((r"\.norm1\.",), r"\.layer_norm1\."),
+            Rename((r"\.norm2\.",), r"\.layer_norm2\."),
+            Rename((r"\.attn\.out_proj\.",), r"\.self_attn\.o_proj\."),
+            Rename((r"\.attn\.q_norm\.",), r"\.self_attn\.q_norm\."),
+            Rename((r"\.attn\.k_norm\.",), r"\.self_attn\.k_norm\."),
+            Rename((r"\.ffn\.net\.0\.",), r"\.mlp\.fc1\."),
+            Rename((r"\.ffn\.net\.3\.",), r"\.mlp\.fc2\."),
+            Rename((r"\.mixer\._fp32_params\.A_log",), r"\.mixer\.A_log"),
+            Rename((r"\.mixer\._fp32_params\.D",), r"\.mixer\.D"),
+            Rename((r"\.mixer\._fp32_params\.dt_bias",), r"\.mixer\.dt_bias"),
+            *_under(NEMO_LANGUAGE_MODEL, NEMOTRON_H_RENAMES),
+        ),
+        model=ModelKeys(
+            prefix="model",
+            head=("lm_head", "word_timestamp_head"),
+            # The multi-token-prediction head, the feature extractors' constants, an unused speaker head,
+            # TransformerEngine metadata and the word-timestamp head's constants.
+            ignored=(
+                r"^llm\.mtp\.",
+                "mtp.*",  # the Nemotron-H language model's own
+                r"^perception\.preprocessor\.",
+                r"^perception\.encoder\.diarization_model\.preprocessor\.",
+                r"^perception\.encoder\.diarization_model\.sortformer_modules\.hidden_to_spks\.",
+                r"\._extra_state$",
+                r"^ctc_timestamp\.decoder\.residual_scale$",
+                r"^ctc_timestamp\.decoder\.upsample_factor$",
+                r"^ctc_timestamp\.tokenizer\.model_proto$",
+            ),
+            keep_in_fp32=("audio_tower", "multi_modal_projector", "e_score_correction_bias", "gate.weight"),
+        ),
     ),
     Family(
         name="phimoe",
@@ -572,17 +733,6 @@ FAMILIES: tuple[Family, ...] = (
     ),
 )
 
-# Model types whose transformers rule merges experts but needs an operation convert cannot do
-# faithfully; they are refused by name rather than converted half-way.
-REFUSED: dict[str, str] = {
-    "dots3_note_vision_encoder": "a rule scoped to the vision encoder inside a dots3_note model",
-    "nemo_speechlm": "Chunk of w_qkv and an unconditional Transpose of the mixer experts",
-}
-
-# Whole models whose checkpoint holds a sub-model of a refused model type: no family rule covers all
-# their keys, so none is suggested for them either.
-CONTAINS_REFUSED: dict[str, str] = {"dots3_note": "dots3_note_vision_encoder"}
-
 FAMILIES_BY_NAME = {family.name: family for family in FAMILIES}
 
 
@@ -609,10 +759,13 @@ def family_for_config(config: dict | None) -> Family | None:
 
 def families_matching(keys) -> list[str]:
     """Families whose expert patterns match at least one of `keys`; of several families with the same
-    expert patterns only the first in the table is named."""
+    expert patterns only the first in the table is named, and a whole model's family (scoped
+    sub-model rules) never."""
     keys = list(keys)
     names, seen = [], set()
     for family in FAMILIES:
+        if any(c.scope is not None for c in family.converters):
+            continue  # a whole model's rule (dots3_note) presumes that model's sub-models: never a hint
         merges = tuple(c for c in family.converters if isinstance(c, ExpertMerge))
         if merges and merges not in seen and any(isinstance(family.map_key(k).converter, ExpertMerge) for k in keys):
             names.append(family.name)

@@ -61,6 +61,39 @@ def _matched_branch(match: re.Match[str]) -> int:
 
 
 @dataclass(frozen=True)
+class Scope:
+    """Where a sub-model's rule applies inside a whole model (transformers' `scope_prefix`): only to keys
+    under `prefix` (the sub-model's module path without the base-model prefix), with or without
+    `base` (the whole model's base-model prefix) before it. The rule sees the key without that
+    prefix, and the prefix is put back on what it makes. `config` names the sub-model's sub-config
+    in config.json (`vision_config`), where its expert count is."""
+
+    prefix: str
+    base: str = ""
+    # The sub-config of config.json that describes the sub-model (its expert count), if any.
+    config: str = ""
+
+    def split(self, key: str) -> tuple[str, str] | None:
+        """(the prefix consumed, the rest of `key`) when `key` is under the scope, else None."""
+        scope = f"{self.prefix}." if self.prefix else ""
+        base = f"{self.base}." if self.base else ""
+        for prefix in (base + scope, scope):
+            if key.startswith(prefix):
+                return prefix, key.removeprefix(prefix)
+        return None
+
+
+def _scoped(scope: Scope | None, key: str) -> tuple[str, str] | None:
+    return ("", key) if scope is None else scope.split(key)
+
+
+def _search_scoped(regex: re.Pattern[str], scope: Scope | None, key: str) -> re.Match[str] | None:
+    """`regex` searched in `key` after the scope's prefix; the match's positions are in `key`."""
+    scoped = _scoped(scope, key)
+    return None if scoped is None else regex.search(key, len(scoped[0]))
+
+
+@dataclass(frozen=True)
 class Rename:
     """Rename every key that matches one of `sources` (a transformers `WeightRenaming`).
 
@@ -72,6 +105,7 @@ class Rename:
     sources: tuple[str, ...]
     target: str
     prefix_change: bool = False
+    scope: Scope | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.sources, str):
@@ -93,14 +127,18 @@ class Rename:
         pattern = self.target.replace(r"\1", group.group(0), 1) if group else self.target
         if source.startswith("^") and not pattern.startswith("^"):
             pattern = "^" + pattern
-        return Rename((pattern,), target.replace(r"\.", "."))
+        return Rename((pattern,), target.replace(r"\.", "."), scope=self.scope)
 
     def apply(self, key: str) -> str:
-        match = self._regex.search(key)
+        scoped = _scoped(self.scope, key)
+        if scoped is None:
+            return key
+        prefix, rest = scoped
+        match = self._regex.search(rest)
         if match is None:
             return key
         branch = f"s{_matched_branch(match)}"
-        return _replace(key, match, _target_text(self.target), self._regex, branch)
+        return prefix + _replace(rest, match, _target_text(self.target), self._regex, branch)
 
 
 @dataclass(frozen=True)
@@ -109,6 +147,7 @@ class Converter:
 
     sources: tuple[str, ...]
     target: str
+    scope: Scope | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.sources, str):
@@ -124,8 +163,9 @@ class Converter:
 
     def match_output(self, key: str) -> re.Match[str] | None:
         """Where `key` is one of this converter's outputs: its target searched as a pattern, as
-        transformers' reverse mapping does when it saves the original format, at the end of the key."""
-        return self._target_regex.search(key)
+        transformers' reverse mapping does when it saves the original format, at the end of the key
+        (and under the scope of a scoped converter)."""
+        return _search_scoped(self._target_regex, self.scope, key)
 
     def source_texts(self, expert: int | None = None) -> tuple[str, ...]:
         """The source patterns as key text (for the reverse mapping), with `expert` in place of `*`."""
@@ -134,11 +174,15 @@ class Converter:
 
     def match(self, key: str) -> tuple[str, int, str | None] | None:
         """(target key, source slot, expert id text or None) when `key` matches one of the sources."""
-        match = self._regex.search(key)
+        scoped = _scoped(self.scope, key)
+        if scoped is None:
+            return None
+        prefix, rest = scoped
+        match = self._regex.search(rest)
         if match is None:
             return None
         slot = _matched_branch(match)
-        target = _replace(key, match, _target_text(self.target), self._regex, f"s{slot}")
+        target = prefix + _replace(rest, match, _target_text(self.target), self._regex, f"s{slot}")
         return target, slot, match.groupdict().get(f"x{slot}")
 
 
@@ -166,6 +210,11 @@ class TransposeExperts(Converter):
     (`Transpose(1, 2, check_dims=True)`: only when the stored shape is not the in-memory one)."""
 
 
+class Transpose(Converter):
+    """Swap dims 1 and 2 of a fused [experts, a, b] tensor, always (`Transpose(1, 2)`): the
+    checkpoint stores every expert as (in_features, out_features)."""
+
+
 @dataclass(frozen=True)
 class ChunkForRope(Converter):
     """Split one tensor along dim 0 into equal parts, one per target, in order (`Chunk(dim=0)`),
@@ -187,7 +236,7 @@ class ChunkForRope(Converter):
     def match_output(self, key: str) -> re.Match[str] | None:
         """Where `key` is one of the outputs: any target, searched anywhere in the key, as transformers'
         reverse converter (whose sources the targets are) searches it."""
-        return self._outputs.search(key)
+        return _search_scoped(self._outputs, self.scope, key)
 
     def output_slot(self, match: re.Match[str]) -> int:
         return _matched_branch(match)
@@ -200,6 +249,11 @@ class ChunkForRope(Converter):
 
     def permuted(self, name: str) -> bool:
         return any(layer in name for layer in self.rope)
+
+
+class Chunk(ChunkForRope):
+    """Split one tensor along dim 0 into equal parts, one per target, in order (`Chunk(dim=0)` alone):
+    a ChunkForRope with no rotary target."""
 
 
 @dataclass(frozen=True)

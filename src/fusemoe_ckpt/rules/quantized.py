@@ -50,7 +50,9 @@ def scale_twin(converter: Converter) -> Converter | None:
     """The converter that fuses the scales of `converter`'s weights, or None if it fuses no `.weight`."""
     if not isinstance(converter, ExpertMerge) or not all(s.endswith(".weight") for s in converter.sources):
         return None
-    return type(converter)(tuple(s + SCALE_SUFFIX for s in converter.sources), converter.target + SCALE_SUFFIX)
+    # transformers' quantizer copies the converter with its scope (a sub-model's merge stays scoped).
+    sources = tuple(s + SCALE_SUFFIX for s in converter.sources)
+    return type(converter)(sources, converter.target + SCALE_SUFFIX, scope=converter.scope)
 
 
 def is_scale_twin(converter: Converter) -> bool:

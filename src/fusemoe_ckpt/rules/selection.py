@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import FamilyError
 from ..reading.source import SourceCheckpoint
-from .families import CONTAINS_REFUSED, REFUSED, Family, families_matching, family_by_name, family_for_config
+from .families import Family, families_matching, family_by_name, family_for_config
 
 
 def override_warning(source: SourceCheckpoint, family: Family) -> str | None:
@@ -32,17 +32,6 @@ def resolve_family(source: SourceCheckpoint, name: str | None) -> Family:
         return family_by_name(name)
     config = source.config or {}
     model_type = config.get("model_type")
-    if model_type in REFUSED:
-        raise FamilyError(
-            f"{source.root}: model_type {model_type!r} is not supported: its transformers rule needs "
-            f"{REFUSED[model_type]}"
-        )
-    if model_type in CONTAINS_REFUSED:
-        inner = CONTAINS_REFUSED[model_type]
-        raise FamilyError(
-            f"{source.root}: model_type {model_type!r} is not supported: it holds a {inner} whose transformers "
-            f"rule needs {REFUSED[inner]}; no family rule accounts for all its keys"
-        )
     family = family_for_config(source.config)
     if family is not None:
         return family

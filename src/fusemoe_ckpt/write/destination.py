@@ -123,9 +123,17 @@ def check_no_partial(partial: Path, *, resume: bool, overwrite: bool) -> None:
 
 
 def prepare_partial(
-    partial: Path, plan: ConversionPlan, fingerprint: str, *, resume: bool, overwrite: bool, durable: bool
+    partial: Path,
+    plan: ConversionPlan,
+    fingerprint: str,
+    *,
+    resume: bool,
+    overwrite: bool,
+    durable: bool,
+    keep_files: frozenset[str] = frozenset(),
 ) -> list[ShardRecord]:
-    """An empty partial directory, or with `resume` one holding only the shards known complete.
+    """An empty partial directory, or with `resume` one holding only the shards known complete
+    (and the files named in `keep_files`, records of work done outside it).
 
     With both `resume` and `overwrite`, a partial directory that cannot be resumed (another plan, no
     journal) is started over instead of refused: resume where possible, else redo.
@@ -146,7 +154,7 @@ def prepare_partial(
         remove_tree(partial, "the partial output")
         partial.mkdir()
         return []
-    keep = {record.filename for record in kept} | {JOURNAL_NAME}
+    keep = {record.filename for record in kept} | {JOURNAL_NAME} | keep_files
     for entry in partial.iterdir():
         if entry.name in keep:
             continue
@@ -161,12 +169,14 @@ def prepare_partial(
     return kept
 
 
-def check_free_space(parent: Path, shards: list[ShardPlan], extra_bytes: int) -> None:
-    """Refuse to start when the shards still to write and `extra_bytes` of other files cannot fit."""
+def check_free_space(parent: Path, shards: list[ShardPlan], extra_bytes: int, *, needed: int | None = None) -> None:
+    """Refuse to start when the shards still to write and `extra_bytes` of other files (or `needed`
+    bytes in all, where the caller knows better) cannot fit."""
     probe = parent
     while not probe.exists():
         probe = probe.parent
-    needed = sum(s.file_size for s in shards) + extra_bytes
+    if needed is None:
+        needed = sum(s.file_size for s in shards) + extra_bytes
     free = shutil.disk_usage(probe).free
     if needed > free:
         raise DestinationError(

@@ -28,13 +28,15 @@ JOURNAL_NAME = ".fusemoe-journal"
 JOURNAL_FORMAT = 1
 
 
-def plan_fingerprint(source: SourceCheckpoint, plan: ConversionPlan) -> str:
+def plan_fingerprint(source: SourceCheckpoint, plan: ConversionPlan, files: list | None = None) -> str:
     """A hash of everything that decides the output bytes: the tool version, the source files
-    (real path, size, mtime), the family, and every shard's name, header and source byte ranges."""
-    files = []
-    for path in source.shard_files:
-        st = os.stat(path)
-        files.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
+    (real path, size, mtime; or `files`, an identity of them that outlives the files, such as a
+    repo's commit and hashes), the family, and every shard's name, header and source byte ranges."""
+    if files is None:
+        files = []
+        for path in source.shard_files:
+            st = os.stat(path)
+            files.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
     shards = [
         [
             shard.filename,

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..errors import ConversionInterrupted, DestinationError, UsageError, interrupted_by
+from ..errors import ConversionInterrupted, UsageError, interrupted_by
 from ..naming import natural_key
 from ..plan.layout import ConversionPlan, ShardPlan
 from ..reading.files import open_regular
@@ -36,6 +36,35 @@ from .workers import default_workers
 from .writer import DISK_FULL, disk_full_error, write_shard
 
 
+class ShardHooks:
+    """What a caller that supplies the source bytes just in time, or moves finished shards elsewhere,
+    does around each shard. These defaults do nothing; with hooks, shards are written one at a time
+    in plan order, each with every copy thread."""
+
+    # Entries of the partial directory a resume keeps besides the journal and the shards.
+    keep_files: frozenset[str] = frozenset()
+    # An identity of the source files for the resume fingerprint, where their mtimes change between runs.
+    source_identity: list | None = None
+
+    def start(self, partial: Path, kept: set[str]) -> set[str]:
+        """Called once the partial directory is ready, `kept` the shards on disk from an earlier run;
+        returns the shards finished elsewhere (not on disk, not to be written again)."""
+        return set()
+
+    def space_needed(self, todo: list[ShardPlan], side_bytes: int) -> int:
+        """Bytes the rest of the run needs beside DST."""
+        return sum(s.file_size for s in todo) + side_bytes
+
+    def before_shard(self, shard: ShardPlan) -> None:
+        """Called before `shard` is written: its source bytes must be readable on return."""
+
+    def after_shard(self, shard: ShardPlan, path: Path) -> None:
+        """Called once `shard` is written and journaled at `path`."""
+
+    def before_install(self, partial: Path) -> None:
+        """Called with everything written, before the partial directory is renamed into place."""
+
+
 def write_plan(
     source: SourceCheckpoint,
     plan: ConversionPlan,
@@ -47,10 +76,13 @@ def write_plan(
     durable: bool,
     progress: Callable[[int, int], None] | None,
     resume: bool = False,
+    hooks: ShardHooks | None = None,
 ) -> tuple[int, list[str], int]:
     """Execute `plan` under the destination lock: every shard into a hidden partial directory
     (journaled, so `resume` can keep completed ones), then the index and the other files of the
-    source, then one rename into place. Returns (bytes written, files copied, shards kept)."""
+    source, then one rename into place. Returns (bytes written, files copied, shards kept).
+
+    With `hooks`, shards are written one by one in plan order, the hooks called around each."""
     if workers is None:
         workers = default_workers()
     if workers < 1:
@@ -60,25 +92,39 @@ def write_plan(
     dst_path.parent.mkdir(parents=True, exist_ok=True)
     with DestinationLock(dst_path):
         check_no_partial(partial, resume=resume, overwrite=overwrite)
-        fingerprint = plan_fingerprint(source, plan)
-        kept = prepare_partial(partial, plan, fingerprint, resume=resume, overwrite=overwrite, durable=durable)
+        fingerprint = plan_fingerprint(source, plan, hooks.source_identity if hooks else None)
+        kept = prepare_partial(
+            partial,
+            plan,
+            fingerprint,
+            resume=resume,
+            overwrite=overwrite,
+            durable=durable,
+            keep_files=hooks.keep_files if hooks else frozenset(),
+        )
         kept_names = {record.filename for record in kept}
-        todo = [s for s in plan.shards if s.filename not in kept_names]
+        journal = None
         try:
-            check_free_space(dst_path.parent, todo, sum((source.root / e).stat().st_size for e in extras))
-        except DestinationError:
-            if not kept:
+            if hooks is not None:
+                kept_names |= hooks.start(partial, set(kept_names))
+            todo = [s for s in plan.shards if s.filename not in kept_names]
+            side_bytes = sum((source.root / e).stat().st_size for e in extras)
+            needed = hooks.space_needed(todo, side_bytes) if hooks else None
+            check_free_space(dst_path.parent, todo, side_bytes, needed=needed)
+        except BaseException:
+            if not kept_names:
                 shutil.rmtree(partial, ignore_errors=True)
             raise
-        journal = None
         try:
             journal = Journal.start(partial, fingerprint, kept, durable=durable)
             try:
-                written = _write_shards(partial, plan, todo, journal, workers, durable, progress)
+                written = _write_shards(partial, plan, todo, journal, workers, durable, progress, hooks)
                 write_index(partial / INDEX_NAME, plan, provenance, durable=durable)
                 _copy_side_files(source.root, partial, extras, plan.config, durable=durable)
             finally:
                 journal.close()
+            if hooks is not None:
+                hooks.before_install(partial)
             if durable:
                 fsync_path(partial)
             install(partial, dst_path)
@@ -119,6 +165,7 @@ def _write_shards(
     workers: int,
     durable: bool,
     progress: Callable[[int, int], None] | None,
+    hooks: ShardHooks | None = None,
 ) -> int:
     """Write `todo` with `workers` threads, recording each in `journal`; the bytes written.
 
@@ -131,6 +178,14 @@ def _write_shards(
     if report is not None and total > todo_bytes:
         report(total - todo_bytes)
     stop = threading.Event()
+    if hooks is not None:
+        for shard in todo:
+            hooks.before_shard(shard)
+            path = partial / shard.filename
+            write_shard(path, shard, durable=durable, progress=report, stop=stop, threads=workers)
+            journal.record(path)
+            hooks.after_shard(shard, path)
+        return todo_bytes
     # Fewer shards than workers: the spare threads copy parts of the same shard.
     threads = max(1, workers // max(1, len(todo)))
 

@@ -2,7 +2,7 @@
 
 The writer uses this for every piece the kernel cannot copy as is, and verify uses it for every
 piece, so both hold the same bounded amount of tensor bytes: one chunk, or for a transposed piece
-one expert matrix twice (as read and as turned).
+a band of about one chunk twice (as read and as turned).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ _ELEMENT_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
 
 def piece_chunks(fd: int, piece: Piece, *, chunk: int | None = None) -> Iterator[bytes | bytearray]:
     """The output bytes of `piece`, read from `fd` (its open file) in order, each chunk at most
-    `chunk` (default READ_CHUNK) bytes of source, except a transposed matrix, which is turned whole."""
+    `chunk` (default READ_CHUNK) bytes of source (a transposed matrix: bands of whole output rows, each
+    at most `chunk` bytes unless one output row is larger)."""
     chunk = chunk or READ_CHUNK
     if piece.file is None:
         for start in range(0, piece.length, chunk):
@@ -40,11 +41,11 @@ def piece_chunks(fd: int, piece: Piece, *, chunk: int | None = None) -> Iterator
         yield from _dequantized_chunks(fd, piece, min(chunk, DEQUANTIZE_CHUNK))
         return
     if piece.transpose is not None:
-        turned = _transposed(read_exact(fd, piece.offset, piece.length, piece.file), piece.transpose)
-        if piece.cast is None:
-            yield turned
-            return
-        yield from _cast_chunks(turned, piece.cast, chunk)
+        for turned in _transposed_bands(fd, piece, chunk):
+            if piece.cast is None:
+                yield turned
+            else:
+                yield from _cast_chunks(turned, piece.cast, chunk)
         return
     element = DTYPE_SIZES[piece.cast[0]] if piece.cast else 1
     step = max(element, chunk // element * element)
@@ -60,6 +61,24 @@ def _cast_chunks(data: bytearray, cast: tuple[str, str], chunk: int) -> Iterator
     view = memoryview(data)
     for start in range(0, len(data), step):
         yield cast_bytes(view[start : start + step], *cast)
+
+
+def _transposed_bands(fd: int, piece: Piece, chunk: int) -> Iterator[bytearray]:
+    """The transpose of the row-major (rows, cols) matrix of `piece`, in order: whole when it fits in
+    `chunk` bytes, else in bands of output rows, each read as the same columns of every source row
+    (a strided read of about `chunk` bytes), so a large matrix is never held whole."""
+    rows, cols = piece.transpose
+    element = piece.length // (rows * cols)
+    if piece.length <= chunk:
+        yield _transposed(read_exact(fd, piece.offset, piece.length, piece.file), (rows, cols))
+        return
+    width = max(1, chunk // (rows * element))
+    for start in range(0, cols, width):
+        columns = min(width, cols - start)
+        band = bytearray()
+        for row in range(rows):
+            band += read_exact(fd, piece.offset + (row * cols + start) * element, columns * element, piece.file)
+        yield _transposed(band, (rows, columns))
 
 
 def _transposed(data: bytearray, shape: tuple[int, int]) -> bytearray:
@@ -78,16 +97,26 @@ def _dequantized_chunks(fd: int, piece: Piece, chunk: int) -> Iterator[bytes]:
     """The quantized matrix of `piece`, whole rows at a time, dequantized by its scales into the
     output dtype. The rows read at once hold about `chunk` // DEQUANTIZE_WORK_FACTOR bytes, so the
     float32 values, the rounding and the output together stay near `chunk`."""
-    from ..plan.dequantize import dequantize_rows, scale_values  # numpy, only for --dequantize
+    from ..plan.dequantize import dequantize_rows, scale_values, zero_point_values  # numpy, for --dequantize
 
     scales = piece.scales
-    scale_fd = open_regular(scales.file, what="shard file")[0]
-    try:
-        grid = scale_values(read_exact(scale_fd, scales.offset, scales.nbytes, scales.file), scales)
-    finally:
-        os.close(scale_fd)
-    cols = scales.shape[1]
-    step = max(1, chunk // DEQUANTIZE_WORK_FACTOR // cols) * cols
+    grid = scale_values(_read_whole(scales.file, scales.offset, scales.nbytes), scales)
+    zeros = scales.zero_points
+    if zeros is not None:
+        zeros = zero_point_values(_read_whole(zeros.file, zeros.offset, zeros.nbytes), scales)
+    row_bytes = scales.row_bytes
+    # A row of packed values becomes several times its bytes as float32.
+    expansion = scales.shape[1] / row_bytes
+    step = max(1, int(chunk / DEQUANTIZE_WORK_FACTOR / expansion) // row_bytes) * row_bytes
     for start in range(0, piece.length, step):
         data = read_exact(fd, piece.offset + start, min(step, piece.length - start), piece.file)
-        yield dequantize_rows(data, start // cols, grid, scales, piece.cast[1])
+        yield dequantize_rows(data, start // row_bytes, grid, scales, piece.cast[1], zeros)
+
+
+def _read_whole(file, offset: int, length: int) -> bytearray:
+    """The `length` bytes at `offset` of `file` (a matrix's scales or zero points)."""
+    scale_fd = open_regular(file, what="shard file")[0]
+    try:
+        return read_exact(scale_fd, offset, length, file)
+    finally:
+        os.close(scale_fd)
