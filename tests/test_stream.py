@@ -495,3 +495,62 @@ def test_a_disk_that_fills_while_downloading_names_the_download(hub, stream_repo
     ), line
     assert int(re.search(r"\((\d+) bytes\) more", line)[1]) < size
     _nothing_left(tmp_path)
+
+
+def test_a_batch_streams_and_pushes_then_skips_without_a_request(hub, stream_repo, local, tmp_path):  # noqa: F811
+    """A manifest with a streamed entry and a streamed, pushed one: each equals a local convert byte
+    for byte; run again, both are skipped from DST alone, without a single request to the Hub."""
+    manifest = tmp_path / "zoo.jsonl"
+    entries = [
+        {"src": REPO, "dst": "out/streamed", "stream": True, "max_shard_size": OUTPUT_SHARD},
+        {"src": REPO, "dst": "out/pushed", "stream": True, "max_shard_size": OUTPUT_SHARD, "push_to_hub": "me/zoo"},
+    ]
+    manifest.write_text("".join(json.dumps(entry) + "\n" for entry in entries))
+    report = tmp_path / "report.json"
+    result = CliRunner().invoke(cli, ["batch", str(manifest), "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    streamed, pushed = json.loads(report.read_text())["entries"]
+    assert (streamed["status"], pushed["status"]) == ("converted", "converted")
+    assert (streamed["pushed_to"], pushed["pushed_to"]) == (None, f"{hub.url}/me/zoo")
+    out = tmp_path / "out"
+    assert _weights(_tree(out / "streamed")) == _weights(local) and set(_tree(out / "streamed")) == set(local)
+    assert _weights(hub.files("me/zoo")) == _weights(local)
+    assert not _weights(_tree(out / "pushed")) and ".fusemoe-pushed" in _tree(out / "pushed")
+    # Streamed, not through the HF cache: each entry fetched every source byte once.
+    sizes = {name: 2 * len(data) for name, data in hub.files(REPO).items()}
+    assert hub.bytes_served() == sizes
+    assert not any((tmp_path / "hf-home").rglob("*.safetensors"))
+    # Pushed as it converted: one commit after the empty repo's, no separate push.
+    assert len(hub.repos["me/zoo"].commits) == 2
+    trees, requests = {name: _tree(out / name) for name in ("streamed", "pushed")}, len(hub.requests)
+
+    again = CliRunner().invoke(cli, ["batch", str(manifest), "--report", str(report)])
+    assert again.exit_code == 0, again.output
+    streamed, pushed = json.loads(report.read_text())["entries"]
+    assert (streamed["status"], pushed["status"]) == ("skipped", "skipped")
+    assert pushed["pushed_to"] == f"{hub.url}/me/zoo"
+    assert hub.requests[requests:] == []
+    assert {name: _tree(out / name) for name in ("streamed", "pushed")} == trees
+    assert sorted(p.name for p in out.iterdir()) == ["pushed", "streamed"]
+
+
+def test_a_batch_resumes_a_streamed_push_killed_mid_run(hub, stream_repo, local, tmp_path):  # noqa: F811
+    """An entry's process killed after its second shard: the next batch resumes it, uploading no
+    shard twice and fetching no byte twice."""
+    manifest = tmp_path / "zoo.jsonl"
+    entry = {"src": REPO, "dst": "out/pushed", "stream": True, "max_shard_size": OUTPUT_SHARD, "push_to_hub": "me/zoo"}
+    manifest.write_text(json.dumps(entry) + "\n")
+    flag = tmp_path / "paused"
+    command = [sys.executable, PAUSE_LAUNCHER, f"shard-done:3:{flag}", "cli", "batch", str(manifest)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(flag, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr
+    assert len(hub.repos["me/zoo"].commits) == 1
+
+    result = CliRunner().invoke(cli, ["batch", str(manifest)])
+    assert result.exit_code == 0, result.output
+    assert _weights(hub.files("me/zoo")) == _weights(local)
+    assert len([1 for method, _, _ in hub.requests if method == "PUT"]) == len(_weights(local))
+    assert hub.bytes_served() == {name: len(data) for name, data in hub.files(REPO).items()}
