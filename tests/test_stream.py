@@ -442,6 +442,11 @@ def test_a_push_killed_after_its_commit_does_not_commit_again(hub, stream_repo, 
     assert [path for _, path in _uploads(hub)[sent:]] == ["/api/repos/create"]
     assert _record(dst)[-1]["commit"] == repo.refs["main"]
     assert not _weights(_tree(dst)) and not (tmp_path / ".fused.fusemoe-partial").exists()
+    # DST's small files, the model card among them, are those the commit holds.
+    pushed, kept = hub.files("me/stream-fused"), _tree(dst)
+    assert {name: data for name, data in kept.items() if not name.startswith(".")} == {
+        name: pushed[name] for name in kept if not name.startswith(".")
+    }
 
 
 @pytest.mark.parametrize(

@@ -84,11 +84,11 @@ class PushingHooks(StreamHooks):
         """Write the model card, then one commit: the pre-uploaded shards and every other file; the
         commit recorded once it is made. Not again when an earlier run made it and stopped before
         the partial directory was renamed into place."""
-        if self.committed is not None and set(self.pushed) == set(self.planned_sizes):
-            self.result = _push_result(self.committed)
-            return
         _, metadata = read_converted_index(partial / INDEX_NAME)
         write_model_card(partial, metadata, repo_id=self.repo_id, endpoint=self.api.endpoint)
+        if self.committed is not None and set(self.pushed) == set(self.planned_sizes):
+            self.result = _push_result(self.committed)  # DST gets the card that commit holds
+            return
         operations = [self._uploaded(name, *self.pushed[name]) for name in sorted(self.pushed)]
         for path in sorted(partial.rglob("*")):
             relative = path.relative_to(partial).as_posix()
