@@ -363,7 +363,7 @@ def test_shard_by_dst_is_stable_when_the_manifest_changes(tmp_path):
         (
             [{"src": "a", "dst": "b", "dtpye": "bfloat16"}],
             "{m}:1: unknown field 'dtpye'; did you mean 'dtype'? known fields: src, dst, family, max_shard_size, "
-            "dtype, dequantize, revision, push_to_hub, private, workers, overwrite",
+            "dtype, dequantize, revision, stream, push_to_hub, private, workers, overwrite",
         ),
         (["", {"src": "a"}], '{m}:2: field "dst" is missing (a local directory)'),
         ([{"src": "a", "dst": ""}], "{m}:1: field \"dst\": '' is not a local directory"),
@@ -391,6 +391,11 @@ def test_shard_by_dst_is_stable_when_the_manifest_changes(tmp_path):
             "{m}:1: field \"revision\": applies to a Hub repo id, and src './a' is a local path",
         ),
         (
+            [{"src": "./a", "dst": "b", "stream": True}],
+            "{m}:1: field \"stream\": applies to a Hub repo id, and src './a' is a local path",
+        ),
+        ([{"src": "a/b", "dst": "b", "stream": "yes"}], "{m}:1: field \"stream\": 'yes' is not true or false"),
+        (
             [{"src": "a", "dst": "out/x"}, {"src": "b", "dst": "out/../out/x/"}],
             "{m}:2: field \"dst\": 'out/../out/x/' is also the dst of line 1; every entry needs its own dst",
         ),
@@ -401,6 +406,24 @@ def test_manifest_errors_name_the_line_and_field_and_run_nothing(tmp_path, lines
     error = one_line_error(batch(manifest), 2)  # 2: fix the manifest, running again will not help
     expected = message.format(m=manifest)
     assert error.startswith(expected) if expected.endswith(": ") else error == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["zoo.jsonl"]
+
+
+def test_verify_is_refused_with_a_streamed_entry_before_anything_runs(tmp_path):
+    """--verify reads the source, which a streamed entry deletes as it goes."""
+    manifest = write_manifest(
+        tmp_path / "zoo.jsonl",
+        [
+            {"src": "org/a", "dst": "a"},
+            {"src": "org/b", "dst": "b", "stream": True},
+            {"src": "./c", "dst": "c", "stream": False},
+        ],
+    )
+    assert [entry.stream for entry in load_manifest(manifest)] == [False, True, False]
+    assert one_line_error(batch(manifest, "--verify"), 2) == (
+        f'{manifest}:2: field "stream": --verify reads the source, which a streamed entry deletes as it '
+        "goes; verify a local convert"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["zoo.jsonl"]
 
 

@@ -357,6 +357,98 @@ def test_a_finished_stream_run_again(hub, stream_repo, tmp_path):  # noqa: F811
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".fused")] == []
 
 
+def _uploads(hub) -> list[tuple[str, str]]:  # noqa: F811 - the fixture's object
+    """Every request that sends the Hub something: LFS uploads, preuploads, commits, repo creation."""
+    return [(method, path) for method, path, _ in hub.requests if method in ("PUT", "POST")]
+
+
+def _record(dst: Path) -> list[dict]:
+    return [json.loads(line) for line in (dst / ".fusemoe-pushed").read_text().splitlines()]
+
+
+def test_a_finished_stream_push_run_again(hub, stream_repo, local, tmp_path):  # noqa: F811
+    """DST keeps no shard, only the small files and the record: the record naming every shard of the
+    index and the final commit makes --resume report it complete, uploading and committing nothing."""
+    dst = tmp_path / "fused"
+    assert _stream(dst, "--push-to-hub", "me/stream-fused").exit_code == 0
+    repo = hub.repos["me/stream-fused"]
+    record = _record(dst)
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    assert record[0] == {"repo": "me/stream-fused"}
+    assert {line["shard"]: line["size"] for line in record[1:-1]} == {
+        name: len(data) for name, data in _weights(local).items()
+    }
+    assert set(index["weight_map"].values()) == set(_weights(local))
+    # The commit is recorded last, once it was made: the one the repo's main now points at.
+    assert record[-1] == {"commit": repo.refs["main"], "url": f"{hub.url}/me/stream-fused"}
+    before, commits, sent = _tree(dst), len(repo.commits), len(_uploads(hub))
+
+    again = CliRunner().invoke(
+        cli,
+        [
+            "convert",
+            REPO,
+            str(dst),
+            "--stream",
+            "--max-shard-size",
+            OUTPUT_SHARD,
+            "--resume",
+            "--push-to-hub",
+            "me/stream-fused",
+        ],
+    )
+    assert again.exit_code == 0, again.output
+    assert again.stdout.startswith(
+        f"already complete: {dst} records this conversion pushed to {hub.url}/me/stream-fused "
+        f"(commit {repo.refs['main'][:8]}, 5 shards, "
+    ), again.stdout
+    assert len(_uploads(hub)) == sent and len(repo.commits) == commits
+    assert _tree(dst) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".fused")] == []
+    # Without --resume, it is refused as this conversion; pushed to another repo, as something else.
+    assert _one_line_error(_stream(dst, "--push-to-hub", "me/stream-fused")) == (
+        f"Error: {dst}: exists and is not empty: it already holds this conversion of {REPO}; "
+        "pass --resume to accept it as complete, or --overwrite to convert again"
+    )
+    other = f"Error: {dst}: exists and is not empty; pass --overwrite to replace it"
+    assert _one_line_error(_stream(dst, "--resume", "--push-to-hub", "me/elsewhere")) == other
+    # A record without the commit proves nothing: the push may never have been made.
+    lines = (dst / ".fusemoe-pushed").read_text().splitlines()
+    (dst / ".fusemoe-pushed").write_text("\n".join(lines[:-1]) + "\n")
+    assert _one_line_error(_stream(dst, "--resume", "--push-to-hub", "me/stream-fused")) == other
+    # Nor does one that lacks a shard of the index.
+    (dst / ".fusemoe-pushed").write_text("\n".join(lines[:2] + lines[3:]) + "\n")
+    assert _one_line_error(_stream(dst, "--resume", "--push-to-hub", "me/stream-fused")) == other
+    assert len(_uploads(hub)) == sent and len(repo.commits) == commits
+
+
+def test_a_push_killed_after_its_commit_does_not_commit_again(hub, stream_repo, local, tmp_path):  # noqa: F811
+    """Killed after the final commit, before the rename into place: the record holds the commit, so
+    --resume installs DST without uploading or committing again."""
+    dst = tmp_path / "fused"
+    process = _paused_run(tmp_path, "install:1", dst, "--push-to-hub", "me/stream-fused")
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    repo = hub.repos["me/stream-fused"]
+    assert len(repo.commits) == 2 and _weights(hub.files("me/stream-fused")) == _weights(local)
+    assert not dst.exists()
+    assert _record(tmp_path / ".fused.fusemoe-partial")[-1]["commit"] == repo.refs["main"]
+    sent = len(_uploads(hub))
+
+    result = _stream(dst, "--resume", "--push-to-hub", "me/stream-fused")
+    assert result.exit_code == 0, result.output
+    assert len(repo.commits) == 2
+    # Only create_repo (exist_ok) was asked again; no preupload, no LFS transfer, no commit.
+    assert [path for _, path in _uploads(hub)[sent:]] == ["/api/repos/create"]
+    assert _record(dst)[-1]["commit"] == repo.refs["main"]
+    assert not _weights(_tree(dst)) and not (tmp_path / ".fused.fusemoe-partial").exists()
+    # DST's small files, the model card among them, are those the commit holds.
+    pushed, kept = hub.files("me/stream-fused"), _tree(dst)
+    assert {name: data for name, data in kept.items() if not name.startswith(".")} == {
+        name: pushed[name] for name in kept if not name.startswith(".")
+    }
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -408,3 +500,62 @@ def test_a_disk_that_fills_while_downloading_names_the_download(hub, stream_repo
     ), line
     assert int(re.search(r"\((\d+) bytes\) more", line)[1]) < size
     _nothing_left(tmp_path)
+
+
+def test_a_batch_streams_and_pushes_then_skips_without_a_request(hub, stream_repo, local, tmp_path):  # noqa: F811
+    """A manifest with a streamed entry and a streamed, pushed one: each equals a local convert byte
+    for byte; run again, both are skipped from DST alone, without a single request to the Hub."""
+    manifest = tmp_path / "zoo.jsonl"
+    entries = [
+        {"src": REPO, "dst": "out/streamed", "stream": True, "max_shard_size": OUTPUT_SHARD},
+        {"src": REPO, "dst": "out/pushed", "stream": True, "max_shard_size": OUTPUT_SHARD, "push_to_hub": "me/zoo"},
+    ]
+    manifest.write_text("".join(json.dumps(entry) + "\n" for entry in entries))
+    report = tmp_path / "report.json"
+    result = CliRunner().invoke(cli, ["batch", str(manifest), "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    streamed, pushed = json.loads(report.read_text())["entries"]
+    assert (streamed["status"], pushed["status"]) == ("converted", "converted")
+    assert (streamed["pushed_to"], pushed["pushed_to"]) == (None, f"{hub.url}/me/zoo")
+    out = tmp_path / "out"
+    assert _weights(_tree(out / "streamed")) == _weights(local) and set(_tree(out / "streamed")) == set(local)
+    assert _weights(hub.files("me/zoo")) == _weights(local)
+    assert not _weights(_tree(out / "pushed")) and ".fusemoe-pushed" in _tree(out / "pushed")
+    # Streamed, not through the HF cache: each entry fetched every source byte once.
+    sizes = {name: 2 * len(data) for name, data in hub.files(REPO).items()}
+    assert hub.bytes_served() == sizes
+    assert not any((tmp_path / "hf-home").rglob("*.safetensors"))
+    # Pushed as it converted: one commit after the empty repo's, no separate push.
+    assert len(hub.repos["me/zoo"].commits) == 2
+    trees, requests = {name: _tree(out / name) for name in ("streamed", "pushed")}, len(hub.requests)
+
+    again = CliRunner().invoke(cli, ["batch", str(manifest), "--report", str(report)])
+    assert again.exit_code == 0, again.output
+    streamed, pushed = json.loads(report.read_text())["entries"]
+    assert (streamed["status"], pushed["status"]) == ("skipped", "skipped")
+    assert pushed["pushed_to"] == f"{hub.url}/me/zoo"
+    assert hub.requests[requests:] == []
+    assert {name: _tree(out / name) for name in ("streamed", "pushed")} == trees
+    assert sorted(p.name for p in out.iterdir()) == ["pushed", "streamed"]
+
+
+def test_a_batch_resumes_a_streamed_push_killed_mid_run(hub, stream_repo, local, tmp_path):  # noqa: F811
+    """An entry's process killed after its second shard: the next batch resumes it, uploading no
+    shard twice and fetching no byte twice."""
+    manifest = tmp_path / "zoo.jsonl"
+    entry = {"src": REPO, "dst": "out/pushed", "stream": True, "max_shard_size": OUTPUT_SHARD, "push_to_hub": "me/zoo"}
+    manifest.write_text(json.dumps(entry) + "\n")
+    flag = tmp_path / "paused"
+    command = [sys.executable, PAUSE_LAUNCHER, f"shard-done:3:{flag}", "cli", "batch", str(manifest)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(flag, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr
+    assert len(hub.repos["me/zoo"].commits) == 1
+
+    result = CliRunner().invoke(cli, ["batch", str(manifest)])
+    assert result.exit_code == 0, result.output
+    assert _weights(hub.files("me/zoo")) == _weights(local)
+    assert len([1 for method, _, _ in hub.requests if method == "PUT"]) == len(_weights(local))
+    assert hub.bytes_served() == {name: len(data) for name, data in hub.files(REPO).items()}

@@ -29,6 +29,7 @@ FIELDS: dict[str, str] = {
     "dtype": f"one of {', '.join(OUTPUT_DTYPES)}",
     "dequantize": "true or false",
     "revision": "a branch, tag or commit of a Hub repo id src",
+    "stream": "true or false",
     "push_to_hub": "a Hub repo id (org/name) to push DST to",
     "private": "true or false",
     "workers": "a whole number of at least 1",
@@ -52,6 +53,7 @@ class Entry:
     dtype: str | None = None
     dequantize: bool = False
     revision: str | None = None
+    stream: bool = False
     push_to_hub: str | None = None
     private: bool = False
     workers: int | None = None
@@ -153,7 +155,7 @@ def _parse_entry(line: str, base: Path, where: str, number: int) -> Entry:
     for name in ("src", "dst", "family", "dtype", "revision", "push_to_hub"):
         if name in data and not (isinstance(data[name], str) and data[name].strip()):
             raise bad(name)
-    for name in ("private", "overwrite", "dequantize"):
+    for name in ("private", "overwrite", "dequantize", "stream"):
         if name in data and not isinstance(data[name], bool):
             raise bad(name)
     if "workers" in data and (type(data["workers"]) is not int or data["workers"] < 1):
@@ -176,8 +178,9 @@ def _parse_entry(line: str, base: Path, where: str, number: int) -> Entry:
         raise bad("private", "applies to the repo push_to_hub creates; set push_to_hub too")
 
     src, hub = _resolve_source(data["src"], base)
-    if "revision" in data and not hub:
-        raise bad("revision", f"applies to a Hub repo id, and src {data['src']!r} is a local path")
+    for name in ("revision", "stream"):  # stream: false says nothing a local src cannot take
+        if data.get(name, False) is not False and not hub:
+            raise bad(name, f"applies to a Hub repo id, and src {data['src']!r} is a local path")
     options = {name: data[name] for name in FIELDS if name in data and name not in ("src", "dst")}
     return Entry(line=number, src=src, dst=_resolve(data["dst"], base), dst_text=data["dst"], hub=hub, **options)
 

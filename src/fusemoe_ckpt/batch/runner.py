@@ -191,6 +191,7 @@ def run_batch(
 
     Raises:
         ManifestError: the manifest is invalid (nothing has run).
+        UsageError: `check_bytes` with a `stream` entry, whose source is deleted as it is converted.
         BatchInterrupted: ^C, or SIGTERM where the caller turns it into `Interrupted` (the CLI does,
             with `interrupts.signals_as_interrupts`): the running entries are interrupted, keeping
             their completed shards for the next run, the rest not started, the report written with
@@ -200,6 +201,12 @@ def run_batch(
         raise UsageError(f"jobs must be at least 1, not {jobs}")
     started = time.perf_counter()
     entries, selected = plan_batch(manifest, shard=shard, shard_by=shard_by)
+    streamed = next((entry for entry in selected if entry.stream), None)
+    if check_bytes and streamed is not None:
+        raise UsageError(
+            f'{manifest}:{streamed.line}: field "stream": --verify reads the source, which a streamed entry '
+            "deletes as it goes; verify a local convert"
+        )
     result = BatchResult(Path(manifest).absolute(), shard, shard_by, len(entries), [EntryResult(e) for e in selected])
     lock = threading.Lock()
     children: set[subprocess.Popen] = set()

@@ -1,8 +1,9 @@
 """One manifest entry, run in a process of its own by `fusemoe-ckpt batch`.
 
 `python -m fusemoe_ckpt.batch.worker ENTRY_JSON RESULT_FILE [--verify]`: skip the entry if DST
-already holds its finished conversion, else convert with resume, then push if asked; the outcome
-goes to RESULT_FILE as JSON. A crash, a kill or the OOM killer ends only this process: the batch
+already holds its finished conversion (or, streamed and pushed, records its finished push), else
+convert with resume, then push if asked (a streamed entry pushes as it converts); the outcome goes
+to RESULT_FILE as JSON. A crash, a kill or the OOM killer ends only this process: the batch
 sees no result file and records the exit status instead.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 from ..commands.convert import convert
 from ..commands.verify import verify
 from ..errors import DestinationError, interrupted_by, one_line
+from ..hub.push_record import PushRecord, finished_push, recorded_push_reason
 from ..interrupts import signals_as_interrupts
 from ..plan.conversion import plan_for
 from ..reading.converted import recorded_metadata
@@ -56,6 +58,9 @@ def run_entry(entry: Entry, *, check_bytes: bool = False) -> dict:
             dequantize=entry.dequantize,
             revision=entry.revision,
             download_progress=False,
+            stream=entry.stream,
+            push_to=entry.push_to_hub if entry.stream else None,
+            private=(entry.private or None) if entry.stream else None,
         )
         if check_bytes:
             checked = verify(result.source_dir, entry.dst, family=result.plan.family.name, dtype=entry.dtype)
@@ -66,7 +71,11 @@ def run_entry(entry: Entry, *, check_bytes: bool = False) -> dict:
             kept_shards=result.kept_shards,
             warnings=result.warnings,
         )
-    if entry.push_to_hub is not None:
+    if entry.stream and entry.push_to_hub is not None:
+        # Pushed as it was converted: DST's record names the final commit, converted now or before.
+        record = finished_push(entry.dst, entry.push_to_hub)
+        outcome["pushed_to"] = record.url if isinstance(record, PushRecord) else None
+    elif entry.push_to_hub is not None:
         from ..hub.push import push_to_hub  # huggingface_hub is imported only when the Hub is used
 
         # Again after a skip too: a push that failed last time is retried, and upload_folder skips
@@ -84,21 +93,26 @@ def unfinished_reason(entry: Entry, *, check_bytes: bool = False) -> str | None:
     (write/finished.py: planned keys, shards, sizes, headers, family and dtype). For a Hub source,
     without downloading (and for a local source since removed): DST's index records the same source
     (and commit, when the entry pins one), family and dtype, and every shard's header holds the keys
-    the index maps to it. With `check_bytes`, verify compares every byte as well.
+    the index maps to it. A streamed entry that pushes keeps no shards: DST's index records the same
+    and its push record the final commit to `push_to_hub` and every shard of the index with its size
+    and sha256 (hub/push_record.py). With `check_bytes`, verify compares every byte as well.
 
     Raises:
         FusemoeError: the source cannot be read or planned.
     """
     # A local source removed after its conversion (to free the space) leaves only what DST records.
     if entry.hub or not Path(entry.src).exists():
-        reason = recorded_reason(
-            entry.dst,
-            source=entry.src,
-            revision=entry.revision,
-            family=entry.family,
-            dtype=entry.dtype,
-            dequantize=entry.dequantize,
-        )
+        options = {
+            "source": entry.src,
+            "revision": entry.revision,
+            "family": entry.family,
+            "dtype": entry.dtype,
+            "dequantize": entry.dequantize,
+        }
+        if entry.stream and entry.push_to_hub is not None:
+            # The shards are on the Hub, not in DST: the push record proves them (hub/push_record.py).
+            return recorded_push_reason(entry.dst, repo_id=entry.push_to_hub, **options)
+        reason = recorded_reason(entry.dst, **options)
         source = None
         if reason is None and check_bytes:
             if not entry.hub:

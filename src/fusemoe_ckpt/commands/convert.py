@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import DestinationError, UsageError
+from ..hub.push_record import planned_push_reason, recorded_push_reason
 from ..hub.repo_id import is_hub_source
 from ..plan.conversion import plan_for
 from ..plan.layout import ConversionPlan
@@ -53,6 +54,13 @@ class ConvertResult:
         return not self.plan.fused_groups
 
     def summary(self) -> str:
+        pushed = self.streamed.pushed if self.streamed else None
+        if self.already_complete and pushed is not None:
+            return (
+                f"already complete: {self.destination} records this conversion pushed to {pushed.url} "
+                f"(commit {pushed.commit[:8]}, {len(self.plan.shards)} shards, {format_size(self.plan.total_size)}); "
+                "nothing written or uploaded"
+            )
         if self.already_complete:
             return (
                 f"already complete: {self.destination} holds this conversion ({len(self.plan.shards)} shards, "
@@ -110,6 +118,7 @@ class StreamReport:
     downloaded_bytes: int
     peak_source_bytes: int
     pushed: PushResult | None = None
+    already_complete: bool = False  # DST held (or recorded the finished push of) this conversion already
 
 
 def convert(
@@ -177,9 +186,11 @@ def convert(
             )
         check_destination(dst_path)
         if holds_files(dst_path) and not overwrite:
-            recorded = recorded_reason(
-                dst_path, source=str(src), revision=revision, family=family, dtype=dtype, dequantize=dequantize
-            )
+            options = {"source": str(src), "revision": revision, "family": family, "dtype": dtype}
+            if push_to is None:
+                recorded = recorded_reason(dst_path, dequantize=dequantize, **options)
+            else:
+                recorded = recorded_push_reason(dst_path, repo_id=push_to, dequantize=dequantize, **options)
             if not (resume and recorded is None):
                 _refuse_non_empty(dst_path, str(src), this_conversion=recorded is None)
         check_no_partial(partial_path(dst_path), resume=resume, overwrite=overwrite)
@@ -205,7 +216,7 @@ def convert(
             warnings=warnings + _warnings(source, plan, family),
             kept_shards=kept,
             streamed=report,
-            already_complete=report is None,
+            already_complete=report.already_complete,
         )
     if is_hub_source(src):
         from ..hub.download import download_checkpoint  # huggingface_hub is imported only for Hub sources
@@ -275,14 +286,15 @@ def _convert_streamed(
     download_progress: bool,
     plan_options: dict,
     write_options: dict,
-) -> tuple[SourceCheckpoint, ConversionPlan, int, list[str], int, StreamReport | None]:
+) -> tuple[SourceCheckpoint, ConversionPlan, int, list[str], int, StreamReport]:
     """Pin the repo, lay its shards out as placeholders beside DST, plan them, and write the plan
     fetching each source shard just in time (and pushing each output shard, with `push_to`). The
-    report is None when DST held this conversion already (`--resume` run again): nothing written."""
+    report says `already_complete` when DST held this conversion, or recorded its finished push,
+    already (`--resume` run again): nothing written or uploaded."""
     from ..hub.calls import hub_errors, progress_bars  # huggingface_hub is imported only for Hub sources
     from ..hub.fetch import pin_repo
     from ..hub.stream import StreamHooks, lay_out_scratch, remove_scratch, scratch_path
-    from ..hub.stream_push import PushingHooks
+    from ..hub.stream_push import PushingHooks, recorded_push_result
 
     scratch = scratch_path(dst)
     what = f"{repo_id}@{revision}" if revision else repo_id
@@ -296,9 +308,10 @@ def _convert_streamed(
                 streamed = lay_out_scratch(repo, scratch, progress=download_progress)
                 source, plan = plan_for(scratch, **plan_options)
                 if holds_files(dst) and not write_options["overwrite"]:  # --resume: done already?
-                    if _finish_if_complete(dst, plan):
+                    if _finish_if_complete(dst, plan, push_to=push_to):
                         remove_scratch(scratch)
-                        return source, plan, 0, [], len(plan.shards), None
+                        pushed = recorded_push_result(dst, push_to) if push_to is not None else None
+                        return source, plan, 0, [], len(plan.shards), StreamReport(0, 0, pushed, True)
                     _refuse_non_empty(dst, repo_id, this_conversion=planned_reason(dst, plan) is None)
                 if push_to is None:
                     hooks = StreamHooks(streamed, plan, progress=download_progress)
@@ -318,11 +331,16 @@ def _convert_streamed(
     return source, plan, written, extras, kept, StreamReport(hooks.downloaded_bytes, hooks.peak_sources, pushed)
 
 
-def _finish_if_complete(dst: Path, plan: ConversionPlan) -> bool:
-    """Whether `dst` holds `plan`'s output; if so, finish the step a run killed just after its final
-    rename left undone. Under the lock: a convert writing DST right now is refused, not raced."""
+def _finish_if_complete(dst: Path, plan: ConversionPlan, *, push_to: str | None = None) -> bool:
+    """Whether `dst` holds `plan`'s output (with `push_to`: the small files and the record of its
+    finished push to that repo); if so, finish the step a run killed just after its final rename left
+    undone. Under the lock: a convert writing DST right now is refused, not raced."""
     with DestinationLock(dst):
-        if planned_reason(dst, plan) is not None:
+        if push_to is None:
+            reason = planned_reason(dst, plan)
+        else:
+            reason = planned_push_reason(dst, plan, repo_id=push_to)
+        if reason is not None:
             return False
         finish_installed(dst)
         return True

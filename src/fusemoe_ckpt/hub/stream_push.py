@@ -3,15 +3,14 @@ one commit at the end adds the shards with the index, config, tokenizer files an
 
 Pre-uploaded files (LFS, or Xet where the Hub and hf_xet offer it) belong to no commit until the
 final one, so the repo shows nothing of the conversion before it is complete. What was pre-uploaded
-is recorded in the partial directory (`.fusemoe-pushed`: the repo, then one line per shard with its
-size and sha256), so an interrupted run resumes without uploading those shards again; the record
-stays in DST beside the small files.
+is recorded in the partial directory (`.fusemoe-pushed`, push_record.py: the repo, then one line
+per shard with its size and sha256, then the final commit once it is made), so an interrupted run
+resumes without uploading those shards again, nor committing again; the record stays in DST beside
+the small files and proves the push finished.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi, constants
@@ -20,16 +19,13 @@ from huggingface_hub.lfs import UploadInfo
 from ..errors import DestinationError, HubError
 from ..plan.layout import ConversionPlan, ShardPlan
 from ..reading.converted import read_converted_index
-from ..reading.json_document import parse_json, read_document
 from ..reading.source import INDEX_NAME
 from ..version import package_version
-from ..write.no_follow import open_own_file
 from .calls import hub_errors, root_cause
 from .model_card import write_model_card
 from .push import PushResult
+from .push_record import PUSHED_NAME, PushRecord, append_to_record, finished_push, read_push_record, start_record
 from .stream import StreamedSource, StreamHooks, peak_bytes
-
-PUSHED_NAME = ".fusemoe-pushed"
 
 
 class PushingHooks(StreamHooks):
@@ -54,6 +50,7 @@ class PushingHooks(StreamHooks):
         self.pushed: dict[str, tuple[int, str]] = {}  # shard -> (size, sha256 hex)
         self.uploaded_bytes = 0
         self.result: PushResult | None = None
+        self.committed: PushRecord | None = None  # an earlier run's final commit, stopped before its rename
         self.planned_sizes = {shard.filename: shard.file_size for shard in plan.shards}
 
     def start(self, partial: Path, kept: set[str]) -> set[str]:
@@ -62,12 +59,14 @@ class PushingHooks(StreamHooks):
         self.repo_id = url.repo_id
         self.url = str(url)
         self.record = partial / PUSHED_NAME
-        self.pushed = self._read_record()
+        earlier = read_push_record(self.record)
+        if earlier.names(self.repo_id):
+            self.pushed = self._kept(earlier)
+            self.committed = earlier if earlier.commit is not None else None
         if not self.pushed:
-            fd = open_own_file(self.record, "the push record")
-            os.ftruncate(fd, 0)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(json.dumps({"repo": self.repo_id}) + "\n")
+            # Another repo's record (those uploads are not there), or none: every shard is pushed anew.
+            self.committed = None
+            start_record(self.record, self.repo_id)
         for name in sorted(kept - set(self.pushed)):  # written, but the run stopped before its upload
             self._upload(partial / name)
         done = set(self.pushed)
@@ -82,9 +81,14 @@ class PushingHooks(StreamHooks):
         self._upload(path)
 
     def before_install(self, partial: Path) -> None:
-        """Write the model card, then one commit: the pre-uploaded shards and every other file."""
+        """Write the model card, then one commit: the pre-uploaded shards and every other file; the
+        commit recorded once it is made. Not again when an earlier run made it and stopped before
+        the partial directory was renamed into place."""
         _, metadata = read_converted_index(partial / INDEX_NAME)
         write_model_card(partial, metadata, repo_id=self.repo_id, endpoint=self.api.endpoint)
+        if self.committed is not None and set(self.pushed) == set(self.planned_sizes):
+            self.result = _push_result(self.committed)  # DST gets the card that commit holds
+            return
         operations = [self._uploaded(name, *self.pushed[name]) for name in sorted(self.pushed)]
         for path in sorted(partial.rglob("*")):
             relative = path.relative_to(partial).as_posix()
@@ -94,9 +98,8 @@ class PushingHooks(StreamHooks):
         message = f"Upload fused-expert checkpoint of {source} (fusemoe-ckpt {package_version()})"
         with hub_errors(self.repo_id):
             info = self.api.create_commit(self.repo_id, operations=operations, commit_message=message)
-        self.result = PushResult(
-            repo_id=self.repo_id, url=self.url, commit=info.oid, revision=constants.DEFAULT_REVISION
-        )
+        append_to_record(self.record, {"commit": info.oid, "url": self.url})
+        self.result = _push_result(PushRecord(self.repo_id, self.pushed, info.oid, self.url))
 
     def _upload(self, path: Path) -> None:
         """Pre-upload one shard, record it, and delete it locally."""
@@ -107,11 +110,7 @@ class PushingHooks(StreamHooks):
         except (RuntimeError, ValueError) as e:  # how huggingface_hub reports a failed LFS transfer
             raise HubError(f"{self.repo_id}: cannot upload {path.name}: {root_cause(e)}") from e
         size, sha256 = operation.upload_info.size, operation.upload_info.sha256.hex()
-        fd = open_own_file(self.record, "the push record", append=True)
-        with os.fdopen(fd, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"shard": path.name, "size": size, "sha256": sha256}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_to_record(self.record, {"shard": path.name, "size": size, "sha256": sha256})
         self.pushed[path.name] = (size, sha256)
         self.uploaded_bytes += size
         path.unlink()
@@ -126,28 +125,20 @@ class PushingHooks(StreamHooks):
         operation._is_uploaded = True
         return operation
 
-    def _read_record(self) -> dict[str, tuple[int, str]]:
-        """The shards an earlier run into this partial directory pre-uploaded to this repo."""
-        if self.record is None or not os.path.lexists(self.record):
-            return {}
-        text = read_document(self.record, error=DestinationError, what="push record", follow_links=False)
-        lines = text.decode("utf-8").splitlines()
-        head = _line(lines[0]) if lines else None
-        if not isinstance(head, dict) or head.get("repo") != self.repo_id:
-            return {}  # another repo: those uploads are not there, the shards are written and pushed again
-        pushed = {}
-        for text_line in lines[1:]:
-            entry = _line(text_line)
-            if not isinstance(entry, dict):
-                break  # cut short by a kill: that shard is uploaded again
-            name, size, sha256 = entry.get("shard"), entry.get("size"), entry.get("sha256")
-            if self.planned_sizes.get(name) == size and isinstance(sha256, str):
-                pushed[name] = (size, sha256)
-        return pushed
+    def _kept(self, record: PushRecord) -> dict[str, tuple[int, str]]:
+        """The shards of this plan an earlier run into this partial directory pre-uploaded."""
+        return {name: entry for name, entry in record.shards.items() if self.planned_sizes.get(name) == entry[0]}
 
 
-def _line(text: str) -> object:
-    try:
-        return parse_json(text.encode("utf-8"), PUSHED_NAME, error=DestinationError)
-    except DestinationError:
-        return None
+def recorded_push_result(dst: Path, repo_id: str) -> PushResult:
+    """The finished push to `repo_id` that `dst` records (see `push_record.finished_push`), as a push
+    reports it."""
+    record = finished_push(dst, repo_id)
+    if isinstance(record, str):
+        raise DestinationError(f"{dst / PUSHED_NAME}: {record}")
+    return _push_result(record)
+
+
+def _push_result(record: PushRecord) -> PushResult:
+    url = record.url or record.repo_id
+    return PushResult(record.repo_id, url, record.commit, revision=constants.DEFAULT_REVISION)

@@ -23,12 +23,16 @@ from ..reading.source import INDEX_NAME, resolve_inside
 _COMMIT = 40  # hex digits of a full commit id: the only revision a finished Hub output can be checked against
 
 
-def planned_reason(dst: Path, plan: ConversionPlan) -> str | None:
+def planned_reason(dst: Path, plan: ConversionPlan, *, pushed: dict[str, int] | None = None) -> str | None:
     """None when `dst` holds the output of `plan`, else why not, in a few words.
 
     `dst`'s index must map the planned keys to the planned shards, each with the planned size and
     header (dtypes, shapes, offsets), and record the planned family, dtype and dequantization. Tensor
     bytes are not compared: verify does that.
+
+    Args:
+        pushed: for an output whose shards were uploaded instead of kept (name -> size, as the push
+            record lists them): each planned shard must be listed with its planned size.
     """
     found = read_finished(dst)
     if isinstance(found, str):
@@ -44,6 +48,11 @@ def planned_reason(dst: Path, plan: ConversionPlan) -> str | None:
         return f"family/dtype/dequantized {'/'.join(map(str, recorded))} recorded, {planned} planned"
     if weight_map != plan.tensor_to_filename:
         return "its index maps other keys or shards than planned"
+    if pushed is not None:
+        for shard in plan.shards:
+            if pushed.get(shard.filename) != shard.file_size:
+                return f"{shard.filename} is not recorded as pushed with its planned size"
+        return None
     for shard in plan.shards:
         try:
             fd, st = open_regular(dst / shard.filename)
@@ -66,15 +75,19 @@ def recorded_reason(
     family: str | None = None,
     dtype: str | None = None,
     dequantize: bool = False,
+    pushed: dict[str, int] | None = None,
 ) -> str | None:
     """None when `dst`'s index records a conversion of `source` with these options, and every shard
-    holds the keys the index maps to it; else why not. For a source that cannot be planned without
-    downloading it (a Hub repo) or that is gone: what DST records is all there is to go by.
+    holds the keys the index maps to it (or, with `pushed`, is listed there); else why not. For a
+    source that cannot be planned without downloading it (a Hub repo) or that is gone: what DST
+    records is all there is to go by.
 
     Args:
         source: as the index records it (a repo id, or the path as convert was given it).
         revision: checked only when a full commit id (a branch may have moved on since).
         family: checked when given; by default the one config.json names was used.
+        pushed: for an output whose shards were uploaded instead of kept, the shards the push
+            record lists (name -> size).
     """
     found = read_finished(dst)
     if isinstance(found, str):
@@ -92,6 +105,9 @@ def recorded_reason(
         return f"converted with dtype {metadata.get('fusemoe_ckpt_dtype')}"
     if (metadata.get("fusemoe_ckpt_dequantized") is True) != dequantize:
         return "converted with --dequantize" if not dequantize else "converted without --dequantize"
+    if pushed is not None:
+        missing = sorted(set(weight_map.values()) - set(pushed))
+        return f"{missing[0]} is not recorded as pushed" if missing else None
     index_path = dst / INDEX_NAME
     for shard in sorted(set(weight_map.values())):
         try:
