@@ -4,7 +4,9 @@ whole process)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import tracemalloc
 
 import torch
@@ -14,6 +16,8 @@ from hypothesis import strategies as st
 from fusemoe_ckpt.plan.conversion import plan_for
 from fusemoe_ckpt.reading.safetensors_format import TensorInfo, encode_header
 from fusemoe_ckpt.reading.source import open_checkpoint
+from fusemoe_ckpt.version import package_version
+from fusemoe_ckpt.write.journal import plan_fingerprint
 
 from .conftest import QWEN3_CONFIG, expert_tensors, write_checkpoint
 
@@ -59,3 +63,36 @@ def test_header_written_entry_by_entry_is_the_json_of_the_whole(names, metadata)
         whole[info.name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [info.start, info.end]}
     body = encode_header(entries, metadata)[8:]
     assert body.rstrip(b" ") == json.dumps(whole, separators=(",", ":")).encode()
+
+
+def _fingerprint_of_the_whole_document(source, plan) -> str:
+    """The resume fingerprint as json.dumps of one document: what plan_fingerprint feeds piece by piece."""
+    files = []
+    for path in source.shard_files:
+        st = os.stat(path)
+        files.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
+    shards = [
+        [
+            shard.filename,
+            hashlib.sha256(shard.header).hexdigest(),
+            [
+                [p.file and str(p.file.resolve()), p.offset, p.length, p.transpose]
+                for t in shard.tensors
+                for p in t.pieces
+            ],
+        ]
+        for shard in plan.shards
+    ]
+    document = {"version": package_version(), "family": plan.family.name, "files": files, "shards": shards}
+    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
+
+
+def test_fingerprint_fed_piece_by_piece_is_the_hash_of_the_whole_document(tmp_path):
+    tensors = expert_tensors(experts=8)
+    src = write_checkpoint(tmp_path / "src", tensors, shards=3, config=QWEN3_CONFIG)
+    source, plan = plan_for(src, max_shard_size=400)
+    assert len(plan.shards) > 1
+    assert plan_fingerprint(source, plan) == _fingerprint_of_the_whole_document(source, plan)
+    # Pieces cast on the way are hashed by their byte ranges alone, as before.
+    source, plan = plan_for(src, max_shard_size=400, dtype="float16")
+    assert plan_fingerprint(source, plan) == _fingerprint_of_the_whole_document(source, plan)

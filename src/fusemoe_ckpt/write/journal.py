@@ -37,20 +37,31 @@ def plan_fingerprint(source: SourceCheckpoint, plan: ConversionPlan, files: list
         for path in source.shard_files:
             st = os.stat(path)
             files.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
-    shards = [
-        [
-            shard.filename,
-            hashlib.sha256(shard.header).hexdigest(),
-            [
-                [p.file and str(p.file.resolve()), p.offset, p.length, p.transpose]
-                for t in shard.tensors
-                for p in t.pieces
-            ],
-        ]
-        for shard in plan.shards
-    ]
-    document = {"version": package_version(), "family": plan.family.name, "files": files, "shards": shards}
-    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
+    # The SHA-256 of json.dumps({"version", "family", "files", "shards": [[name, header hash,
+    # [[file, offset, length, transpose], ...]], ...]}, sort_keys=True), fed piece by piece: a plan of
+    # 300k pieces needs no list per piece, nor a resolved path string per piece, to be hashed.
+    digest = hashlib.sha256()
+    feed = digest.update
+    dumps = json.dumps
+    feed(f'{{"family": {dumps(plan.family.name)}, "files": {dumps(files, sort_keys=True)}, "shards": ['.encode())
+    resolved: dict[object, str] = {}
+    for i, shard in enumerate(plan.shards):
+        header_hash = hashlib.sha256(shard.header).hexdigest()
+        feed(f'{", " if i else ""}[{dumps(shard.filename)}, "{header_hash}", ['.encode())
+        first = True
+        for tensor in shard.tensors:
+            for piece in tensor.pieces:
+                path = None
+                if piece.file:
+                    path = resolved.get(piece.file)
+                    if path is None:
+                        path = resolved[piece.file] = dumps(str(piece.file.resolve()))
+                transpose = dumps(piece.transpose)
+                feed(f"{'' if first else ', '}[{path or 'null'}, {piece.offset}, {piece.length}, {transpose}]".encode())
+                first = False
+        feed(b"]]")
+    feed(f'], "version": {dumps(package_version())}}}'.encode())
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
