@@ -61,8 +61,13 @@ def test_header_written_entry_by_entry_is_the_json_of_the_whole(names, metadata)
     whole = {"__metadata__": metadata}
     for info in entries:
         whole[info.name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [info.start, info.end]}
-    body = encode_header(entries, metadata)[8:]
-    assert body.rstrip(b" ") == json.dumps(whole, separators=(",", ":")).encode()
+    text = json.dumps(whole, separators=(",", ":")).encode()
+    for residue in (None, 0, 8, 4088):
+        header = encode_header(entries, metadata, data_start_residue=residue)
+        length = int.from_bytes(header[:8], "little")
+        assert length == len(header) - 8
+        assert header[8:].rstrip(b" ") == text
+        assert len(header) % 8 == 0 if residue is None else len(header) % 4096 == residue
 
 
 def _fingerprint_of_the_whole_document(source, plan) -> str:

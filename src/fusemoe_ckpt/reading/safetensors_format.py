@@ -202,19 +202,23 @@ def encode_header(
     """Length prefix plus JSON header, space-padded so the data buffer starts 8-byte aligned, and with
     `data_start_residue` (a multiple of 8) at that offset modulo PAGE_SIZE."""
     # The JSON json.dumps(separators=(",", ":")) gives for {"__metadata__": ..., name: entry, ...},
-    # written entry by entry: a shard of 300k small tensors needs no dict of 300k dicts to say it.
+    # written entry by entry into one buffer (json.dumps writes ASCII): a shard of 300k small tensors
+    # needs no dict of 300k dicts, nor a list of their texts, to say it.
     dumps = json.dumps
-    pieces = ['{"__metadata__":', dumps(dict(metadata), separators=(",", ":"))]
+    out = bytearray(8)  # the length, set below
+    out += b'{"__metadata__":' + dumps(dict(metadata), separators=(",", ":")).encode()
     for info in entries:
         shape = ",".join(map(str, info.shape))
-        pieces.append(
+        out += (
             f',{dumps(info.name)}:{{"dtype":{dumps(info.dtype)},"shape":[{shape}],'
             f'"data_offsets":[{info.start},{info.end}]}}'
-        )
-    pieces.append("}")
-    body = "".join(pieces).encode("utf-8")
+        ).encode()
+    out += b"}"
+    length = len(out) - 8
     if data_start_residue is None:
-        body += b" " * (-len(body) % HEADER_ALIGNMENT)
+        length += -length % HEADER_ALIGNMENT
     else:
-        body += b" " * ((data_start_residue - 8 - len(body)) % PAGE_SIZE)
-    return struct.pack("<Q", len(body)) + body
+        length += (data_start_residue - 8 - length) % PAGE_SIZE
+    out += b" " * (length + 8 - len(out))
+    struct.pack_into("<Q", out, 0, length)
+    return bytes(out)
