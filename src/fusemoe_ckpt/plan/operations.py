@@ -241,6 +241,26 @@ def rope_heads(converter: ChunkForRope, config: dict | None, where: str) -> int:
     return value
 
 
+def rope_order(
+    converter: ChunkForRope, config: dict | None, slot: int, tensor: SourceTensor, rows: int, *, inverse: bool = False
+) -> list[int] | None:
+    """The row order of target `slot`'s `rows` rows of `tensor`: `PermuteForRope`'s (or, `inverse`,
+    its undoing) for a rotary target, None (rows as stored) for any other.
+
+    Raises:
+        FamilyError: the rows do not divide into the config's heads of rotary pairs, named by key and file.
+    """
+    if not converter.permuted(converter.targets[slot]):
+        return None
+    heads = rope_heads(converter, config, "config.json")
+    if rows % (2 * heads):
+        raise FamilyError(
+            f"{tensor.name}: its {rows} rows of {converter.targets[slot]} do not divide into "
+            f"{heads} heads ({converter.rope_config}.num_attention_heads) of rotary pairs ({tensor.file})"
+        )
+    return rope_rows(rows, heads, inverse=inverse)
+
+
 def row_pieces(tensor: SourceTensor, start: int, rows: int, order: list[int] | None = None) -> tuple[Piece, ...]:
     """Rows start..start+rows of `tensor` (dim 0) as pieces, in `order` (relative row numbers) if given."""
     row_bytes = tensor.nbytes // tensor.shape[0]
@@ -259,16 +279,7 @@ def chunk_for_rope(
     outputs, start = [], 0
     for i, name in enumerate(converter.output_names(target)):
         rows = sizes[i]
-        order = None
-        if converter.permuted(converter.targets[i]):
-            heads = rope_heads(converter, config, "config.json")
-            if rows % (2 * heads):
-                raise FamilyError(
-                    f"{tensor.name}: its {rows} rows of {converter.targets[i]} do not divide into "
-                    f"{heads} heads ({converter.rope_config}.num_attention_heads) of rotary pairs ({tensor.file})"
-                )
-            order = rope_rows(rows, heads)
-        pieces = row_pieces(tensor, start, rows, order)
+        pieces = row_pieces(tensor, start, rows, rope_order(converter, config, i, tensor, rows))
         start += rows
         outputs.append(OutputTensor(name, tensor.dtype, (rows, *tensor.shape[1:]), pieces))
     kind = "split" if isinstance(converter, SplitBySize) else "chunk_for_rope" if converter.rope else "chunk"

@@ -35,7 +35,7 @@ from ..rules.patterns import (
 from ..rules.quantized import for_quantization
 from .conversion import config_hidden_size
 from .layout import ConversionPlan, lay_out
-from .operations import hidden_axis, rope_heads, rope_rows, row_pieces, shard_count, transposed_pieces
+from .operations import hidden_axis, rope_order, row_pieces, shard_count, transposed_pieces
 from .pieces import FusedGroup, OutputTensor, Piece, coalesce
 
 
@@ -128,16 +128,7 @@ def _join_chunks(
         tensor = found[slot]
         rows = tensor.shape[0] if tensor.shape else 0
         total += rows
-        order = None
-        if converter.permuted(converter.targets[slot]):
-            heads = rope_heads(converter, config, "config.json")
-            if rows % (2 * heads):
-                raise FamilyError(
-                    f"{tensor.name}: its {rows} rows do not divide into {heads} heads "
-                    f"({converter.rope_config}.num_attention_heads) of rotary pairs"
-                )
-            order = rope_rows(rows, heads, inverse=True)
-        pieces += row_pieces(tensor, 0, rows, order)
+        pieces += row_pieces(tensor, 0, rows, rope_order(converter, config, slot, tensor, rows, inverse=True))
     shape = (total, *first.shape[1:])
     return first.name, OutputTensor(joined, first.dtype, shape, tuple(coalesce(pieces)))
 
