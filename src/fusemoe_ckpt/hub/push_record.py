@@ -99,28 +99,25 @@ def recorded_push_reason(dst: Path, *, repo_id: str, **options) -> str | None:
     """None when `dst` holds the small files of a finished streamed push to `repo_id` of the
     conversion `options` describe (as `write.finished.recorded_reason` takes them), else why not;
     the record must name every shard of the index."""
-    found = read_finished(dst)
-    if isinstance(found, str):
-        return found
-    record = finished_push(dst, repo_id)
-    if isinstance(record, str):
-        return record
-    return recorded_reason(dst, pushed=_sizes(record), **options)
+    sizes = _pushed_sizes(dst, repo_id)
+    return sizes if isinstance(sizes, str) else recorded_reason(dst, pushed=sizes, **options)
 
 
 def planned_push_reason(dst: Path, plan: ConversionPlan, *, repo_id: str) -> str | None:
     """None when `dst` holds the small files of a finished streamed push of `plan` to `repo_id`, each
     planned shard recorded with its planned size; else why not."""
+    sizes = _pushed_sizes(dst, repo_id)
+    return sizes if isinstance(sizes, str) else planned_reason(dst, plan, pushed=sizes)
+
+
+def _pushed_sizes(dst: Path, repo_id: str) -> dict[str, int] | str:
+    """The size of each shard a finished push of `dst` to `repo_id` recorded, or why there is none."""
     found = read_finished(dst)
     if isinstance(found, str):
         return found
     record = finished_push(dst, repo_id)
     if isinstance(record, str):
         return record
-    return planned_reason(dst, plan, pushed=_sizes(record))
-
-
-def _sizes(record: PushRecord) -> dict[str, int]:
     return {name: size for name, (size, _) in record.shards.items()}
 
 
