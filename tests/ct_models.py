@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .conftest import write_checkpoint
-from .fp8_models import BLOCK_SPARSE_MOE, is_quantized, load_checkpoint_or_file, tiny_config
+from .fp8_models import BLOCK_SPARSE_MOE, is_quantized, original_bf16
 
 # Released schemes: W4A16 (Kimi-K2.5's experts, group 32), W8A16 per channel, asymmetric W4 by group,
 # and FP8 weights per channel (FP8_DYNAMIC: activations quantized on the fly) or per tensor.
@@ -101,19 +101,9 @@ def ct_checkpoint(
 
     With `experts_only`, only routed experts are quantized (targets `re:.*experts.*`, as Kimi-K2.5).
     """
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    config = tiny_config(model_type)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.ndim == 2:
-                parameter.normal_(0, 0.05)
-    original = root.parent / f"{root.name}-bf16"
-    model.save_pretrained(original)  # the original format: one tensor per expert
+    config, original = original_bf16(root, model_type, seed=seed)
     tensors = {}
-    for i, (key, tensor) in enumerate(sorted(load_checkpoint_or_file(original).items())):
+    for i, (key, tensor) in enumerate(sorted(original.items())):
         if model_type in BLOCK_SPARSE_MOE:
             key = key.replace(".mlp.", ".block_sparse_moe.")
         if is_quantized(key, tensor) and (".experts." in key or not experts_only):

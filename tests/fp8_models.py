@@ -119,8 +119,9 @@ def is_quantized(key: str, tensor: torch.Tensor) -> bool:
     return not ("embed_tokens" in key or key.startswith("lm_head") or key.endswith(".gate.weight"))
 
 
-def fp8_checkpoint(root: Path, model_type: str, *, moe_intermediate: int = 256, shards: int = 3, seed: int = 0):
-    """Write a per-expert FP8 checkpoint of a tiny random `model_type` model over `shards` files."""
+def original_bf16(root: Path, model_type: str, *, moe_intermediate: int = 256, seed: int = 0):
+    """(config, tensors) of a tiny random bf16 `model_type` model, saved beside `root` in the original
+    format (one tensor per expert) and read back, to be quantized into a checkpoint at `root`."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -131,9 +132,15 @@ def fp8_checkpoint(root: Path, model_type: str, *, moe_intermediate: int = 256, 
             if parameter.ndim == 2:
                 parameter.normal_(0, 0.05)
     original = root.parent / f"{root.name}-bf16"
-    model.save_pretrained(original)  # the original format: one tensor per expert
+    model.save_pretrained(original)
+    return config, load_checkpoint_or_file(original)
+
+
+def fp8_checkpoint(root: Path, model_type: str, *, moe_intermediate: int = 256, shards: int = 3, seed: int = 0):
+    """Write a per-expert FP8 checkpoint of a tiny random `model_type` model over `shards` files."""
+    config, original = original_bf16(root, model_type, moe_intermediate=moe_intermediate, seed=seed)
     tensors = {}
-    for key, tensor in load_checkpoint_or_file(original).items():
+    for key, tensor in original.items():
         if model_type in BLOCK_SPARSE_MOE:
             key = key.replace(".mlp.", ".block_sparse_moe.")
         if is_quantized(key, tensor):
