@@ -5,9 +5,10 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
+from itertools import islice
 from pathlib import Path
 
 from ..errors import CheckpointError, DestinationError, FusemoeError
@@ -71,8 +72,11 @@ class ShardWriter:
             for piece in tensor.pieces:
                 if piece.file is not None:
                     self._source_fd(piece.file)
-        self._pwrite_all(self.shard.header, 0)
-        self._count(len(self.shard.header))
+        at = 0
+        for chunk in self.shard.header_chunks():
+            self._pwrite_all(chunk, at)
+            at += len(chunk)
+        self._count(at)
 
     def copy(self, piece: Piece, at: int, progress: Progress | None = None) -> None:
         """Write `piece` at output offset `at`."""
@@ -161,29 +165,35 @@ class ShardWriter:
         return len(data)
 
 
-def placed_pieces(shard: ShardPlan) -> list[tuple[Piece, int]]:
-    """Every piece of `shard` with the file offset it is written at, in file order."""
-    placed, at = [], len(shard.header)
+def placed_pieces(shard: ShardPlan) -> Iterator[tuple[Piece, int]]:
+    """Every piece of `shard` with the file offset it is written at, in file order (one at a time:
+    a shard of 300k tensors is not listed)."""
+    at = shard.header_size
     for tensor in shard.tensors:
         for piece in tensor.pieces:
-            placed.append((piece, at))
+            yield piece, at
             at += piece.out_length
-    return placed
 
 
 def split_evenly(placed: list[tuple[Piece, int]], parts: int) -> list[list[tuple[Piece, int]]]:
     """`placed` cut into at most `parts` runs of consecutive pieces holding about equal bytes."""
-    total = sum(piece.out_length for piece, _ in placed)
-    runs: list[list[tuple[Piece, int]]] = [[]]
-    done = 0
-    for item in placed:
-        size = item[0].out_length
+    sizes = [piece.out_length for piece, _ in placed]
+    bounds = run_bounds(sizes, sum(sizes), parts)
+    return [placed[start:stop] for start, stop in bounds]
+
+
+def run_bounds(sizes: Iterable[int], total: int, parts: int) -> list[tuple[int, int]]:
+    """(start, stop) indices of at most `parts` runs of consecutive items of `sizes` (summing to
+    `total`) that hold about equal bytes; every item in one run, none empty."""
+    starts = [0]
+    done = count = 0
+    for size in sizes:
         # A new run starts where the boundary falls nearer this piece's start than its end.
-        if runs[-1] and len(runs) < parts and done + size / 2 >= total * len(runs) / parts:
-            runs.append([])
-        runs[-1].append(item)
+        if count > starts[-1] and len(starts) < parts and done + size / 2 >= total * len(starts) / parts:
+            starts.append(count)
         done += size
-    return [run for run in runs if run]
+        count += 1
+    return [(start, stop) for start, stop in zip(starts, [*starts[1:], count], strict=True) if stop > start]
 
 
 def write_shard(
@@ -207,9 +217,10 @@ def write_shard(
     """
     writer = ShardWriter(path, shard, durable=durable, stop=stop or threading.Event())
 
-    def copy_run(run: list[tuple[Piece, int]]) -> None:
+    def copy_run(bounds: tuple[int, int | None]) -> None:
         behind = WriteBehind(writer) if durable else None
-        for piece, at in run:
+        # Each run takes its pieces from the shard as it goes: no list of every piece is kept.
+        for piece, at in islice(placed_pieces(shard), *bounds):
             writer.copy(piece, at, progress)
             if behind is not None:
                 behind.copied(at, at + piece.out_length)
@@ -219,8 +230,9 @@ def write_shard(
     try:
         writer.open()
         if progress is not None:
-            progress(len(shard.header))
-        runs = split_evenly(placed_pieces(shard), threads)
+            progress(shard.header_size)
+        sizes = (piece.out_length for piece, _ in placed_pieces(shard)) if threads > 1 else ()
+        runs = run_bounds(sizes, shard.data_size, threads) if threads > 1 else [(0, None)]
         if len(runs) <= 1:
             for run in runs:
                 copy_run(run)
