@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import struct
 from bisect import bisect_right
-from collections.abc import ItemsView, Iterator, Mapping, Sequence
+from collections.abc import ItemsView, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
@@ -135,7 +135,9 @@ class Tensors(Sequence[OutputTensor]):
             begin = self.starts[unit]
             found = self.units[unit]
             size = 1 if isinstance(found, OutputTensor) else len(found)
-            yield found, max(self.start, begin) - begin, min(self.stop, begin + size) - begin
+            first, stop = max(self.start, begin) - begin, min(self.stop, begin + size) - begin
+            if first < stop:
+                yield found, first, stop
             unit += 1
 
     def __iter__(self) -> Iterator[OutputTensor]:
@@ -156,6 +158,16 @@ class Tensors(Sequence[OutputTensor]):
                 for i in range(first, stop):
                     yield name(i)
 
+    def sizes(self) -> Iterator[tuple[str, int]]:
+        """(name, bytes) of each tensor, in turn."""
+        for unit, first, stop in self._spans():
+            if isinstance(unit, OutputTensor):
+                yield unit.name, unit.nbytes
+            else:
+                name, members = unit.name, unit.members
+                for i in range(first, stop):
+                    yield name(i), members[i % len(members)].length
+
 
 class StreamedShard(ShardPlan):
     """A shard whose tensors are a range of the file order and whose header is made as it is read:
@@ -165,12 +177,11 @@ class StreamedShard(ShardPlan):
         self.filename = filename
         self.tensors = tensors
         self._residue = _page_residue(tensors)
-        json_length = data = 0
-        for text in header_texts(self._infos(), HEADER_METADATA):
+        json_length = 0
+        infos = self._infos()
+        for text in header_texts(infos, HEADER_METADATA):
             json_length += len(text)
-        for tensor in tensors:
-            data += tensor.nbytes
-        self._data_size = data
+        self._data_size = infos.data_size
         self._header_length = padded_header_length(json_length, self._residue)
 
     @property
@@ -198,12 +209,24 @@ class StreamedShard(ShardPlan):
         chunk += b" " * (self.header_size - written - len(chunk))
         yield bytes(chunk)
 
-    def _infos(self) -> Iterator[TensorInfo]:
+    def _infos(self) -> _Infos:
+        return _Infos(self.tensors)
+
+
+class _Infos:
+    """The header entries of `tensors`, in turn; once all are read, `data_size` is their bytes."""
+
+    def __init__(self, tensors: Iterable[OutputTensor]) -> None:
+        self.tensors = tensors
+        self.data_size = 0
+
+    def __iter__(self) -> Iterator[TensorInfo]:
         position = 0
         for tensor in self.tensors:
             size = tensor.nbytes
             yield TensorInfo(tensor.name, tensor.dtype, tensor.shape, position, position + size)
             position += size
+        self.data_size = position
 
 
 class ShardsByName(Mapping[str, str]):
@@ -287,14 +310,14 @@ def _shard_bounds(tensors: Tensors, groups: list[FusedGroup], max_shard_size: in
             current += part_size
             first += len(part)
 
-    for tensor in tensors:
-        module = module_of.get(tensor.name)
+    for name, size in tensors.sizes():
+        module = module_of.get(name)
         if module is not None and unit and unit_module == module:
-            unit.append(tensor.nbytes)
+            unit.append(size)
         else:
             if unit:
                 place(unit, at - len(unit))
-            unit, unit_module = [tensor.nbytes], module
+            unit, unit_module = [size], module
         at += 1
     if unit:
         place(unit, at - len(unit))

@@ -235,16 +235,20 @@ def _index_texts(metadata: dict, entries: Iterable[tuple[str, str]]) -> Iterator
     about INDEX_CHUNK bytes: the index of 300k tensors is not held whole, nor its dict."""
     dumps = json.dumps
     head = dumps({"metadata": metadata}, indent=2)
-    chunk = head.removesuffix("\n}") + ',\n  "weight_map": {'
+    parts = [head.removesuffix("\n}"), ',\n  "weight_map": {']
+    size = 0
     separator = "\n    "
     for name, filename in entries:
-        chunk += f"{separator}{dumps(name)}: {dumps(filename)}"
+        text = f"{separator}{dumps(name)}: {dumps(filename)}"
+        parts.append(text)
+        size += len(text)
         separator = ",\n    "
-        if len(chunk) >= INDEX_CHUNK:
-            yield chunk.encode("utf-8")
-            chunk = ""
-    chunk += "}\n}\n" if separator == "\n    " else "\n  }\n}\n"
-    yield chunk.encode("utf-8")
+        if size >= INDEX_CHUNK:
+            yield "".join(parts).encode("utf-8")
+            parts.clear()
+            size = 0
+    parts.append("}\n}\n" if separator == "\n    " else "\n  }\n}\n")
+    yield "".join(parts).encode("utf-8")
 
 
 def _copy_side_files(root: Path, partial: Path, extras: list[str], config: dict | None, *, durable: bool) -> None:
