@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,7 +20,7 @@ from fusemoe_ckpt.rules.selection import resolve_family
 from fusemoe_ckpt.write import output
 from fusemoe_ckpt.write.journal import plan_fingerprint
 
-from .conftest import MIXTRAL_CONFIG, QWEN3_CONFIG, expert_tensors, write_checkpoint
+from .conftest import MIXTRAL_CONFIG, QWEN3_CONFIG, expert_tensors, load_checkpoint, write_checkpoint
 
 
 def _fused(tmp_path, tensors, config):
@@ -109,3 +110,25 @@ def test_index_written_in_parts_is_the_json_of_the_whole(names, metadata, chunk)
     finally:
         output.INDEX_CHUNK = original
     assert b"".join(parts).decode() == whole
+
+
+def test_a_tensor_among_the_expert_names_is_planned_tensor_by_tensor(tmp_path):
+    """Runs would interleave with a plain tensor named inside a module's experts: that plan keeps an
+    object per tensor, and the output is as before."""
+    tensors = expert_tensors(experts=4)
+    convert(write_checkpoint(tmp_path / "src", tensors, config=QWEN3_CONFIG), tmp_path / "converted")
+    fused = load_checkpoint(tmp_path / "converted")
+    extra = {"model.layers.0.mlp.experts.2.extra.weight": torch.full((2,), 7.0)}  # convert would refuse it
+    write_checkpoint(tmp_path / "fused", fused | extra, shards=2, config=QWEN3_CONFIG)
+    source = open_checkpoint(tmp_path / "fused")
+    plan = plan_unfuse(source, resolve_family(source, None), max_shard_size=10**9)
+    assert not any(isinstance(shard, StreamedShard) for shard in plan.shards)
+    names = list(plan.tensor_to_filename)
+    assert (
+        names.index("model.layers.0.mlp.experts.2.extra.weight")
+        == names.index("model.layers.0.mlp.experts.2.down_proj.weight") + 1
+    )
+    unfuse(tmp_path / "fused", tmp_path / "back")
+    back = load_checkpoint(tmp_path / "back")
+    assert sorted(back) == sorted(tensors | extra)
+    assert all(torch.equal(back[name], tensor) for name, tensor in (tensors | extra).items())

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import struct
 from bisect import bisect_right
-from collections.abc import ItemsView, Iterable, Iterator, Mapping, Sequence
+from collections.abc import ItemsView, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
@@ -158,6 +158,17 @@ class Tensors(Sequence[OutputTensor]):
                 for i in range(first, stop):
                     yield name(i)
 
+    def entries(self) -> Iterator[tuple[str, str, tuple[int, ...], int]]:
+        """(name, dtype, shape, bytes) of each tensor, in turn: what its header entry says."""
+        for unit, first, stop in self._spans():
+            if isinstance(unit, OutputTensor):
+                yield unit.name, unit.dtype, unit.shape, unit.nbytes
+            else:
+                name, members = unit.name, unit.members
+                for i in range(first, stop):
+                    m = members[i % len(members)]
+                    yield name(i), m.dtype, m.shape, m.length
+
     def sizes(self) -> Iterator[tuple[str, int]]:
         """(name, bytes) of each tensor, in turn."""
         for unit, first, stop in self._spans():
@@ -216,15 +227,14 @@ class StreamedShard(ShardPlan):
 class _Infos:
     """The header entries of `tensors`, in turn; once all are read, `data_size` is their bytes."""
 
-    def __init__(self, tensors: Iterable[OutputTensor]) -> None:
+    def __init__(self, tensors: Tensors) -> None:
         self.tensors = tensors
         self.data_size = 0
 
     def __iter__(self) -> Iterator[TensorInfo]:
         position = 0
-        for tensor in self.tensors:
-            size = tensor.nbytes
-            yield TensorInfo(tensor.name, tensor.dtype, tensor.shape, position, position + size)
+        for name, dtype, shape, size in self.tensors.entries():
+            yield TensorInfo(name, dtype, shape, position, position + size)
             position += size
         self.data_size = position
 
