@@ -132,3 +132,24 @@ def test_a_tensor_among_the_expert_names_is_planned_tensor_by_tensor(tmp_path):
     back = load_checkpoint(tmp_path / "back")
     assert sorted(back) == sorted(tensors | extra)
     assert all(torch.equal(back[name], tensor) for name, tensor in (tensors | extra).items())
+
+
+def test_a_fused_tensor_of_no_experts_splits_into_nothing_beside_runs(tmp_path, monkeypatch):
+    converted = convert(
+        write_checkpoint(tmp_path / "src", expert_tensors(experts=3), config=QWEN3_CONFIG), tmp_path / "converted"
+    )
+    assert converted.plan.fused_groups
+    fused = load_checkpoint(tmp_path / "converted")
+    fused["model.layers.0.mlp.experts.gate_up_proj"] = torch.zeros((0, 6, 4))
+    fused["model.layers.0.mlp.experts.down_proj"] = torch.zeros((0, 4, 3))
+    source = open_checkpoint(write_checkpoint(tmp_path / "fused", fused, config=QWEN3_CONFIG))
+    family = resolve_family(source, None)
+    plan = plan_unfuse(source, family, max_shard_size=10**9)
+    monkeypatch.setattr(unfusion, "_plan_in_runs", lambda *args: None)
+    each = plan_unfuse(source, family, max_shard_size=10**9)
+    assert isinstance(plan.shards[0], StreamedShard)
+    assert list(plan.tensor_to_filename.items()) == list(each.tensor_to_filename.items())
+    assert not any(".layers.0.mlp.experts" in name for name in plan.tensor_to_filename)
+    assert [(g.target, tuple(g.source_keys)) for g in plan.fused_groups] == [
+        (g.target, g.source_keys) for g in each.fused_groups
+    ]

@@ -176,6 +176,7 @@ def _plan_in_runs(
         if key in source_keys
         else FusedGroup(key, operation[key], len(names_of[key]), tuple(names_of[key]))
         for key in converted
+        if key in source_keys or key in names_of  # a fused tensor of no experts splits into nothing
     ]
     return lay_out_units(family, units, groups, max_shard_size)
 
