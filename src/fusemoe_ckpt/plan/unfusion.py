@@ -14,6 +14,7 @@ import math
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
+from itertools import pairwise
 
 from ..errors import FamilyError
 from ..naming import natural_key
@@ -257,15 +258,26 @@ def _template(names: Iterator[str]) -> tuple[str, str] | None:
 
 def _strictly_ordered(units: list[Unit]) -> bool:
     """Every name of `units`, in turn, after the one before in natural order: the file order
-    `_plan_each` sorts into, and no name twice."""
+    `_plan_each` sorts into, and no name twice.
+
+    Within a run this follows from its form: where the prefix ends and every suffix starts with a
+    non-digit, the natural key of `{prefix}{e}{suffix}` is the prefix's, then e, then the suffix's,
+    so names go expert by expert and, within one, in the order of their suffixes. Between units,
+    the last name of one must come before the first of the next."""
     last = None
     for unit in units:
-        names = (unit.name,) if isinstance(unit, OutputTensor) else map(unit.name, range(len(unit)))
-        for name in names:
-            key = natural_key(name)
-            if last is not None and not last < key:
+        if isinstance(unit, OutputTensor):
+            first = final = unit.name
+        else:
+            if unit.prefix[-1:].isdigit() or any(m.suffix[:1].isdigit() for m in unit.members):
                 return False
-            last = key
+            suffixes = [natural_key(m.suffix) for m in unit.members]
+            if any(not a < b for a, b in pairwise(suffixes)):
+                return False
+            first, final = unit.name(0), unit.name(len(unit) - 1)
+        if last is not None and not last < natural_key(first):
+            return False
+        last = natural_key(final)
     return True
 
 
