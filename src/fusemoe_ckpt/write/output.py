@@ -12,6 +12,7 @@ import shutil
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from json.encoder import encode_basestring_ascii
 from pathlib import Path
 
 from ..errors import ConversionInterrupted, UsageError, interrupted_by
@@ -233,13 +234,13 @@ def write_index(path: Path, plan: ConversionPlan, provenance: dict[str, str], *,
 def _index_texts(metadata: dict, entries: Iterable[tuple[str, str]]) -> Iterator[bytes]:
     """json.dumps({"metadata": metadata, "weight_map": dict(entries)}, indent=2) + "\n" in parts of
     about INDEX_CHUNK bytes: the index of 300k tensors is not held whole, nor its dict."""
-    dumps = json.dumps
-    head = dumps({"metadata": metadata}, indent=2)
+    quote = encode_basestring_ascii  # json.dumps of one string, without its dispatch
+    head = json.dumps({"metadata": metadata}, indent=2)
     parts = [head.removesuffix("\n}"), ',\n  "weight_map": {']
     size = 0
     separator = "\n    "
     for name, filename in entries:
-        text = f"{separator}{dumps(name)}: {dumps(filename)}"
+        text = f"{separator}{quote(name)}: {quote(filename)}"
         parts.append(text)
         size += len(text)
         separator = ",\n    "
