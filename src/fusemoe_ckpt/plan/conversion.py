@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from ..cycles import collector_paused
 from ..errors import CheckpointError, FamilyError, UsageError
-from ..naming import natural_key
+from ..naming import FirstError, natural_key
 from ..reading.quantization import Quantization, quantization_of
 from ..reading.source import EXPERT_COUNT_FIELDS, SourceCheckpoint, SourceTensor, open_checkpoint
 from ..rules.families import Family
@@ -52,6 +52,7 @@ from .quantization import (
     names_scales_dot_scale,
     paired_scales,
     refuse_expert_activation_scales,
+    scale_blocks,
 )
 
 
@@ -133,15 +134,14 @@ def plan_conversion(
             tensors, dropped = dequantized_view(tensors, scales, output)
         config = {k: v for k, v in source.config.items() if k != "quantization_config"}
     elif quantization is not None:
-        scales = paired_scales(named, quantization)
+        block_of = scale_blocks(named, quantization)
         refuse_expert_activation_scales(tensors)
     passthrough: dict[str, SourceTensor] = {}
     groups: dict[str, Slots] = defaultdict(lambda: defaultdict(dict))
     converter_of: dict[str, Converter] = {}
-    # The keys are taken in the checkpoint's order, not sorted (sorting 300k names by their numbers
-    # costs a second and tens of megabytes); what the first of two keys in natural order decides (which
-    # is named "also", which error is reported) is decided by comparing the two.
-    first_error = _FirstError()
+    # The keys are taken in the checkpoint's order, not sorted: what the first of two keys in natural
+    # order decides (which is named "also", which error is reported) is decided by comparing the two.
+    first_error = FirstError()
     expert_ids: dict[str, int] = {}
     for key, tensor in tensors.items():
         mapping = mappings.pop(key, None) or mapping_of(key)
@@ -165,7 +165,7 @@ def plan_conversion(
         members[expert] = tensor
         converter_of[mapping.target] = mapping.converter
     del mappings
-    first_error.raise_it()
+    first_error.raise_first()
 
     outputs: dict[str, OutputTensor] = {
         name: OutputTensor(name, t.dtype, t.shape, (piece_of(t),)) for name, t in passthrough.items()
@@ -190,7 +190,7 @@ def plan_conversion(
     _refuse_leftover_experts(passthrough, fused_groups, family)
     del passthrough, groups
     if quantization is not None and not dequantize:
-        check_fused_scales(outputs, fused_groups, quantization, tensors, scales)
+        check_fused_scales(outputs, fused_groups, quantization, tensors, block_of)
 
     held = held_dtypes(family, source.config, dtype)
     ordered = sorted((cast_tensor(t, held(t.name)) for t in outputs.values()), key=lambda t: natural_key(t.name))
@@ -366,7 +366,7 @@ def _refuse_missing_merges(groups: dict[str, Slots], converter_of: dict[str, Con
                 )
 
 
-def _claim(passthrough: dict[str, SourceTensor], target: str, tensor: SourceTensor, first_error: _FirstError) -> None:
+def _claim(passthrough: dict[str, SourceTensor], target: str, tensor: SourceTensor, first_error: FirstError) -> None:
     other = passthrough.get(target, tensor)
     if other is not tensor:
         earlier, later = _in_natural_order(other, tensor)
@@ -378,23 +378,6 @@ def _claim(passthrough: dict[str, SourceTensor], target: str, tensor: SourceTens
 
 def _in_natural_order(a: SourceTensor, b: SourceTensor) -> tuple[SourceTensor, SourceTensor]:
     return (a, b) if natural_key(a.name) <= natural_key(b.name) else (b, a)
-
-
-class _FirstError:
-    """Of the errors found while taking keys in the checkpoint's order, the one met first in natural
-    key order: the one reported, whatever order the checkpoint stores its keys in."""
-
-    def __init__(self) -> None:
-        self.error: tuple[tuple, Exception] | None = None
-
-    def add(self, key: str, error: Exception) -> None:
-        order = natural_key(key)
-        if self.error is None or order < self.error[0]:
-            self.error = (order, error)
-
-    def raise_it(self) -> None:
-        if self.error is not None:
-            raise self.error[1]
 
 
 def _without(tensors: dict[str, SourceTensor], keys: list[str]) -> dict[str, SourceTensor]:

@@ -32,11 +32,11 @@ def first_member(groups: Iterable[Slots]) -> str:
 
 
 def _require_slots(target: str, converter: Converter, slots: Slots, family: str) -> None:
-    some_key = first_member([slots])
     for slot, pattern in enumerate(converter.sources):
         if slot not in slots:
             raise FamilyError(
-                f"{target}: no tensor matches {pattern!r} (family {family}), though {some_key} matches its sibling"
+                f"{target}: no tensor matches {pattern!r} (family {family}), "
+                f"though {first_member([slots])} matches its sibling"
             )
 
 
