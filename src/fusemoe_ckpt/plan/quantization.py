@@ -6,7 +6,6 @@ planned dequantized (the scales consumed, the weight written in a floating dtype
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from functools import partial
 
 from ..errors import CheckpointError, FamilyError
@@ -191,7 +190,7 @@ def dequantized_view(
                 "unfuse the checkpoint first, or convert it without --dequantize"
             )
         else:
-            tensors[key] = replace(tensor, dtype=output, scales=scale)
+            tensors[key] = tensor.replace(dtype=output, scales=scale)
     return tensors, sorted(dropped, key=natural_key)
 
 
