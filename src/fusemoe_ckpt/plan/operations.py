@@ -16,7 +16,7 @@ from ..naming import natural_key
 from ..reading.safetensors_format import DTYPE_SIZES
 from ..reading.source import SourceTensor
 from ..rules.patterns import ChunkForRope, ConcatenateShards, Converter, ExpertMerge, SplitBySize
-from .pieces import FusedGroup, OutputTensor, Piece, coalesce, compact, piece_of, zeros
+from .pieces import FusedGroup, OutputTensor, Piece, PieceRuns, coalesce, compact, piece_of, zeros
 
 # The in-memory fused layout of transformers 5: which axis holds the hidden size.
 HIDDEN_AXIS = {"gate_up_proj": 2, "up_proj": 2, "down_proj": 1}
@@ -79,11 +79,18 @@ def fuse_experts(
     _check_concatenable([slots[slot][0] for slot in range(len(merge.sources))])
     ordered_slots = [slots[slot] for slot in range(len(merge.sources))]
     total = num_experts + zero_experts
-    pieces = compact(
-        piece_of(experts[e]) if e in experts else zeros(experts[0].nbytes)
-        for e in range(total)
-        for experts in ordered_slots
-    )
+    if any(t.scales is not None for experts in ordered_slots for t in experts.values()):
+        pieces = compact(
+            piece_of(experts[e]) if e in experts else zeros(experts[0].nbytes)
+            for e in range(total)
+            for experts in ordered_slots
+        )
+    else:
+        pieces = PieceRuns.of_copies(
+            (t.file, t.offset, t.nbytes) if (t := experts.get(e)) is not None else (None, 0, experts[0].nbytes)
+            for e in range(total)
+            for experts in ordered_slots
+        )
     rows = sum(experts[0].shape[0] for experts in ordered_slots)
     shape = (total, rows, *first.shape[1:])
     keys = tuple(experts[e].name for e in range(total) for experts in ordered_slots if e in experts)

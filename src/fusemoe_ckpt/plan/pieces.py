@@ -65,15 +65,39 @@ class PieceRuns(Sequence[Piece]):
     __slots__ = ("_files", "_file_ids", "_offsets", "_lengths")
 
     def __init__(self, pieces: Iterable[Piece]) -> None:
+        self._build((piece.file, piece.offset, piece.length) for piece in pieces)
+
+    @classmethod
+    def of_copies(cls, copies: Iterable[tuple[Path | None, int, int]]) -> PieceRuns:
+        """(file, offset, length) copies (no file: zeros), each continuing the one before in the same
+        file merged into it, as `coalesce` merges pieces; no Piece is made."""
+        runs = cls.__new__(cls)
+        runs._build(copies, merge=True)
+        return runs
+
+    def _build(self, copies: Iterable[tuple[Path | None, int, int]], merge: bool = False) -> None:
         files: dict[Path | None, int] = {}
-        self._file_ids = array("I")
-        self._offsets = array("q")
-        self._lengths = array("q")
-        for piece in pieces:
-            self._file_ids.append(files.setdefault(piece.file, len(files)))
-            self._offsets.append(piece.offset)
-            self._lengths.append(piece.length)
-        self._files = tuple(files)
+        file_ids, offsets, lengths = array("I"), array("q"), array("q")
+        last_file, end = -1, -1
+        for file, offset, length in copies:
+            if merge:
+                if length == 0:
+                    continue
+                if offset == end and file is not None and (file is last_file or file == last_file):
+                    lengths[-1] += length
+                    end += length
+                    continue
+                last_file, end = file, offset + length
+            file_ids.append(files.setdefault(file, len(files)))
+            offsets.append(offset)
+            lengths.append(length)
+        self._files, self._file_ids, self._offsets, self._lengths = tuple(files), file_ids, offsets, lengths
+
+    def copies(self) -> Iterator[tuple[Path | None, int, int]]:
+        """(file, offset, length) of each piece, without making the pieces."""
+        files = self._files
+        for file_id, offset, length in zip(self._file_ids, self._offsets, self._lengths):  # noqa: B905 (equal lengths)
+            yield files[file_id], offset, length
 
     def __len__(self) -> int:
         return len(self._offsets)
@@ -123,6 +147,25 @@ def piece_of(tensor: SourceTensor) -> Piece:
         return Piece(tensor.file, tensor.offset, tensor.nbytes)
     cast = (tensor.scales.quantized_dtype, tensor.dtype)
     return Piece(tensor.file, tensor.offset, tensor.nbytes, cast=cast, scales=tensor.scales)
+
+
+def plain(pieces: Sequence[Piece]) -> bool:
+    """Whether every piece is a copy of bytes as they are (no transpose, cast or scales)."""
+    return isinstance(pieces, PieceRuns) or all(
+        p.transpose is None and p.cast is None and p.scales is None for p in pieces
+    )
+
+
+def transposed(pieces: Sequence[Piece]) -> bool:
+    """Whether any piece is written transposed."""
+    return not isinstance(pieces, PieceRuns) and any(p.transpose is not None for p in pieces)
+
+
+def copies(pieces: Sequence[Piece]) -> Iterator[tuple[Path | None, int, int]]:
+    """(file, offset, length) of each piece (no file: zeros)."""
+    if isinstance(pieces, PieceRuns):
+        return pieces.copies()
+    return ((p.file, p.offset, p.length) for p in pieces)
 
 
 def compact(pieces: Iterable[Piece]) -> Sequence[Piece]:
