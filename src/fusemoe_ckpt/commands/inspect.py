@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from ..naming import natural_key
@@ -69,7 +70,7 @@ class Inspection:
         unpacked = {key.removesuffix("_packed") for key in self.source.tensors if key.endswith(".weight_packed")}
         return len(self.plan.tensor_to_filename.keys() - self.source.tensors.keys() - unpacked - converted)
 
-    @property
+    @cached_property  # read twice by a report, each a pass over every tensor
     def buffer_bytes_per_worker(self) -> int:
         """The most tensor bytes one writer holds at once: the read/write fallback buffer, a cast
         chunk in and out, a transposed expert as read and as turned, or a dequantized chunk."""
@@ -85,7 +86,7 @@ class Inspection:
                     largest = max(largest, chunk + chunk * piece.out_length // piece.length)
         return largest
 
-    @property
+    @cached_property  # read twice by a report, each a pass over every tensor
     def header_bytes(self) -> int:
         return sum(t.offset for t in self._first_tensor_of_each_file())
 
