@@ -7,15 +7,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tracemalloc
 
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fusemoe_ckpt.plan.conversion import plan_for
+from fusemoe_ckpt.plan.conversion import plan_conversion, plan_for
 from fusemoe_ckpt.reading.safetensors_format import TensorInfo, encode_header
 from fusemoe_ckpt.reading.source import open_checkpoint
+from fusemoe_ckpt.rules.selection import resolve_family
 from fusemoe_ckpt.version import package_version
 from fusemoe_ckpt.write.journal import plan_fingerprint
 
@@ -41,6 +43,40 @@ def test_opening_and_planning_hold_little_per_tensor(tmp_path):
     # strings, about 415 and 735.
     assert _peak_per_tensor(lambda: open_checkpoint(src), len(tensors)) < 550
     assert _peak_per_tensor(lambda: plan_for(src), len(tensors)) < 850
+
+
+def test_a_source_tensor_is_its_name_and_a_few_dozen_bytes(tmp_path):
+    tensors = expert_tensors(layers=4, experts=256, dtype=torch.bfloat16)
+    src = write_checkpoint(tmp_path / "src", tensors, shards=8, config=QWEN3_CONFIG)
+    tracemalloc.start()
+    try:
+        source = open_checkpoint(src)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    names = sum(sys.getsizeof(name) for name in source.tensors)
+    # Its dict entry, the object and its offset: about 125 bytes; with dtype, shape, file and size in
+    # each object (a size being its own int for any real tensor), 158 here and 190 for real sizes.
+    assert (held - names) / len(tensors) < 140
+
+
+def test_planning_holds_little_beyond_the_source(tmp_path):
+    tensors = expert_tensors(layers=4, experts=256, dtype=torch.bfloat16)
+    src = write_checkpoint(tmp_path / "src", tensors, shards=8, config=QWEN3_CONFIG)
+    source = open_checkpoint(src)
+    family = resolve_family(source, None)
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        plan = plan_conversion(source, family, max_shard_size=5 * 10**9)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert plan.fused_modules
+    # Every key sorted by its numbers at once, every mapping, copies of the tensor map and an object
+    # per fused piece: about 380 bytes a tensor here; keys taken in order, each group let go once
+    # fused and pieces as arrays: about 85.
+    assert (peak - before) / len(tensors) < 150
 
 
 def test_experts_share_their_dtype_shape_and_target_strings(tmp_path):

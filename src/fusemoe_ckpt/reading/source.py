@@ -19,18 +19,75 @@ EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "
 CONFIG_COUNTS = ("hidden_size", "zero_expert_num", *EXPERT_COUNT_FIELDS)
 
 
-@dataclass(frozen=True, slots=True)
 class SourceTensor:
-    """Where one source tensor's bytes live."""
+    """Where one source tensor's bytes live: `name`, `dtype`, `shape`, `file`, `offset`, `nbytes`, and
+    `scales`, set on a quantized weight planned dequantized (`dtype` is then the dtype it becomes).
+
+    Immutable. What the experts of a shard have in common (dtype, shape, file, size) is one shared
+    tuple, a tensor holding only its name, offset and that tuple: 56 bytes instead of 120 with its
+    size, at 300k tensors 19 MB less.
+    """
+
+    __slots__ = ("name", "offset", "_kind")
 
     name: str
-    dtype: str
-    shape: tuple[int, ...]
-    file: Path
     offset: int
-    nbytes: int
-    # Set on a quantized weight planned dequantized: `dtype` is then the dtype it becomes.
-    scales: Scales | None = None
+    _kind: tuple[str, tuple[int, ...], Path, int, Scales | None]
+
+    def __init__(
+        self,
+        name: str,
+        dtype: str,
+        shape: tuple[int, ...],
+        file: Path,
+        offset: int,
+        nbytes: int,
+        scales: Scales | None = None,
+        *,
+        kinds: dict | None = None,
+    ) -> None:
+        """`kinds`: where tensors of one checkpoint find the kind tuple they share."""
+        kind = (dtype, shape, file, nbytes, scales)
+        if kinds is not None:
+            kind = kinds.setdefault(kind, kind)
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "offset", offset)
+        object.__setattr__(self, "_kind", kind)
+
+    dtype = property(lambda self: self._kind[0])
+    shape = property(lambda self: self._kind[1])
+    file = property(lambda self: self._kind[2])
+    nbytes = property(lambda self: self._kind[3])
+    scales = property(lambda self: self._kind[4])
+
+    def replace(self, **changes: object) -> SourceTensor:
+        """A copy with `changes` (field names as the constructor's)."""
+        return SourceTensor(**{**dict(zip(_FIELDS, self._values(), strict=True)), **changes})
+
+    def _values(self) -> tuple:
+        dtype, shape, file, nbytes, scales = self._kind
+        return self.name, dtype, shape, file, self.offset, nbytes, scales
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"SourceTensor is immutable: cannot set {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SourceTensor):
+            return NotImplemented
+        return (self.name, self.offset, self._kind) == (other.name, other.offset, other._kind)
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.offset, self._kind))
+
+    def __reduce__(self):
+        return SourceTensor, self._values()
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{f}={v!r}" for f, v in zip(_FIELDS, self._values(), strict=True))
+        return f"SourceTensor({fields})"
+
+
+_FIELDS = ("name", "dtype", "shape", "file", "offset", "nbytes", "scales")
 
 
 @dataclass
@@ -141,6 +198,7 @@ def _collect_tensors(root: Path, shard_files: list[Path], weight_map: dict[str, 
         for shard in set(weight_map.values()):
             files_of.setdefault(_shard_path(root, shard), set()).add(shard)
     tensors: dict[str, SourceTensor] = {}
+    kinds: dict = {}
     twice = None
     for path in dict.fromkeys(shard_files):
         header = read_header(path)
@@ -149,7 +207,7 @@ def _collect_tensors(root: Path, shard_files: list[Path], weight_map: dict[str, 
             if name in tensors:
                 twice = twice or f"{path}: tensor {name!r} is also stored in {tensors[name].file.name}"
                 continue
-            tensors[name] = _source_tensor(header, info)
+            tensors[name] = _source_tensor(header, info, kinds)
             if weight_map is not None and weight_map.get(name) in names:
                 del weight_map[name]
     if twice:
@@ -157,14 +215,9 @@ def _collect_tensors(root: Path, shard_files: list[Path], weight_map: dict[str, 
     return tensors
 
 
-def _source_tensor(header: ShardHeader, info: TensorInfo) -> SourceTensor:
+def _source_tensor(header: ShardHeader, info: TensorInfo, kinds: dict) -> SourceTensor:
     return SourceTensor(
-        name=info.name,
-        dtype=info.dtype,
-        shape=info.shape,
-        file=header.path,
-        offset=header.data_start + info.start,
-        nbytes=info.nbytes,
+        info.name, info.dtype, info.shape, header.path, header.data_start + info.start, info.nbytes, kinds=kinds
     )
 
 
