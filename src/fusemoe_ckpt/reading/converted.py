@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import CheckpointError
+from .index_scan import read_index
 from .json_document import expect
-from .source import read_index
 
 # The metadata fields the tool writes and reads back, with their types as messages name them.
 RECORDED_FIELDS: dict[str, tuple[type, str]] = {
