@@ -20,6 +20,7 @@ from fusemoe_ckpt.reading.index_scan import (
     IndexScan,
     name_digest,
     read_index,
+    read_index_metadata,
     summarize_index,
     weight_map_entries,
 )
@@ -120,6 +121,13 @@ def _scanned(path: Path, chunk_size: int) -> tuple:
     return ("accepted", list(weight_map_entries(path, summary)), summary.metadata)
 
 
+def _metadata_only(path: Path, chunk_size: int) -> dict | str:
+    try:
+        return read_index_metadata(path, chunk_size=chunk_size)
+    except CheckpointError as e:
+        return str(e)
+
+
 def _stats(entries: list[tuple[str, str]]) -> dict[str, tuple[int, int]]:
     counts = Counter(shard for _, shard in entries)
     return {shard: (n, name_digest(name for name, s in entries if s == shard)) for shard, n in counts.items()}
@@ -131,6 +139,7 @@ def _check_same(tmp_path: Path, raw: bytes) -> tuple:
     old = _old(path)
     for chunk_size in CHUNK_SIZES:
         assert _scanned(path, chunk_size) == old, chunk_size
+        assert _metadata_only(path, chunk_size) == (old[2] if old[0] == "accepted" else old[1])
     if old[0] == "accepted":
         assert summarize_index(path, chunk_size=5).shards == _stats(old[1])
     return old

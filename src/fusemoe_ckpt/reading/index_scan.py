@@ -17,7 +17,7 @@ import json
 import os
 import re
 from array import array
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain, groupby
@@ -117,6 +117,17 @@ def summarize_index(index_path: Path, *, chunk_size: int = CHUNK_SIZE) -> IndexS
         return IndexSummary(shards=shards, metadata=scan.metadata, in_scan_order=True)
     weight_map, metadata = read_index(index_path)
     return IndexSummary(shards=_shard_stats([weight_map.items()]), metadata=metadata, in_scan_order=False)
+
+
+def read_index_metadata(index_path: Path, *, chunk_size: int = CHUNK_SIZE) -> dict:
+    """The metadata of a safetensors index, its weight map checked as `read_index` checks it but not kept.
+
+    Raises:
+        CheckpointError: as `read_index`, with its message.
+    """
+    scan = IndexScan(index_path, chunk_size=chunk_size)
+    deque(scan.batches(), maxlen=0)
+    return scan.metadata
 
 
 def weight_map_entries(index_path: Path, summary: IndexSummary) -> Iterable[tuple[str, str]]:
