@@ -46,7 +46,8 @@ _PAIR, _RUN = _pairs('"([^"\\\\\x00-\x1f]*)"')
 # Any characters but a quote: about twice as fast, and exact once no string it took holds a backslash
 # or a control character (between the strings, the patterns take only whitespace, colons and commas).
 _LOOSE_PAIR, _LOOSE_RUN = _pairs('"([^"]*)"')
-_UNSAFE = re.compile("[\x00-\x1f\\\\]")
+# What a plain string cannot hold; in UTF-8, no byte of another character is one of these.
+_UNSAFE = bytes(range(0x20)) + b"\\"
 _SPACE = re.compile(_WS)
 # From just after an opening quote to just after the quote that closes it.
 _STRING_REST = re.compile(r'(?:[^"\\]|\\.)*"', re.DOTALL)
@@ -391,8 +392,8 @@ def _plain_run(text: _Text) -> list[tuple[str, str]]:
     if end == start:
         return []
     batch = _LOOSE_PAIR.findall(text.buf, start, end)
-    taken = "".join(chain.from_iterable(batch))
-    if not (taken.isascii() and taken.isprintable() and "\\" not in taken) and _UNSAFE.search(taken):
+    taken = "".join(chain.from_iterable(batch)).encode()
+    if len(taken.translate(None, _UNSAFE)) != len(taken):
         end = _RUN.match(text.buf, start, limit).end()
         batch = _PAIR.findall(text.buf, start, end)
     text.pos = end
