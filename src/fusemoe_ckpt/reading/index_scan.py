@@ -262,6 +262,8 @@ class _Text:
         self.buf = ""
         self.pos = 0
         self.eof = False
+        # Plain entries are matched strictly before this position (see `_plain_run`).
+        self.strict_until = 0
 
     def step(self, take, *args):
         """`take(self, *args)`, taken again from the same place with more text while it needs it."""
@@ -288,6 +290,7 @@ class _Text:
         if self.eof:
             raise _Invalid
         kept = self.buf[keep_from:]
+        self.strict_until = 0
         # A step that needs more than a chunk doubles what it reads, so a long value costs linear time.
         raw = self.f.read(min(max(self.chunk_size, len(kept)), self.left))
         self.left -= len(raw)
@@ -388,16 +391,18 @@ def _plain_run(text: _Text) -> list[tuple[str, str]]:
     """The plain entries from where the text stands, as far as they go."""
     start = text.pos
     limit = start + _BATCH_CHARS
-    end = _LOOSE_RUN.match(text.buf, start, limit).end()
-    if end == start:
-        return []
-    batch = _LOOSE_PAIR.findall(text.buf, start, end)
-    taken = "".join(chain.from_iterable(batch)).encode()
-    if len(taken.translate(None, _UNSAFE)) != len(taken):
-        end = _RUN.match(text.buf, start, limit).end()
-        batch = _PAIR.findall(text.buf, start, end)
+    if start >= text.strict_until:
+        end = _LOOSE_RUN.match(text.buf, start, limit).end()
+        batch = _LOOSE_PAIR.findall(text.buf, start, end)
+        taken = "".join(chain.from_iterable(batch)).encode()
+        if len(taken.translate(None, _UNSAFE)) == len(taken):
+            text.pos = end
+            return batch
+        # Strict up to where the loose run went: an escape in every name costs no loose pass each.
+        text.strict_until = end
+    end = _RUN.match(text.buf, start, limit).end()
     text.pos = end
-    return batch
+    return _PAIR.findall(text.buf, start, end)
 
 
 def _empty_map(text: _Text) -> bool:
