@@ -303,3 +303,17 @@ def test_one_shard_under_two_names(tmp_path):
     """'s1' and './s1' are one file: the entries of both count for it."""
     source = open_checkpoint(_source(tmp_path, '"a": "s1.safetensors", "b": "./s1.safetensors", "c": "s2.safetensors"'))
     assert sorted(source.tensors) == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize(
+    "bad", [None, "\\x", "\\u12", "\\\t"], ids=["valid", "unknown-escape", "short-u", "escaped-tab"]
+)
+def test_many_escaped_names(tmp_path, bad):
+    """Runs of names with escapes are decoded a batch at a time; a bad escape in the middle of one is
+    refused as a whole-document read refuses it."""
+    names = [f'layer.{i}.\\u00e9\\"x\\\\' for i in range(2000)]
+    if bad is not None:
+        names[1234] += bad
+    text = '{"weight_map": {' + ", ".join(f'"{name}": "s{i % 3}"' for i, name in enumerate(names)) + "}}"
+    outcome = _check_same(tmp_path, text.encode())
+    assert outcome[0] == ("accepted" if bad is None else "refused")

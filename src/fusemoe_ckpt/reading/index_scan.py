@@ -35,17 +35,21 @@ DIGEST_MASK = (1 << 64) - 1
 _WS = "[ \t\n\r]*"  # JSON's whitespace; `\s` would also take \f and \v
 
 
-def _pairs(string: str) -> tuple[re.Pattern, re.Pattern]:
-    """A pattern for one plain entry and its comma, capturing name and file, and one for a run of them."""
-    pair = f"{_WS}{string}{_WS}:{_WS}{string}{_WS},"
-    return re.compile(pair), re.compile(f"(?:{pair.replace('(', '(?:')})*")
+def _pairs(content: str) -> tuple[re.Pattern, re.Pattern]:
+    """A pattern for one entry whose strings hold `content`, and its comma, capturing name and file;
+    and one for a run of them."""
+    one = f'{_WS}"({content})"{_WS}:{_WS}"({content})"{_WS},'
+    run = f'(?:{_WS}"(?:{content})"{_WS}:{_WS}"(?:{content})"{_WS},)*'
+    return re.compile(one), re.compile(run)
 
 
 # A string with no escape and no control character, as JSON has it.
-_PAIR, _RUN = _pairs('"([^"\\\\\x00-\x1f]*)"')
+_PAIR, _RUN = _pairs('[^"\\\\\x00-\x1f]*')
 # Any characters but a quote: about twice as fast, and exact once no string it took holds a backslash
 # or a control character (between the strings, the patterns take only whitespace, colons and commas).
-_LOOSE_PAIR, _LOOSE_RUN = _pairs('"([^"]*)"')
+_LOOSE_PAIR, _LOOSE_RUN = _pairs('[^"]*')
+# Strings with escapes, decoded by `json` a batch at a time (an escape it refuses is left to `_member`).
+_ESCAPED_PAIR, _ESCAPED_RUN = _pairs('[^"\\\\\x00-\x1f]*(?:\\\\.[^"\\\\\x00-\x1f]*)*')
 # What a plain string cannot hold; in UTF-8, no byte of another character is one of these.
 _UNSAFE = bytes(range(0x20)) + b"\\"
 _SPACE = re.compile(_WS)
@@ -388,7 +392,8 @@ def _map_members(text: _Text) -> Iterator[tuple[list[tuple[str, str]], bool]]:
 
 
 def _plain_run(text: _Text) -> list[tuple[str, str]]:
-    """The plain entries from where the text stands, as far as they go."""
+    """The entries from where the text stands that regexes take, as far as they go (none where the
+    next one is cut by the chunk's end, is the map's last, or holds what only `_member` decides)."""
     start = text.pos
     limit = start + _BATCH_CHARS
     if start >= text.strict_until:
@@ -401,8 +406,26 @@ def _plain_run(text: _Text) -> list[tuple[str, str]]:
         # Strict up to where the loose run went: an escape in every name costs no loose pass each.
         text.strict_until = end
     end = _RUN.match(text.buf, start, limit).end()
+    if end > start:
+        text.pos = end
+        return _PAIR.findall(text.buf, start, end)
+    return _escaped_run(text, limit)
+
+
+def _escaped_run(text: _Text, limit: int) -> list[tuple[str, str]]:
+    """The entries from where the text stands whose strings may hold escapes, as far as they go."""
+    start = text.pos
+    end = _ESCAPED_RUN.match(text.buf, start, limit).end()
+    if end == start:
+        return []
+    strings = chain.from_iterable(_ESCAPED_PAIR.findall(text.buf, start, end))
+    try:
+        # json's own string decoder, once for the batch: the strings as one array.
+        decoded = _DECODER.raw_decode('["' + '","'.join(strings) + '"]')[0]
+    except ValueError:
+        return []
     text.pos = end
-    return _PAIR.findall(text.buf, start, end)
+    return list(zip(decoded[::2], decoded[1::2], strict=True))
 
 
 def _empty_map(text: _Text) -> bool:
