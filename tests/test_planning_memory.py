@@ -10,11 +10,13 @@ import os
 import sys
 import tracemalloc
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fusemoe_ckpt.plan.conversion import plan_conversion, plan_for
+from fusemoe_ckpt.reading.index_scan import read_index, summarize_index
 from fusemoe_ckpt.reading.safetensors_format import TensorInfo, encode_header
 from fusemoe_ckpt.reading.source import open_checkpoint
 from fusemoe_ckpt.rules.selection import resolve_family
@@ -77,6 +79,33 @@ def test_planning_holds_little_beyond_the_source(tmp_path):
     # per fused piece: about 380 bytes a tensor here; keys taken in order, each group let go once
     # fused and pieces as arrays: about 85.
     assert (peak - before) / len(tensors) < 150
+
+
+def _traced_peak(call) -> int:
+    tracemalloc.start()
+    try:
+        result = call()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    del result
+    return peak
+
+
+@pytest.mark.parametrize("sort_keys", [True, False], ids=["sorted", "unsorted"])
+def test_index_of_100k_tensors_is_read_in_bounded_memory(tmp_path, sort_keys):
+    """The index is read a chunk at a time: its entries are never all held (8 bytes a name, to prove
+    none repeats, where they are not in sorted order)."""
+    names = [f"model.layers.{i // 1000}.mlp.experts.{i % 1000}.gate_proj.weight" for i in range(100_000)]
+    weight_map = {name: f"model-{i // 2000 + 1:05d}-of-00050.safetensors" for i, name in enumerate(names)}
+    path = tmp_path / "model.safetensors.index.json"
+    path.write_text(
+        json.dumps({"metadata": {"total_size": 1}, "weight_map": weight_map}, indent=2, sort_keys=sort_keys)
+    )
+    del weight_map
+    # Parsed whole, about 400 bytes a tensor (40 MB); chunk by chunk, about 4 MB in all.
+    assert _traced_peak(lambda: read_index(path)) > 16_000_000
+    assert _traced_peak(lambda: summarize_index(path)) < 8_000_000
 
 
 def test_experts_share_their_dtype_shape_and_target_strings(tmp_path):
