@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 from ..errors import CheckpointError
@@ -105,6 +105,11 @@ class SourceCheckpoint:
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+    def without_tensors(self) -> SourceCheckpoint:
+        """This checkpoint's files, config and index metadata, without the map of its tensors: what
+        writing a plan needs, once the plan holds every byte range (at 300k tensors the map is 60 MB)."""
+        return replace(self, tensors={})
 
 
 def open_checkpoint(src: str | os.PathLike) -> SourceCheckpoint:
