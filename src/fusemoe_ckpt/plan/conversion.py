@@ -16,6 +16,7 @@ from ..naming import natural_key
 from ..reading.quantization import Quantization, quantization_of
 from ..reading.source import EXPERT_COUNT_FIELDS, SourceCheckpoint, SourceTensor, open_checkpoint
 from ..rules.families import Family
+from ..rules.key_templates import map_keys
 from ..rules.patterns import (
     ChunkForRope,
     ConcatenateShards,
@@ -24,7 +25,6 @@ from ..rules.patterns import (
     Transpose,
     TransposeExperts,
     active_groups,
-    map_key,
 )
 from ..rules.quantized import for_quantization
 from ..rules.selection import resolve_family
@@ -107,7 +107,7 @@ def plan_conversion(
     renames = family.all_renames()
     active, unguarded = active_groups(stored, renames, family.model)
     _refuse_unguarded(unguarded, stored)
-    mappings = {key: map_key(key, renames, family.converters, family.model, active) for key in stored}
+    mappings = map_keys(stored, renames, family.converters, family.model, active)
     # Keys transformers ignores at load (multi-token-prediction layers, say) are dropped as it drops them.
     ignored = sorted((key for key, m in mappings.items() if family.model.ignores(m.target)), key=natural_key)
     tensors = {key: t for key, t in stored.items() if not family.model.ignores(mappings[key].target)}

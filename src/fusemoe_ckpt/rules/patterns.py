@@ -388,6 +388,11 @@ def active_groups(
     others loads half renamed; convert refuses it instead, naming the missing guard key.
     """
     model = model or ModelKeys()
+    # Renames after the last group rename change nothing this returns: a family without one has nothing to do.
+    groups = [i for i, rename in enumerate(renames) if isinstance(rename, GroupRename)]
+    if not groups:
+        return frozenset(), {}
+    renames = renames[: groups[-1] + 1]
     # Each key as the renames before the current one leave it: a group matches keys at that point.
     partial = {key: key for key in keys if not model.keeps(key)}
     active: set[GroupRename] = set()
