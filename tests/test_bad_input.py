@@ -277,7 +277,9 @@ HEADER_CASES = {
     ),
     # After an entry of the same dtype and shape: true and 2.0 equal 1 and 2 (and hash alike), no sizes.
     "bool-shape-after-its-twin": (
-        shard_bytes({"a": entry(0, 4, shape=(1,)), "b": {"dtype": "F32", "shape": [True], "data_offsets": [4, 8]}}, bytes(8)),
+        shard_bytes(
+            {"a": entry(0, 4, shape=(1,)), "b": {"dtype": "F32", "shape": [True], "data_offsets": [4, 8]}}, bytes(8)
+        ),
         "tensor 'b': shape [True] is not a list of sizes",
         True,
     ),
@@ -287,7 +289,9 @@ HEADER_CASES = {
         True,
     ),
     "bool-offset-after-its-twin": (
-        shard_bytes({"a": entry(0, 4, shape=(1,)), "b": {"dtype": "F32", "shape": [1], "data_offsets": [True, 5]}}, bytes(8)),
+        shard_bytes(
+            {"a": entry(0, 4, shape=(1,)), "b": {"dtype": "F32", "shape": [1], "data_offsets": [True, 5]}}, bytes(8)
+        ),
         "tensor 'b': data_offsets [True, 5] is not [start, end]",
         True,
     ),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+import fusemoe_ckpt.rules.key_templates as key_templates
 from fusemoe_ckpt.rules.families import FAMILIES, Family, family_by_name
 from fusemoe_ckpt.rules.key_templates import _NotBlind, check_pattern, map_keys, number_blind
 from fusemoe_ckpt.rules.model_keys import ModelKeys
@@ -49,7 +50,6 @@ def test_patterns_blind_to_numbers(pattern):
         (r"layers\.(\d+)\.x\.\1\.", "a backreference"),
         (r"(?<=\.)\d+\.x", "a lookbehind"),
         (r"\d+\.x", "could start inside a number"),
-        (r"layers\.\d+", "ends on a number: replaced at another occurrence"),
         (r"x\.\d+?", "a lazy repeat at the end"),
         (r"x\.\d*\d*\.", "two repeats over one number"),
         (r"(?i)layers\.", "a flag"),
@@ -61,16 +61,31 @@ def test_patterns_that_could_tell_numbers_apart_are_refused(pattern, why):
         check_pattern(pattern)
 
 
-def test_equal_numbers_are_a_template_of_their_own():
+def test_a_replacement_that_could_land_elsewhere_is_left_to_each_key():
     # transformers replaces the first occurrence of the matched text: with 5 and 5, the `.5.b` of
-    # `a.5.b_x` (no match there: `_` follows), with 5 and 6 the one matched.
+    # `a.5.b_x` (no match there: `_` follows), with 5 and 6 the one matched. Read with every number
+    # as one sign, `.#.b` occurs before the match: the template cannot vouch, each key maps itself.
     family = Family("t", ("t",), converters=(), renames=(Rename((r"\.\d+\.b",), ".c"),))
-    keys = ["a.5.b_x.5.b", "a.5.b_x.6.b", "a.7.b_x.7.b"]
+    keys = ["a.5.b_x.5.b", "a.5.b_x.6.b", "a.7.b_x.7.b", "a.5.c_x.5.b"]
     assert [m.target for m in map_keys(keys, family.renames, (), ModelKeys()).values()] == [
         "a.c_x.5.b",
         "a.5.b_x.c",
         "a.c_x.7.b",
+        "a.5.c_x.c",
     ]
+    assert_maps_alike(keys, family, renames=family.renames)
+    args = (family.renames, (), ModelKeys(), frozenset())
+    assert key_templates._recipe(("a", ".b_x", ".b"), 2, args) is None
+    assert key_templates._recipe(("a", ".c_x", ".b"), 2, args) == ("a.{0}.c_x.c", None, 0, None)
+
+
+def test_a_number_glued_to_a_name_is_left_to_each_key():
+    # `x.5` renamed to `y5`: the number would no longer be a component of its own, which a later
+    # pattern with a pinned digit (`y5\.`) could tell apart.
+    family = Family("t", ("t",), converters=(), renames=(Rename((r"x\.",), "y"), Rename((r"y5\.",), "five.")))
+    keys = number_variants(["a.x.5.w", "a.x.6.w"])
+    assert number_blind(family.renames, (), ModelKeys()) is None
+    assert map_keys(["a.x.5.w"], family.renames, (), ModelKeys())["a.x.5.w"].target == "a.five.w"
     assert_maps_alike(keys, family, renames=family.renames)
 
 
@@ -103,7 +118,9 @@ def test_numbers_copied_by_a_rename_and_expert_ids_come_back():
 
 def test_a_family_that_names_numbers_maps_each_key():
     family = family_by_name("kimi_k25")
-    keys = number_variants(["mm_projector.proj.0.weight", "mm_projector.proj.2.weight", "language_model.model.layers.0.x"])
+    keys = number_variants(
+        ["mm_projector.proj.0.weight", "mm_projector.proj.2.weight", "language_model.model.layers.0.x"]
+    )
     assert number_blind(family.all_renames(), family.converters, family.model) is not None
     assert_maps_alike(keys, family)
 

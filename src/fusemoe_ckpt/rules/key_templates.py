@@ -6,9 +6,9 @@ with 7 and 311. A *number* here is a whole dot-separated component of ASCII digi
 `311`; not the `1` of `w1`). Where no pattern of a family can tell one number from another, a key's
 mapping is its template's mapping with the numbers put back, so each template is mapped once.
 
-When that holds is decided per family, from the parsed regexes themselves (`number_blind`). The
-argument, for a key s and the same key s' with other numbers (equal numbers kept equal, distinct
-ones distinct):
+Whether the patterns can is decided per family, from the parsed regexes (`number_blind`); what a
+replacement does to a key is checked as it is made (`_vouch`). The argument, for a key s and the
+same key s' with other numbers (the placeholders), where every number stays a whole component:
 
 - A number's digits ("N-characters") are bordered by dots or the ends of the key. So a character
   next to one that is neither an N-character nor a dot is no N-character either. A literal that is
@@ -25,16 +25,18 @@ ones distinct):
 
 So every successful way through the pattern has its match, its groups and each repeat's end outside
 the numbers, and the engine meets them in the same order in s and s': the matches correspond, and
-what a rename copies from the key carries whole numbers. transformers replaces the *first occurrence*
-of the matched text; that text begins with no N-character (nothing starts inside a number) and,
-unless the pattern is anchored with `^`, does not end with a repeat over digits (checked), so an
-occurrence elsewhere lines up number for number, and with equal numbers kept equal it is the same
-occurrence in s and s'. Scope prefixes, the model's prefix and head names hold no digit.
+what a replacement copies from the key carries whole numbers. transformers replaces the *first
+occurrence* of the matched text: `_vouch` requires that text to start and end with no digit and,
+with each run of digits read as one sign, to occur first where it was matched; an earlier
+occurrence in s would be one of the signs in s', so there is none, whatever the numbers. It also
+requires every placeholder of the result to be a whole component still, so the argument holds for
+the next pattern. Scope prefixes, the model's prefix and head names hold no digit.
 
 The numbers are put back without trusting any digit of the result: each template is mapped twice,
 with placeholders of one length whose digits differ at every position between the two; where the
 two results differ are exactly the copied placeholders. Anything else (results that do not line up,
-an error) maps that key directly, as do all keys of a family that fails the condition.
+a replacement not vouched for, an error) maps that key directly, as do all keys of a family that
+fails the condition.
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ from __future__ import annotations
 import re
 import sys
 from functools import lru_cache
-
 from re import _constants as sre
 from re import _parser as sre_parse
 
@@ -50,7 +51,7 @@ from .model_keys import ModelKeys
 from .patterns import Converter, GroupRename, KeyMapping, Renaming, map_key
 
 # A dot and a whole dot-separated component of ASCII digits after it; split() puts the numbers at the
-# odd positions. (A number that starts the key stays part of the template's text: any subset will do.)
+# odd positions. (A key that starts with a number is mapped as it is.)
 _NUMBER = re.compile(r"\.([0-9]+)(?![^.])")
 _DIGITS = "0123456789"
 _PLACEHOLDER_LENGTH = 8
@@ -147,16 +148,16 @@ def _next_to_pinned(pinned: list[bool], i: int) -> bool:
     return (i > 0 and pinned[i - 1]) or (i + 1 < len(pinned) and pinned[i + 1])
 
 
-def _sequence(items, after: str, *, anchored: bool, replaced: bool) -> str:
+def _sequence(items, after: str) -> str:
     """Check `items` followed by the continuation `after`; the continuation seen at their start."""
     items = list(items)
     pinned = _pinned(items)
     for i in reversed(range(len(items))):
-        after = _item(items[i], after, next_to_pinned=_next_to_pinned(pinned, i), anchored=anchored, replaced=replaced)
+        after = _item(items[i], after, next_to_pinned=_next_to_pinned(pinned, i))
     return after
 
 
-def _item(item, after: str, *, next_to_pinned: bool, anchored: bool, replaced: bool) -> str:
+def _item(item, after: str, *, next_to_pinned: bool) -> str:
     op, arg = item
     if op in _ONE_CHARACTER:
         some_digit, _, _ = _char_set(op, arg)
@@ -170,7 +171,7 @@ def _item(item, after: str, *, next_to_pinned: bool, anchored: bool, replaced: b
             # `(_scale_inv)?`: a repeat that takes no digit runs over template text only.
             if not _takes_no_digit(body):
                 raise _NotBlind("a repeat of more than one character atom that can take a digit")
-            first = _sequence(body, _GUARD if after == _GUARD else _OTHER, anchored=anchored, replaced=replaced)
+            first = _sequence(body, _GUARD if after == _GUARD else _OTHER)
             return _GUARD if first == _GUARD and (low > 0 or after == _GUARD) else _OTHER
         some_digit, every_digit, _ = _char_set(*body[0])
         if not some_digit:
@@ -178,8 +179,8 @@ def _item(item, after: str, *, next_to_pinned: bool, anchored: bool, replaced: b
             return _GUARD if low > 0 or after == _GUARD else _OTHER
         if not every_digit or high != sre.MAXREPEAT or low > 1:
             raise _NotBlind("a repeat over some digits, or of bounded length")
-        if after == _END and op is sre.MAX_REPEAT and (anchored or not replaced):
-            return _OTHER
+        if after == _END and op is sre.MAX_REPEAT:
+            return _OTHER  # greedy: it stops where its body fails, never inside a number
         if after != _GUARD:
             raise _NotBlind("a repeat over digits that could stop inside a number")
         return _OTHER
@@ -187,9 +188,9 @@ def _item(item, after: str, *, next_to_pinned: bool, anchored: bool, replaced: b
         _group, add_flags, del_flags, body = arg
         if add_flags or del_flags:
             raise _NotBlind("an inline flag")
-        return _sequence(body, after, anchored=anchored, replaced=replaced)
+        return _sequence(body, after)
     if op is sre.BRANCH:
-        kinds = {_sequence(branch, after, anchored=anchored, replaced=replaced) for branch in arg[1]}
+        kinds = {_sequence(branch, after) for branch in arg[1]}
         return kinds.pop() if len(kinds) == 1 else _OTHER
     if op is sre.AT:
         if arg in (sre.AT_BEGINNING, sre.AT_BEGINNING_STRING, sre.AT_END, sre.AT_END_STRING):
@@ -207,7 +208,7 @@ def _item(item, after: str, *, next_to_pinned: bool, anchored: bool, replaced: b
                 return _GUARD  # `(?!\w)`: fails wherever a digit comes next
             if every_digit or not some_digit:
                 return _GUARD if after == _GUARD else _OTHER
-        _sequence(body, _END, anchored=False, replaced=False)
+        _sequence(body, _END)
         return _GUARD if after == _GUARD else _OTHER
     raise _NotBlind(f"{op}")
 
@@ -229,36 +230,16 @@ def _takes_no_digit(items) -> bool:
     return True
 
 
-def _starts_anchored(items) -> bool:
-    items = list(items)
-    if not items:
-        return False
-    op, arg = items[0]
-    if op is sre.AT:
-        return arg in (sre.AT_BEGINNING, sre.AT_BEGINNING_STRING)
-    if op is sre.SUBPATTERN:
-        return _starts_anchored(arg[3])
-    return False
-
-
-def check_pattern(pattern: str, *, searched: bool = True, replaced: bool = True) -> None:
+def check_pattern(pattern: str, *, searched: bool = True) -> None:
     """Raise _NotBlind unless `pattern` cannot tell numbers apart (see the module's docstring).
 
-    `searched`: found anywhere (re.search), so nothing may start it inside a number; `replaced`: its
-    matched text is replaced at its first occurrence, so only an anchored pattern may end on a number.
+    `searched`: found anywhere (re.search), so nothing may start it inside a number.
     """
     parsed = sre_parse.parse(pattern)
     if parsed.state.flags & ~sre.SRE_FLAG_UNICODE:
         raise _NotBlind("a flag")
-    items = list(parsed)
-    if len(items) == 1 and items[0][0] is sre.BRANCH:
-        branches = items[0][1][1]
-    else:
-        branches = [items]
-    for branch in branches:
-        start = _sequence(branch, _END, anchored=_starts_anchored(branch), replaced=replaced)
-        if searched and start != _GUARD:
-            raise _NotBlind("a match could start inside a number")
+    if _sequence(parsed, _END) != _GUARD and searched:
+        raise _NotBlind("a match could start inside a number")
 
 
 def _digit_free(text: str) -> bool:
@@ -269,18 +250,18 @@ def _digit_free(text: str) -> bool:
 def number_blind(renames: tuple[Renaming, ...], converters: tuple[Converter, ...], model: ModelKeys) -> str | None:
     """None when mapping keys through these renames, converters and model keys cannot tell numbers
     apart (the module's docstring says why that suffices); else what could, naming the pattern."""
-    checks: list[tuple[str, bool, bool]] = []
+    checks: list[tuple[str, bool]] = []
     for transform in (*renames, *converters):
         scope = getattr(transform, "scope", None)
         if scope is not None and not (_digit_free(scope.prefix) and _digit_free(scope.base)):
             return f"scope {scope.base}.{scope.prefix} holds a digit"
-        checks.append((transform._regex.pattern, True, True))
-    checks += [(pattern, False, False) for pattern in model.kept]
+        checks.append((transform._regex.pattern, True))
+    checks += [(pattern, False) for pattern in model.kept]
     if not _digit_free(model.prefix) or not all(_digit_free(head) for head in model.head):
         return f"model prefix {model.prefix!r} or head {model.head} holds a digit"
-    for pattern, searched, replaced in checks:
+    for pattern, searched in checks:
         try:
-            check_pattern(pattern, searched=searched, replaced=replaced)
+            check_pattern(pattern, searched=searched)
         except _NotBlind as e:
             return f"{pattern!r}: {e}"
         except re.error as e:
@@ -307,13 +288,12 @@ def map_keys(
     for key in keys:
         parts = split(key)
         numbers = parts[1::2]
-        # Equal numbers share a class (the index of the first of them): transformers' replace of the
-        # first occurrence can tell equal numbers from unequal ones.
-        parts[1::2] = map(numbers.index, numbers)
-        template = tuple(parts)
-        recipe = recipes.get(template, 0)
+        if numbers and "0" <= key[0] <= "9":
+            numbers = ()  # a number starts the key, which _NUMBER does not take: map it as it is
+        template = tuple(parts[0::2])
+        recipe = recipes.get(template, 0) if numbers else None
         if recipe == 0:
-            recipe = recipes[template] = _recipe(parts[0::2], parts[1::2], args) if numbers else None
+            recipe = recipes[template] = _recipe(template, len(numbers), args)
         if recipe is None:
             mappings[key] = map_key(key, *args)
             continue
@@ -330,24 +310,60 @@ def map_keys(
     return mappings
 
 
-def _recipe(texts: list[str], classes: list[int], args: tuple) -> tuple | None:
+def _recipe(texts: tuple[str, ...], count: int, args: tuple) -> tuple | None:
     """How the keys of one template map: formats that put the numbers back, or None where that
-    cannot be told (the keys are mapped directly)."""
-    first, second = _placeholders(len(classes))
+    cannot be vouched for (the keys are mapped directly)."""
+    first, second = _placeholders(count)
     try:
-        a = map_key(_fill(texts, [first[c] for c in classes]), *args)
-        b = map_key(_fill(texts, [second[c] for c in classes]), *args)
+        a = map_key(_fill(texts, first), *args, check=_vouch)
+        b = map_key(_fill(texts, second), *args, check=_vouch)
     except Exception:  # noqa: BLE001 - the key is mapped directly, which raises what it raises
         return None
     if a.converter is not b.converter or a.slot != b.slot or (a.expert is None) != (b.expert is None):
         return None
-    # Class c is the index of the first number of its value.
-    index = {first[c]: c for c in set(classes)}
+    index = {placeholder: i for i, placeholder in enumerate(first)}
     target = _format(a.target, b.target, index, first, second)
     expert = None if a.expert is None else _format(a.expert, b.expert, index, first, second)
     if target is None or (a.expert is not None and expert is None):
         return None
     return target, a.converter, a.slot, expert
+
+
+class _Unvouched(Exception):
+    """A replacement whose outcome for other numbers the template's cannot vouch for."""
+
+
+_RUN = re.compile("[0-9]+")
+
+
+def _vouch(key: str, match: re.Match[str], replaced: str) -> None:
+    """Raise _Unvouched unless this replacement, made in a key of placeholders, is the one made in
+    every key of the template (the module's docstring says why these suffice):
+
+    - the matched text starts and ends with no digit, and with every run of digits taken as one
+      sign it first occurs where it was matched: transformers' replace of the first occurrence then
+      replaces there whatever the numbers, equal or not;
+    - in the result, each placeholder is still a whole dot-separated component: every run of
+      placeholder length or more is one placeholder between dots (or the ends).
+    """
+    text = match.group(0)
+    if text:
+        if text[0] in _DIGITS or text[-1] in _DIGITS:
+            raise _Unvouched(text)
+        sign = _RUN.sub("#", key)
+        if sign.find(_RUN.sub("#", text)) != len(_RUN.sub("#", key[: match.start()])):
+            raise _Unvouched(text)
+    for run in _RUN.finditer(replaced):
+        if run.end() - run.start() < _PLACEHOLDER_LENGTH:
+            continue
+        start, end = run.span()
+        if (
+            end - start != _PLACEHOLDER_LENGTH
+            or replaced[start - 1 : start] not in ("", ".")
+            or (replaced[end : end + 1] not in ("", "."))
+        ):
+            raise _Unvouched(replaced)
+
 
 def _fill(texts: list[str], numbers: list[str]) -> str:
     """The key whose text between its numbers is `texts` (as _NUMBER.split leaves it: without the
@@ -376,4 +392,3 @@ def _format(a: str, b: str, index: dict[str, int], first: list[str], second: lis
 
 def _escape(text: str) -> str:
     return text.replace("{", "{{").replace("}", "}}")
-
