@@ -43,7 +43,8 @@ from __future__ import annotations
 
 import re
 import sys
-from functools import lru_cache
+from collections.abc import Callable
+from functools import lru_cache, partial
 from re import _constants as sre
 from re import _parser as sre_parse
 
@@ -269,6 +270,19 @@ def number_blind(renames: tuple[Renaming, ...], converters: tuple[Converter, ...
     return None
 
 
+def key_mapper(
+    renames: tuple[Renaming, ...],
+    converters: tuple[Converter, ...],
+    model: ModelKeys | None = None,
+    active: frozenset[GroupRename] = frozenset(),
+) -> Callable[[str], KeyMapping]:
+    """`map_key` with these arguments, as a function of the key: by template where the family allows it."""
+    model = model or ModelKeys()
+    if number_blind(renames, converters, model) is not None:
+        return partial(map_key, renames=renames, converters=converters, model=model, active=active)
+    return _TemplateMapper((renames, converters, model, active))
+
+
 def map_keys(
     keys,
     renames: tuple[Renaming, ...],
@@ -277,37 +291,38 @@ def map_keys(
     active: frozenset[GroupRename] = frozenset(),
 ) -> dict[str, KeyMapping]:
     """`map_key` of every key of `keys`, each template mapped once where the family allows it."""
-    model = model or ModelKeys()
-    args = (renames, converters, model, active)
-    if number_blind(renames, converters, model) is not None:
-        return {key: map_key(key, *args) for key in keys}
-    # template -> (format of the target, converter, slot, format of the expert or None), or None: map directly
-    recipes: dict[tuple, tuple | None] = {}
-    mappings: dict[str, KeyMapping] = {}
-    split, intern = _NUMBER.split, sys.intern
-    for key in keys:
-        parts = split(key)
+    mapping_of = key_mapper(renames, converters, model, active)
+    return {key: mapping_of(key) for key in keys}
+
+
+class _TemplateMapper:
+    """map_key by template, for a family `number_blind` accepts: a few hundred templates remembered."""
+
+    def __init__(self, args: tuple) -> None:
+        self._args = args
+        # template -> (format of the target, converter, slot, format of the expert or None), or None: map directly
+        self._recipes: dict[tuple[str, ...], tuple | None] = {}
+
+    def __call__(self, key: str) -> KeyMapping:
+        parts = _NUMBER.split(key)
         numbers = parts[1::2]
-        if numbers and "0" <= key[0] <= "9":
-            numbers = ()  # a number starts the key, which _NUMBER does not take: map it as it is
+        if not numbers or "0" <= key[0] <= "9":  # _NUMBER does not take a number that starts the key
+            return map_key(key, *self._args)
         template = tuple(parts[0::2])
-        recipe = recipes.get(template, 0) if numbers else None
+        recipe = self._recipes.get(template, 0)
         if recipe == 0:
-            recipe = recipes[template] = _recipe(template, len(numbers), args)
+            recipe = self._recipes[template] = _recipe(template, len(numbers), self._args)
         if recipe is None:
-            mappings[key] = map_key(key, *args)
-            continue
+            return map_key(key, *self._args)
         target, converter, slot, expert = recipe
         if converter is None:
-            mappings[key] = KeyMapping(target=target.format(*numbers))
-        else:
-            mappings[key] = KeyMapping(
-                target=intern(target.format(*numbers)),
-                converter=converter,
-                slot=slot,
-                expert=None if expert is None else intern(expert.format(*numbers)),
-            )
-    return mappings
+            return KeyMapping(target=target.format(*numbers))
+        return KeyMapping(
+            target=sys.intern(target.format(*numbers)),
+            converter=converter,
+            slot=slot,
+            expert=None if expert is None else sys.intern(expert.format(*numbers)),
+        )
 
 
 def _recipe(texts: tuple[str, ...], count: int, args: tuple) -> tuple | None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
+from itertools import islice
 from pathlib import Path
 
 from ..errors import CheckpointError, DestinationError, FusemoeError
@@ -161,29 +162,29 @@ class ShardWriter:
         return len(data)
 
 
-def placed_pieces(shard: ShardPlan) -> list[tuple[Piece, int]]:
-    """Every piece of `shard` with the file offset it is written at, in file order."""
-    placed, at = [], len(shard.header)
+def placed_pieces(shard: ShardPlan) -> Iterator[tuple[Piece, int]]:
+    """Every piece of `shard` with the file offset it is written at, in file order (made as they are
+    read: a shard of tiny experts holds a hundred thousand pieces)."""
+    at = len(shard.header)
     for tensor in shard.tensors:
         for piece in tensor.pieces:
-            placed.append((piece, at))
+            yield piece, at
             at += piece.out_length
-    return placed
 
 
-def split_evenly(placed: list[tuple[Piece, int]], parts: int) -> list[list[tuple[Piece, int]]]:
-    """`placed` cut into at most `parts` runs of consecutive pieces holding about equal bytes."""
-    total = sum(piece.out_length for piece, _ in placed)
-    runs: list[list[tuple[Piece, int]]] = [[]]
+def split_evenly(sizes: Iterable[int], parts: int) -> list[range]:
+    """The indexes of pieces of `sizes` bytes cut into at most `parts` runs of consecutive pieces
+    holding about equal bytes."""
+    sizes = list(sizes)
+    total = sum(sizes)
+    starts = [0]
     done = 0
-    for item in placed:
-        size = item[0].out_length
+    for i, size in enumerate(sizes):
         # A new run starts where the boundary falls nearer this piece's start than its end.
-        if runs[-1] and len(runs) < parts and done + size / 2 >= total * len(runs) / parts:
-            runs.append([])
-        runs[-1].append(item)
+        if i > starts[-1] and len(starts) < parts and done + size / 2 >= total * len(starts) / parts:
+            starts.append(i)
         done += size
-    return [run for run in runs if run]
+    return [range(start, stop) for start, stop in zip(starts, [*starts[1:], len(sizes)], strict=True) if stop > start]
 
 
 def write_shard(
@@ -207,9 +208,9 @@ def write_shard(
     """
     writer = ShardWriter(path, shard, durable=durable, stop=stop or threading.Event())
 
-    def copy_run(run: list[tuple[Piece, int]]) -> None:
+    def copy_run(run: range) -> None:
         behind = WriteBehind(writer) if durable else None
-        for piece, at in run:
+        for piece, at in islice(placed_pieces(shard), run.start, run.stop):
             writer.copy(piece, at, progress)
             if behind is not None:
                 behind.copied(at, at + piece.out_length)
@@ -220,7 +221,7 @@ def write_shard(
         writer.open()
         if progress is not None:
             progress(len(shard.header))
-        runs = split_evenly(placed_pieces(shard), threads)
+        runs = split_evenly((piece.out_length for piece, _ in placed_pieces(shard)), threads)
         if len(runs) <= 1:
             for run in runs:
                 copy_run(run)
