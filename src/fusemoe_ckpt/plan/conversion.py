@@ -16,6 +16,7 @@ from ..naming import FirstError, natural_key
 from ..reading.quantization import Quantization, quantization_of
 from ..reading.source import EXPERT_COUNT_FIELDS, SourceCheckpoint, SourceTensor, open_checkpoint
 from ..rules.families import Family
+from ..rules.key_templates import key_mapper
 from ..rules.patterns import (
     ChunkForRope,
     ConcatenateShards,
@@ -25,7 +26,6 @@ from ..rules.patterns import (
     Transpose,
     TransposeExperts,
     active_groups,
-    map_key,
 )
 from ..rules.quantized import for_quantization
 from ..rules.selection import resolve_family
@@ -110,10 +110,7 @@ def plan_conversion(
     renames = family.all_renames()
     active, unguarded = active_groups(stored, renames, family.model)
     _refuse_unguarded(unguarded, stored)
-
-    def mapping_of(key: str) -> KeyMapping:
-        return map_key(key, renames, family.converters, family.model, active)
-
+    mapping_of = key_mapper(renames, family.converters, family.model, active)
     # Keys transformers ignores at load (multi-token-prediction layers, say) are dropped as it drops them.
     # Their mappings are kept for the loop below, which takes each once (none are held for a family
     # that ignores nothing: a frontier checkpoint's 300k mappings would otherwise all live at once).
