@@ -275,6 +275,31 @@ HEADER_CASES = {
         "tensors cover 8 bytes but the data buffer holds 12 (truncated or padded file)",
         True,
     ),
+    # After an entry of the same dtype and shape: true and 2.0 equal 1 and 2 (and hash alike), no sizes.
+    "bool-shape-after-its-twin": (
+        shard_bytes(
+            {"a": entry(0, 4, shape=(1,)), "b": {"dtype": "F32", "shape": [True], "data_offsets": [4, 8]}}, bytes(8)
+        ),
+        "tensor 'b': shape [True] is not a list of sizes",
+        True,
+    ),
+    "float-shape-after-its-twin": (
+        shard_bytes({"a": entry(0, 8), "b": {"dtype": "F32", "shape": [2.0], "data_offsets": [8, 16]}}, bytes(16)),
+        "tensor 'b': shape [2.0] is not a list of sizes",
+        True,
+    ),
+    "bool-offset-after-its-twin": (
+        shard_bytes(
+            {"a": entry(0, 4, shape=(1,)), "b": {"dtype": "F32", "shape": [1], "data_offsets": [True, 5]}}, bytes(8)
+        ),
+        "tensor 'b': data_offsets [True, 5] is not [start, end]",
+        True,
+    ),
+    "size-after-its-twin": (
+        shard_bytes({"a": entry(0, 8), "b": entry(8, 12)}, bytes(12)),
+        "tensor 'b': 4 bytes but F32 [2] needs 8",
+        True,
+    ),
 }
 
 

@@ -279,15 +279,15 @@ def test_one_shard_copied_by_several_threads_is_identical(qwen_checkpoint, tmp_p
 
 
 def test_split_evenly_keeps_every_piece_once_in_order():
-    from fusemoe_ckpt.plan.operations import Piece
     from fusemoe_ckpt.write.writer import split_evenly
 
-    placed = [(Piece(Path("f"), 10 * i, length), 100 * i) for i, length in enumerate([5, 1, 1, 1, 8, 2, 2])]
+    sizes = [5, 1, 1, 1, 8, 2, 2]
     for parts in range(1, 9):
-        runs = split_evenly(placed, parts)
-        assert [item for run in runs for item in run] == placed
+        runs = split_evenly(sizes, parts)
+        assert [i for run in runs for i in run] == list(range(len(sizes)))
         assert 1 <= len(runs) <= parts
-    assert [len(run) for run in split_evenly(placed, 2)] == [4, 3]
+    assert [len(run) for run in split_evenly(sizes, 2)] == [4, 3]
+    assert split_evenly([], 4) == []
 
 
 def test_shard_data_starts_on_the_page_offset_of_its_sources(tmp_path):

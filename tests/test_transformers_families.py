@@ -21,8 +21,10 @@ from fusemoe_ckpt import convert  # noqa: E402
 from fusemoe_ckpt.commands.unfuse import unfuse  # noqa: E402
 from fusemoe_ckpt.commands.verify import verify  # noqa: E402
 from fusemoe_ckpt.errors import FamilyError  # noqa: E402
+from fusemoe_ckpt.rules.families import FAMILIES, family_for_config  # noqa: E402
 
 from .conftest import load_checkpoint  # noqa: E402
+from .key_variants import assert_maps_alike, number_variants  # noqa: E402
 from .tiny_models import AUTO_CLASS, BASE, FULL_KWARGS, TINY_MODELS  # noqa: E402
 
 # Checkpoints of these model types store fused experts in the other orientation: we write that
@@ -309,3 +311,15 @@ def test_qwen4_exp_shards_that_do_not_match_the_config_are_refused(tmp_path, par
     (original / "config.json").write_text(json.dumps(config | {"split_ngram_parts": parts}))
     with pytest.raises(FamilyError, match=message):
         convert(original, tmp_path / "ours")
+
+
+def test_keys_map_alike_by_template(family_case):
+    """Mapping keys once per template (numbers put back) gives what mapping each key gives: for the
+    model's family over its keys with other numbers, and for every family over its keys."""
+    model_type, original, reference, _ = family_case
+    keys = _keys(original) + list(_reference_tensors(reference))
+    family = family_for_config(json.loads((original / "config.json").read_text()))
+    assert family is not None, model_type
+    assert_maps_alike(number_variants(keys), family)
+    for family in FAMILIES:
+        assert_maps_alike(keys, family)

@@ -238,6 +238,7 @@ def convert(
     if workers is None:
         workers = default_workers(dequantize=dequantize)
     source, plan = plan_for(src_path, family=family, max_shard_size=max_shard_size, dtype=dtype, dequantize=dequantize)
+    source = source.without_tensors()  # the plan holds every byte range; the tensor map is let go
     if holds_files(dst_path) and not overwrite:
         if resume and _finish_if_complete(dst_path, plan):
             # Killed just after the final rename, or run again by a scheduler: nothing left to do.

@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from ..naming import natural_key
 from ..plan.conversion import plan_for
 from ..plan.layout import ConversionPlan
 from ..plan.operations import HIDDEN_AXIS
-from ..plan.pieces import OutputTensor
+from ..plan.pieces import OutputTensor, copies, plain, transposed
 from ..reading.quantization import ACTIVATION_SCALE_NAMES, FP4_WEIGHT_DTYPE, SCALE_SUFFIX
 from ..reading.source import SourceCheckpoint
 from ..rules.consumers import verdict_line
@@ -69,13 +70,13 @@ class Inspection:
         unpacked = {key.removesuffix("_packed") for key in self.source.tensors if key.endswith(".weight_packed")}
         return len(self.plan.tensor_to_filename.keys() - self.source.tensors.keys() - unpacked - converted)
 
-    @property
+    @cached_property  # read twice by a report, each a pass over every tensor
     def buffer_bytes_per_worker(self) -> int:
         """The most tensor bytes one writer holds at once: the read/write fallback buffer, a cast
         chunk in and out, a transposed expert as read and as turned, or a dequantized chunk."""
         largest = FALLBACK_BUFFER
         for tensor in self.plan.tensors.values():
-            for piece in tensor.pieces:
+            for piece in () if plain(tensor.pieces) else tensor.pieces:
                 if piece.scales is not None:
                     largest = max(largest, DEQUANTIZE_CHUNK)  # rows, their float32 values, the rounding, output
                 elif piece.transpose is not None:
@@ -85,7 +86,7 @@ class Inspection:
                     largest = max(largest, chunk + chunk * piece.out_length // piece.length)
         return largest
 
-    @property
+    @cached_property  # read twice by a report, each a pass over every tensor
     def header_bytes(self) -> int:
         return sum(t.offset for t in self._first_tensor_of_each_file())
 
@@ -249,10 +250,10 @@ def _fuse_bytes(source: SourceCheckpoint, plan: ConversionPlan) -> int:
     outputs = plan.tensors
     total = 0
     for group in plan.fused_groups:
-        if group.operation == "transpose_experts" and all(p.transpose is None for p in outputs[group.target].pieces):
+        if group.operation == "transpose_experts" and not transposed(outputs[group.target].pieces):
             continue
         # The pieces' source bytes: a packed weight planned dequantized is keyed by the weight it becomes.
-        total += sum(p.length for p in outputs[group.target].pieces if p.file is not None)
+        total += sum(length for file, _, length in copies(outputs[group.target].pieces) if file is not None)
     return total
 
 
@@ -266,7 +267,7 @@ def _moe_modules(plan: ConversionPlan) -> list[MoeModule]:
             state = {"merge_experts": "per_expert", "transpose_experts": "fused"}.get(
                 operation.get(tensor.name), "fused"
             )
-            if any(p.transpose is not None for p in tensor.pieces):
+            if transposed(tensor.pieces):
                 state = "fused_transposed"
             by_module[tensor.name.rpartition(".")[0]].append((tensor, sources, state))
     modules = []
@@ -284,7 +285,7 @@ def _moe_modules(plan: ConversionPlan) -> list[MoeModule]:
                 intermediate_size=shape[3 - axis] // sources,
                 hidden_size=shape[axis],
                 dtype=first.cast[0] if first is not None and first.cast else tensor.dtype,
-                nbytes=sum(p.length for t, _, _ in entries for p in t.pieces),
+                nbytes=sum(length for t, _, _ in entries for _, _, length in copies(t.pieces)),
                 quantization=_quantization(tensor, outputs),
             )
         )

@@ -20,8 +20,9 @@ from ..plan.layout import ConversionPlan
 from ..plan.pieces import OutputTensor
 from ..reading.converted import check_recorded, recorded_metadata
 from ..reading.files import open_regular, read_exact
+from ..reading.index_scan import read_index
 from ..reading.safetensors_format import ShardHeader, TensorInfo, read_header
-from ..reading.source import INDEX_NAME, SINGLE_NAME, read_index, resolve_inside
+from ..reading.source import INDEX_NAME, SINGLE_NAME, resolve_inside
 from ..sizes import format_size
 from ..write.streams import piece_chunks
 
@@ -110,7 +111,8 @@ def verify(
     family = family or recorded.get("fusemoe_ckpt_family")
     dtype = dtype or recorded.get("fusemoe_ckpt_dtype")
     dequantized = recorded.get("fusemoe_ckpt_dequantized") is True
-    _, plan = plan_for(src_path, family=family, dtype=dtype, dequantize=dequantized)
+    # The source's tensor map is let go here: only the plan is compared with DST.
+    plan = plan_for(src_path, family=family, dtype=dtype, dequantize=dequantized)[1]
 
     problems: dict[str, list[str]] = defaultdict(list)
     stored = _read_destination(dst_path, problems)

@@ -13,8 +13,9 @@ from huggingface_hub import HfApi, constants, snapshot_download
 from huggingface_hub.hf_api import RepoFile
 
 from ..errors import CheckpointError, DestinationError
+from ..reading.index_scan import summarize_index
 from ..reading.side_files import WEIGHT_EXTENSIONS
-from ..reading.source import INDEX_NAME, SINGLE_NAME, both_layouts, read_index
+from ..reading.source import INDEX_NAME, SINGLE_NAME, both_layouts
 from ..sizes import format_size
 from ..write.writer import DISK_FULL
 from .calls import hub_errors, progress_bars
@@ -103,7 +104,6 @@ def _shard_names(folder: Path) -> list[str]:
     if not index.exists():
         return [SINGLE_NAME]
     try:
-        weight_map, _ = read_index(index)
+        return sorted(summarize_index(index).shards)
     except CheckpointError:
         return []  # open_checkpoint reports the malformed index, naming the file
-    return sorted(set(weight_map.values()))

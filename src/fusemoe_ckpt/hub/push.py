@@ -9,7 +9,7 @@ from pathlib import Path
 from huggingface_hub import HfApi, constants
 
 from ..errors import CheckpointError, UsageError
-from ..reading.converted import read_converted_index
+from ..reading.converted import read_converted_metadata
 from ..reading.source import INDEX_NAME
 from ..version import package_version
 from .calls import hub_errors, progress_bars
@@ -79,7 +79,7 @@ def _output_metadata(root: Path) -> dict:
     if not os.path.lexists(index):
         raise UsageError(f"{root}: no readable {INDEX_NAME}; push uploads a directory written by convert")
     try:
-        _, metadata = read_converted_index(index)
+        metadata = read_converted_metadata(index)
     except CheckpointError as e:
         raise UsageError(f"{e}; push uploads a directory written by convert") from e
     if "fusemoe_ckpt_family" not in metadata:

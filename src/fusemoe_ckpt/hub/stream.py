@@ -19,9 +19,10 @@ from huggingface_hub.utils import filter_repo_objects
 
 from ..errors import CheckpointError, DestinationError
 from ..plan.layout import ConversionPlan, ShardPlan
+from ..reading.index_scan import summarize_index
 from ..reading.json_document import read_document
 from ..reading.safetensors_format import MAX_HEADER_BYTES
-from ..reading.source import INDEX_NAME, SINGLE_NAME, both_layouts, read_index, resolve_inside
+from ..reading.source import INDEX_NAME, SINGLE_NAME, both_layouts, resolve_inside
 from ..write.no_follow import open_own_file, refuse_unless_directory, remove_tree
 from ..write.output import ShardHooks
 from .download import SIDE_FILE_PATTERNS, WEIGHT_PATTERNS
@@ -66,8 +67,7 @@ def lay_out_scratch(repo: PinnedRepo, scratch: Path, *, progress: bool) -> Strea
         if not _complete(target, repo.files[name].size):
             download(repo, name, target, progress=progress)
     if INDEX_NAME in repo.files:
-        weight_map, _ = read_index(scratch / INDEX_NAME)
-        shards = sorted(set(weight_map.values()))
+        shards = sorted(summarize_index(scratch / INDEX_NAME).shards)
         for name in shards:
             resolve_inside(scratch, scratch / INDEX_NAME, name)
             if name not in repo.files:

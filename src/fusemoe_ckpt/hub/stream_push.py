@@ -18,7 +18,7 @@ from huggingface_hub.lfs import UploadInfo
 
 from ..errors import DestinationError, HubError
 from ..plan.layout import ConversionPlan, ShardPlan
-from ..reading.converted import read_converted_index
+from ..reading.converted import read_converted_metadata
 from ..reading.source import INDEX_NAME
 from ..version import package_version
 from .calls import hub_errors, root_cause
@@ -84,7 +84,7 @@ class PushingHooks(StreamHooks):
         """Write the model card, then one commit: the pre-uploaded shards and every other file; the
         commit recorded once it is made. Not again when an earlier run made it and stopped before
         the partial directory was renamed into place."""
-        _, metadata = read_converted_index(partial / INDEX_NAME)
+        metadata = read_converted_metadata(partial / INDEX_NAME)
         write_model_card(partial, metadata, repo_id=self.repo_id, endpoint=self.api.endpoint)
         if self.committed is not None and set(self.pushed) == set(self.planned_sizes):
             self.result = _push_result(self.committed)  # DST gets the card that commit holds

@@ -9,8 +9,6 @@ asymmetric, `x.weight_zero_point` (packed along the rows); an FP8 layer stores a
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from ..errors import CheckpointError
 from ..naming import natural_key
 from ..reading.compressed_tensors import (
@@ -70,8 +68,8 @@ def compressed_view(
             continue
         consumed |= used
         held = scales.dtype if scales.bits is not None and ".experts." in key and not forced else output
-        tensors[module + ".weight"] = replace(
-            tensor, name=module + ".weight", dtype=held, shape=scales.shape, scales=scales
+        tensors[module + ".weight"] = tensor.replace(
+            name=module + ".weight", dtype=held, shape=scales.shape, scales=scales
         )
     for key in sorted(source, key=natural_key):
         if key in consumed or key in tensors:

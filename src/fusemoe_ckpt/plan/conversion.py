@@ -12,19 +12,20 @@ from dataclasses import replace
 
 from ..cycles import collector_paused
 from ..errors import CheckpointError, FamilyError, UsageError
-from ..naming import natural_key
+from ..naming import FirstError, natural_key
 from ..reading.quantization import Quantization, quantization_of
 from ..reading.source import EXPERT_COUNT_FIELDS, SourceCheckpoint, SourceTensor, open_checkpoint
 from ..rules.families import Family
+from ..rules.key_templates import key_mapper
 from ..rules.patterns import (
     ChunkForRope,
     ConcatenateShards,
     Converter,
     ExpertMerge,
+    KeyMapping,
     Transpose,
     TransposeExperts,
     active_groups,
-    map_key,
 )
 from ..rules.quantized import for_quantization
 from ..rules.selection import resolve_family
@@ -37,6 +38,7 @@ from .operations import (
     chunk_for_rope,
     concatenate,
     concatenate_shards,
+    first_member,
     fuse_experts,
     transpose,
     transpose_experts,
@@ -50,6 +52,7 @@ from .quantization import (
     names_scales_dot_scale,
     paired_scales,
     refuse_expert_activation_scales,
+    scale_blocks,
 )
 
 
@@ -107,13 +110,20 @@ def plan_conversion(
     renames = family.all_renames()
     active, unguarded = active_groups(stored, renames, family.model)
     _refuse_unguarded(unguarded, stored)
-    mappings = {key: map_key(key, renames, family.converters, family.model, active) for key in stored}
+    mapping_of = key_mapper(renames, family.converters, family.model, active)
     # Keys transformers ignores at load (multi-token-prediction layers, say) are dropped as it drops them.
-    ignored = sorted((key for key, m in mappings.items() if family.model.ignores(m.target)), key=natural_key)
-    tensors = {key: t for key, t in stored.items() if not family.model.ignores(mappings[key].target)}
-    # Keys already in the model's names that the renames would spoil are no scales, whatever their name.
-    named = {key: t for key, t in tensors.items() if not family.model.keeps(key)}
+    # Their mappings are kept for the loop below, which takes each once (none are held for a family
+    # that ignores nothing: a frontier checkpoint's 300k mappings would otherwise all live at once).
+    mappings: dict[str, KeyMapping] = {}
+    ignored = []
+    if family.model.ignored:
+        mappings = {key: mapping_of(key) for key in stored}
+        ignored = sorted((key for key, m in mappings.items() if family.model.ignores(m.target)), key=natural_key)
+    tensors = _without(stored, ignored)
     dropped, config = [], None
+    if dequantize or quantization is not None:
+        # Keys already in the model's names that the renames would spoil are no scales, whatever their name.
+        named = {key: t for key, t in tensors.items() if not family.model.keeps(key)} if family.model.kept else tensors
     if dequantize:
         if quantization.compressed is None:
             output = dequantized_dtype(source.config, dtype)
@@ -121,25 +131,38 @@ def plan_conversion(
             tensors, dropped = dequantized_view(tensors, scales, output)
         config = {k: v for k, v in source.config.items() if k != "quantization_config"}
     elif quantization is not None:
-        scales = paired_scales(named, quantization)
+        block_of = scale_blocks(named, quantization)
         refuse_expert_activation_scales(tensors)
     passthrough: dict[str, SourceTensor] = {}
     groups: dict[str, Slots] = defaultdict(lambda: defaultdict(dict))
     converter_of: dict[str, Converter] = {}
-
-    for key in sorted(tensors, key=natural_key):
-        tensor = tensors[key]
-        mapping = mappings[key]
+    # The keys are taken in the checkpoint's order, not sorted: what the first of two keys in natural
+    # order decides (which is named "also", which error is reported) is decided by comparing the two.
+    first_error = FirstError()
+    expert_ids: dict[str, int] = {}
+    for key, tensor in tensors.items():
+        mapping = mappings.pop(key, None) or mapping_of(key)
         if mapping.converter is None:
-            _claim(passthrough, mapping.target, tensor)
+            _claim(passthrough, mapping.target, tensor, first_error)
             continue
-        expert = None if mapping.expert is None else _expert_id(mapping.expert, key)
+        if mapping.expert is None:
+            expert = None
+        elif (expert := expert_ids.get(mapping.expert)) is None:
+            if not _is_number(mapping.expert):
+                first_error.add(key, FamilyError(f"{key}: expert index {mapping.expert!r} is not a number"))
+                continue
+            expert = expert_ids[mapping.expert] = int(mapping.expert)
         members = groups[mapping.target][mapping.slot]
-        if expert in members:
+        other = members.get(expert, tensor)
+        if other is not tensor:
             what = mapping.target if expert is None else f"expert {expert} of {mapping.target}"
-            raise FamilyError(f"{key}: {what} appears twice (also {members[expert].name})")
+            earlier, later = _in_natural_order(other, tensor)
+            first_error.add(later.name, FamilyError(f"{later.name}: {what} appears twice (also {earlier.name})"))
+            tensor = earlier
         members[expert] = tensor
         converter_of[mapping.target] = mapping.converter
+    del mappings
+    first_error.raise_first()
 
     outputs: dict[str, OutputTensor] = {
         name: OutputTensor(name, t.dtype, t.shape, (piece_of(t),)) for name, t in passthrough.items()
@@ -154,15 +177,17 @@ def plan_conversion(
         # transformers gives LongCat-Flash's zero experts gate/up rows (never read), but no down rows.
         num_experts, zero_experts = counts[_sub_config_name(converter)]
         extra = zero_experts if isinstance(converter, ExpertMerge) and len(converter.sources) == 2 else 0
-        made, group = _apply(target, converter, groups[target], family, source.config, num_experts, extra)
+        # Each group is let go once made into its output: its members are one entry per source tensor.
+        made, group = _apply(target, converter, groups.pop(target), family, source.config, num_experts, extra)
         for tensor in made:
             if tensor.name in outputs:
                 raise CheckpointError(f"{tensor.name}: both a converted tensor and a tensor of the checkpoint")
             outputs[tensor.name] = tensor
         fused_groups.append(group)
     _refuse_leftover_experts(passthrough, fused_groups, family)
+    del passthrough, groups
     if quantization is not None and not dequantize:
-        check_fused_scales(outputs, fused_groups, quantization, tensors, scales)
+        check_fused_scales(outputs, fused_groups, quantization, tensors, block_of)
 
     held = held_dtypes(family, source.config, dtype)
     ordered = sorted((cast_tensor(t, held(t.name)) for t in outputs.values()), key=lambda t: natural_key(t.name))
@@ -331,24 +356,33 @@ def _refuse_missing_merges(groups: dict[str, Slots], converter_of: dict[str, Con
         scopes = {converter.scope for converter in present[module]}
         for merge in (m for m in merges if m.scope in scopes):
             if merge not in present[module]:
-                other = next(iter(present[module].values()))
-                some_key = next(iter(next(iter(groups[other].values())).values())).name
+                some_key = first_member(slots for target, slots in groups.items() if target in present[module].values())
                 raise FamilyError(
                     f"{module}.{merge.target.rpartition('.')[2]}: no tensor matches {merge.sources[0]!r} "
                     f"(family {family.name}), though {some_key} is one of its experts"
                 )
 
 
-def _claim(passthrough: dict[str, SourceTensor], target: str, tensor: SourceTensor) -> None:
-    if target in passthrough:
-        raise CheckpointError(f"{tensor.name}: renamed to {target!r}, which {passthrough[target].name!r} also becomes")
+def _claim(passthrough: dict[str, SourceTensor], target: str, tensor: SourceTensor, first_error: FirstError) -> None:
+    other = passthrough.get(target, tensor)
+    if other is not tensor:
+        earlier, later = _in_natural_order(other, tensor)
+        message = f"{later.name}: renamed to {target!r}, which {earlier.name!r} also becomes"
+        first_error.add(later.name, CheckpointError(message))
+        tensor = earlier
     passthrough[target] = tensor
 
 
-def _expert_id(text: str, key: str) -> int:
-    if not _is_number(text):
-        raise FamilyError(f"{key}: expert index {text!r} is not a number")
-    return int(text)
+def _in_natural_order(a: SourceTensor, b: SourceTensor) -> tuple[SourceTensor, SourceTensor]:
+    return (a, b) if natural_key(a.name) <= natural_key(b.name) else (b, a)
+
+
+def _without(tensors: dict[str, SourceTensor], keys: list[str]) -> dict[str, SourceTensor]:
+    """`tensors` less `keys` (the same dict when there are none)."""
+    if not keys:
+        return tensors
+    dropped = set(keys)
+    return {key: t for key, t in tensors.items() if key not in dropped}
 
 
 def _is_number(text: str) -> bool:

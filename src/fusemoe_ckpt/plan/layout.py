@@ -15,7 +15,7 @@ from ..naming import natural_key
 from ..reading.quantization import Quantization
 from ..reading.safetensors_format import HEADER_ALIGNMENT, PAGE_SIZE, TensorInfo, encode_header
 from ..rules.families import Family
-from .pieces import FusedGroup, OutputTensor
+from .pieces import FusedGroup, OutputTensor, copies, plain
 
 SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
 
@@ -149,12 +149,12 @@ def _page_residue(tensors: list[OutputTensor]) -> int:
     weights: Counter[int] = Counter()
     position = 0
     for tensor in tensors:
-        if all(p.transpose is None and p.cast is None for p in tensor.pieces):
+        if plain(tensor.pieces) or all(p.transpose is None and p.cast is None for p in tensor.pieces):
             at = position
-            for piece in tensor.pieces:
-                if piece.file is not None:
-                    weights[(piece.offset - at) % PAGE_SIZE] += piece.length
-                at += piece.length
+            for file, offset, length in copies(tensor.pieces):
+                if file is not None:
+                    weights[(offset - at) % PAGE_SIZE] += length
+                at += length
         position += tensor.nbytes
     aligned = {residue: n for residue, n in weights.items() if residue % HEADER_ALIGNMENT == 0}
     return max(aligned, key=lambda residue: (aligned[residue], -residue)) if aligned else 0

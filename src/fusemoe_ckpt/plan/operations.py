@@ -9,12 +9,14 @@ pure copies.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from ..errors import FamilyError
+from ..naming import natural_key
 from ..reading.safetensors_format import DTYPE_SIZES
 from ..reading.source import SourceTensor
 from ..rules.patterns import ChunkForRope, ConcatenateShards, Converter, ExpertMerge, SplitBySize
-from .pieces import FusedGroup, OutputTensor, Piece, coalesce, piece_of, zeros
+from .pieces import FusedGroup, OutputTensor, Piece, PieceRuns, coalesce, compact, piece_of, zeros
 
 # The in-memory fused layout of transformers 5: which axis holds the hidden size.
 HIDDEN_AXIS = {"gate_up_proj": 2, "up_proj": 2, "down_proj": 1}
@@ -24,12 +26,17 @@ HIDDEN_AXIS = {"gate_up_proj": 2, "up_proj": 2, "down_proj": 1}
 Slots = dict[int, dict[int | None, SourceTensor]]
 
 
+def first_member(groups: Iterable[Slots]) -> str:
+    """The first key in natural order among the members of `groups` (the one an error names)."""
+    return min((t.name for slots in groups for members in slots.values() for t in members.values()), key=natural_key)
+
+
 def _require_slots(target: str, converter: Converter, slots: Slots, family: str) -> None:
-    some_key = next(iter(next(iter(slots.values())).values())).name
     for slot, pattern in enumerate(converter.sources):
         if slot not in slots:
             raise FamilyError(
-                f"{target}: no tensor matches {pattern!r} (family {family}), though {some_key} matches its sibling"
+                f"{target}: no tensor matches {pattern!r} (family {family}), "
+                f"though {first_member([slots])} matches its sibling"
             )
 
 
@@ -62,25 +69,33 @@ def fuse_experts(
     first = slots[0][0]
     for slot in range(len(merge.sources)):
         reference = slots[slot][0]
-        for tensor in slots[slot].values():
-            if tensor.dtype != reference.dtype or tensor.shape != reference.shape:
-                raise FamilyError(
-                    f"{tensor.name}: {tensor.dtype} {list(tensor.shape)} differs from "
-                    f"{reference.name}: {reference.dtype} {list(reference.shape)}"
-                )
+        differing = [t for t in slots[slot].values() if t.dtype != reference.dtype or t.shape != reference.shape]
+        if differing:
+            tensor = min(differing, key=lambda t: natural_key(t.name))
+            raise FamilyError(
+                f"{tensor.name}: {tensor.dtype} {list(tensor.shape)} differs from "
+                f"{reference.name}: {reference.dtype} {list(reference.shape)}"
+            )
     _check_concatenable([slots[slot][0] for slot in range(len(merge.sources))])
     ordered_slots = [slots[slot] for slot in range(len(merge.sources))]
     total = num_experts + zero_experts
-    pieces = coalesce(
-        piece_of(experts[e]) if e in experts else zeros(experts[0].nbytes)
-        for e in range(total)
-        for experts in ordered_slots
-    )
+    if any(t.scales is not None for experts in ordered_slots for t in experts.values()):
+        pieces = compact(
+            piece_of(experts[e]) if e in experts else zeros(experts[0].nbytes)
+            for e in range(total)
+            for experts in ordered_slots
+        )
+    else:
+        pieces = PieceRuns.of_copies(
+            (t.file, t.offset, t.nbytes) if (t := experts.get(e)) is not None else (None, 0, experts[0].nbytes)
+            for e in range(total)
+            for experts in ordered_slots
+        )
     rows = sum(experts[0].shape[0] for experts in ordered_slots)
     shape = (total, rows, *first.shape[1:])
     keys = tuple(experts[e].name for e in range(total) for experts in ordered_slots if e in experts)
     return (
-        OutputTensor(target, first.dtype, shape, tuple(pieces)),
+        OutputTensor(target, first.dtype, shape, pieces),
         FusedGroup(target, "merge_experts", total, keys),
     )
 
@@ -139,7 +154,7 @@ def concatenate_shards(
         )
     missing = [shard for shard in range(count) if shard not in found]
     if missing:
-        some = next(iter(found.values()))
+        some = min(found.values(), key=lambda t: natural_key(t.name))
         raise FamilyError(
             f"{target}: shard {missing[0]} of {count} ({converter.count_field} of config.json) is missing, "
             f"though {some.name} is one of them"

@@ -3,7 +3,8 @@ the groups of source tensors a converter turned into one output tensor."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,11 +45,85 @@ class OutputTensor:
     name: str
     dtype: str
     shape: tuple[int, ...]
-    pieces: tuple[Piece, ...]
+    pieces: Sequence[Piece]  # a tuple, or PieceRuns for the many plain copies of fused experts
 
     @property
     def nbytes(self) -> int:
+        if isinstance(self.pieces, PieceRuns):
+            return self.pieces.total_length
         return sum(piece.out_length for piece in self.pieces)
+
+
+class PieceRuns(Sequence[Piece]):
+    """Plain copies (no transpose, cast or scales) as three arrays instead of an object each.
+
+    A fused tensor of 768 experts is up to 1,536 pieces, a frontier checkpoint's plan 300k: as
+    Piece objects with their offsets that is about 130 bytes a piece, here 18. Each Piece is made
+    again when it is read.
+    """
+
+    __slots__ = ("_files", "_file_ids", "_offsets", "_lengths")
+
+    def __init__(self, pieces: Iterable[Piece]) -> None:
+        self._build((piece.file, piece.offset, piece.length) for piece in pieces)
+
+    @classmethod
+    def of_copies(cls, copies: Iterable[tuple[Path | None, int, int]]) -> PieceRuns:
+        """(file, offset, length) copies (no file: zeros), each continuing the one before in the same
+        file merged into it, as `coalesce` merges pieces; no Piece is made."""
+        runs = cls.__new__(cls)
+        runs._build(copies, merge=True)
+        return runs
+
+    def _build(self, copies: Iterable[tuple[Path | None, int, int]], merge: bool = False) -> None:
+        files: dict[Path | None, int] = {}
+        file_ids, offsets, lengths = array("I"), array("q"), array("q")
+        last_file, end = -1, -1
+        for file, offset, length in copies:
+            if merge:
+                if length == 0:
+                    continue
+                if offset == end and file is not None and (file is last_file or file == last_file):
+                    lengths[-1] += length
+                    end += length
+                    continue
+                last_file, end = file, offset + length
+            file_ids.append(files.setdefault(file, len(files)))
+            offsets.append(offset)
+            lengths.append(length)
+        self._files, self._file_ids, self._offsets, self._lengths = tuple(files), file_ids, offsets, lengths
+
+    def copies(self) -> Iterator[tuple[Path | None, int, int]]:
+        """(file, offset, length) of each piece, without making the pieces."""
+        files = self._files
+        for file_id, offset, length in zip(self._file_ids, self._offsets, self._lengths):  # noqa: B905 (equal lengths)
+            yield files[file_id], offset, length
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return tuple(self)[index]
+        return Piece(self._files[self._file_ids[index]], self._offsets[index], self._lengths[index])
+
+    def __iter__(self) -> Iterator[Piece]:
+        files = self._files
+        for file_id, offset, length in zip(self._file_ids, self._offsets, self._lengths):  # noqa: B905 (equal lengths)
+            yield Piece(files[file_id], offset, length)
+
+    @property
+    def total_length(self) -> int:
+        return sum(self._lengths)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and tuple(self) == tuple(other)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return f"PieceRuns({list(self)!r})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +147,33 @@ def piece_of(tensor: SourceTensor) -> Piece:
         return Piece(tensor.file, tensor.offset, tensor.nbytes)
     cast = (tensor.scales.quantized_dtype, tensor.dtype)
     return Piece(tensor.file, tensor.offset, tensor.nbytes, cast=cast, scales=tensor.scales)
+
+
+def plain(pieces: Sequence[Piece]) -> bool:
+    """Whether every piece is a copy of bytes as they are (no transpose, cast or scales)."""
+    return isinstance(pieces, PieceRuns) or all(
+        p.transpose is None and p.cast is None and p.scales is None for p in pieces
+    )
+
+
+def transposed(pieces: Sequence[Piece]) -> bool:
+    """Whether any piece is written transposed."""
+    return not isinstance(pieces, PieceRuns) and any(p.transpose is not None for p in pieces)
+
+
+def copies(pieces: Sequence[Piece]) -> Iterator[tuple[Path | None, int, int]]:
+    """(file, offset, length) of each piece (no file: zeros)."""
+    if isinstance(pieces, PieceRuns):
+        return pieces.copies()
+    return ((p.file, p.offset, p.length) for p in pieces)
+
+
+def compact(pieces: Iterable[Piece]) -> Sequence[Piece]:
+    """`pieces` coalesced, as PieceRuns when every one is a plain copy, else as a tuple."""
+    merged = coalesce(pieces)
+    if all(p.transpose is None and p.cast is None and p.scales is None for p in merged):
+        return PieceRuns(merged)
+    return tuple(merged)
 
 
 def coalesce(pieces: Iterable[Piece]) -> list[Piece]:

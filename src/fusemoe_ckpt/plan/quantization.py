@@ -5,10 +5,11 @@ planned dequantized (the scales consumed, the weight written in a floating dtype
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Callable
+from functools import partial
 
 from ..errors import CheckpointError, FamilyError
-from ..naming import natural_key
+from ..naming import FirstError, natural_key
 from ..reading.quantization import (
     ACTIVATION_SCALE_NAMES,
     DOT_SCALE,
@@ -29,8 +30,19 @@ from .pieces import FusedGroup, OutputTensor
 CONFIG_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
-def paired_scales(tensors: dict[str, SourceTensor], quantization: Quantization) -> dict[str, Scales]:
-    """The scales of every quantized tensor among `tensors`, by the quantized tensor's key.
+def scale_blocks(tensors: dict[str, SourceTensor], quantization: Quantization) -> dict[str, tuple[int, int] | None]:
+    """`paired_scales`' checks, keeping of each scale only its block, by the scale's key: what a plan
+    that keeps the weights quantized needs (a Scales record per weight is ~150 bytes, 10 MB at Kimi-K2's
+    70k quantized weights)."""
+    blocks = paired_scales(tensors, quantization, record=lambda scales: scales.block)
+    return dict(blocks.values())
+
+
+def paired_scales(
+    tensors: dict[str, SourceTensor], quantization: Quantization, record: Callable[[Scales], object] | None = None
+) -> dict[str, Scales]:
+    """The scales of every quantized tensor among `tensors`, by the quantized tensor's key (with
+    `record`, (the scale's key, `record(scales)`) instead of the Scales).
 
     A scale is `x.weight_scale_inv`, or `x.scale` (DeepSeek-V4) where `x.weight` is quantized.
 
@@ -40,25 +52,42 @@ def paired_scales(tensors: dict[str, SourceTensor], quantization: Quantization) 
     """
     quantized_dtypes = quantization.weight_dtypes
     found: dict[str, Scales] = {}
-    for key in sorted(tensors, key=natural_key):
-        tensor = tensors[key]
+    first_error = FirstError()
+    for key, tensor in tensors.items():
         weight = weight_of_scale(key)
         if weight is not None and (key.endswith(SCALE_SUFFIX) or weight in tensors):
             quantized = tensors.get(weight)
             if quantized is None or quantized.dtype not in quantized_dtypes:
                 what = "no tensor" if quantized is None else f"{quantized.dtype} tensor"
-                raise CheckpointError(f"{key}: a scale of {what} {weight!r} ({tensor.file})")
+                first_error.add(key, CheckpointError(f"{key}: a scale of {what} {weight!r} ({tensor.file})"))
             continue
         if tensor.dtype not in quantized_dtypes:
             continue
         names = scale_keys(key)
         scale = next((tensors[name] for name in names if name in tensors), None)
         if scale is None:
-            # Named as this checkpoint names its scales: `x.scale` (DeepSeek-V4) or `x.weight_scale_inv`.
-            missing = names[-1] if any(name.endswith(DOT_SCALE) for name in _scale_names(tensors, found)) else names[0]
-            raise CheckpointError(f"{missing}: missing: the scale of {tensor.dtype} tensor {key} ({tensor.file})")
-        found[key] = _scales(tensor, scale, quantization)
+            first_error.add(key, partial(_missing_scale, key, tensor, names, tensors, found))
+            continue
+        try:
+            scales = _scales(tensor, scale, quantization)
+        except CheckpointError as error:
+            first_error.add(key, error)
+            continue
+        found[key] = scales if record is None else (scale.name, record(scales))
+    first_error.raise_first()
     return found
+
+
+def _missing_scale(
+    key: str, tensor: SourceTensor, names: tuple[str, ...], tensors: dict[str, SourceTensor], found: dict[str, Scales]
+) -> CheckpointError:
+    """The error for quantized `key` without a scale, the scale named as this checkpoint names its
+    scales (`x.scale`, DeepSeek-V4, or `x.weight_scale_inv`): as the scales paired before `key` in
+    natural order are named, or before any, as every key named like a scale of a present weight."""
+    order = natural_key(key)
+    before = {k: s for k, s in found.items() if natural_key(k) < order}
+    missing = names[-1] if any(name.endswith(DOT_SCALE) for name in _scale_names(tensors, before)) else names[0]
+    return CheckpointError(f"{missing}: missing: the scale of {tensor.dtype} tensor {key} ({tensor.file})")
 
 
 def names_scales_dot_scale(tensors: dict[str, SourceTensor], quantization: Quantization) -> bool:
@@ -74,7 +103,7 @@ def names_scales_dot_scale(tensors: dict[str, SourceTensor], quantization: Quant
 def _scale_names(tensors: dict[str, SourceTensor], found: dict[str, Scales]) -> list[str]:
     """The scale keys paired so far, or, before any, every key named like a scale of a present weight."""
     if found:
-        return [s.name for s in found.values()]
+        return [s.name if isinstance(s, Scales) else s[0] for s in found.values()]
     return [k for k in tensors if (w := weight_of_scale(k)) is not None and w in tensors]
 
 
@@ -114,14 +143,18 @@ def _scales(tensor: SourceTensor, scale: SourceTensor, quantization: Quantizatio
 def refuse_expert_activation_scales(tensors: dict[str, SourceTensor]) -> None:
     """Static activation scales of experts: transformers 5.24 leaves them unloaded (and `input_scale`
     anywhere), so a fused FP8 output would not load them either."""
-    for key in sorted(tensors, key=natural_key):
-        name = key.rpartition(".")[2]
-        if name == "input_scale" or (name == "activation_scale" and ".experts." in key):
-            raise FamilyError(
-                f"{key}: a static activation scale transformers 5.24 does not load for "
-                f"{'experts' if '.experts.' in key else 'any layer (it reads activation_scale)'}; "
-                "convert with --dequantize, which drops activation scales"
-            )
+    found = [
+        key
+        for key in tensors
+        if (name := key.rpartition(".")[2]) == "input_scale" or (name == "activation_scale" and ".experts." in key)
+    ]
+    if found:
+        key = min(found, key=natural_key)
+        raise FamilyError(
+            f"{key}: a static activation scale transformers 5.24 does not load for "
+            f"{'experts' if '.experts.' in key else 'any layer (it reads activation_scale)'}; "
+            "convert with --dequantize, which drops activation scales"
+        )
 
 
 def dequantized_view(
@@ -157,7 +190,7 @@ def dequantized_view(
                 "unfuse the checkpoint first, or convert it without --dequantize"
             )
         else:
-            tensors[key] = replace(tensor, dtype=output, scales=scale)
+            tensors[key] = tensor.replace(dtype=output, scales=scale)
     return tensors, sorted(dropped, key=natural_key)
 
 
@@ -174,7 +207,7 @@ def check_fused_scales(
     groups: list[FusedGroup],
     quantization: Quantization,
     tensors: dict[str, SourceTensor],
-    scales: dict[str, Scales],
+    block_of: dict[str, tuple[int, int] | None],
 ) -> None:
     """Refuse what transformers cannot hold as fused FP8 (or FP4).
 
@@ -184,7 +217,6 @@ def check_fused_scales(
     - Experts in another dtype than the one `expert_dtype` makes transformers allocate.
     - A scale left beside a weight that a converter without a scale twin fused (it would not load).
     """
-    block_of = {s.name: s.block for s in scales.values()}
     for group in groups:
         if not group.num_experts:
             continue

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import CheckpointError
+from .index_scan import read_index, read_index_metadata
 from .json_document import expect
-from .source import read_index
 
 # The metadata fields the tool writes and reads back, with their types as messages name them.
 RECORDED_FIELDS: dict[str, tuple[type, str]] = {
@@ -39,6 +39,18 @@ def read_converted_index(index_path: Path) -> tuple[dict[str, str], dict]:
     return weight_map, metadata
 
 
+def read_converted_metadata(index_path: Path) -> dict:
+    """The metadata of the index at `index_path`, every recorded field type-checked; the weight map is
+    checked as `read_converted_index` checks it, a chunk at a time, and not kept.
+
+    Raises:
+        CheckpointError: as `read_converted_index`.
+    """
+    metadata = read_index_metadata(index_path)
+    check_recorded(metadata, index_path)
+    return metadata
+
+
 def check_recorded(metadata: dict, index_path: Path) -> None:
     """Refuse a recorded field of the wrong type.
 
@@ -53,6 +65,6 @@ def recorded_metadata(index_path: Path) -> dict:
     """The metadata of the index at `index_path`, or an empty dict when it is missing or malformed
     (what to do about that is the caller's: verify reports it, resume starts over)."""
     try:
-        return read_converted_index(index_path)[1]
+        return read_converted_metadata(index_path)
     except CheckpointError:
         return {}

@@ -57,11 +57,14 @@ def parse_json(
         raise _Refused(f"{subject}: {name} is not a JSON value")
 
     def unique(pairs: list[tuple[str, object]]) -> dict:
-        document: dict = {}
-        for key, value in pairs:
-            if key in document:
-                raise _Refused(on_duplicate(key))
-            document[key] = value
+        # A header has an object per tensor: build each at once, and look for the duplicate only if one is there.
+        document = dict(pairs)
+        if len(document) != len(pairs):
+            seen: set[str] = set()
+            for key, _ in pairs:
+                if key in seen:
+                    raise _Refused(on_duplicate(key))
+                seen.add(key)
         return document
 
     try:

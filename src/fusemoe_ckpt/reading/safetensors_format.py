@@ -13,6 +13,7 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
+from operator import attrgetter
 from pathlib import Path
 
 from ..errors import CheckpointError
@@ -132,11 +133,15 @@ def _validate_entries(path: Path, parsed: dict, data_len: int) -> tuple[dict[str
         raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
     tensors: dict[str, TensorInfo] = {}
     shapes: dict[tuple[int, ...], tuple[int, ...]] = {}  # each shape once: the experts of a shard share a few
+    # (dtype, *shape) of an entry that passed every check -> (its shape, its byte count)
+    checked: dict[tuple, tuple[tuple[int, ...], int]] = {}
     for name, entry in parsed.items():
-        tensors[name] = _parse_entry(path, name, entry, data_len, shapes)
+        tensors[name] = _known_entry(name, entry, data_len, checked) or _parse_entry(
+            path, name, entry, data_len, shapes, checked
+        )
     # safetensors requires the tensors to tile the data buffer exactly: no overlap, no gap.
     position = 0
-    for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+    for info in sorted(tensors.values(), key=_START_END):
         if info.start < position:
             raise CheckpointError(f"{path}: tensor {info.name!r} overlaps the tensor before it")
         if info.start > position:
@@ -151,8 +156,40 @@ def _validate_entries(path: Path, parsed: dict, data_len: int) -> tuple[dict[str
     return tensors, metadata
 
 
+_START_END = attrgetter("start", "end")
+
+
+def _known_entry(name: str, entry: object, data_len: int, checked: dict) -> TensorInfo | None:
+    """The entry when its dtype and shape are those of an entry already checked and its offsets are
+    integers inside the buffer, as many bytes apart as they need; else None (`_parse_entry` checks
+    it and says what is wrong). A header repeats a few dtypes and shapes for thousands of tensors."""
+    if type(entry) is not dict:
+        return None
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if type(dtype) is not str or type(shape) is not list or type(offsets) is not list or len(offsets) != 2:
+        return None
+    # Exact ints only: True and 1.0 are equal to 1, and hash alike, but no size.
+    if not set(map(type, shape)) <= _INT:
+        return None
+    known = checked.get((dtype, *shape))
+    start, end = offsets
+    if known is None or type(start) is not int or type(end) is not int:
+        return None
+    if not 0 <= start <= end <= data_len or end - start != known[1]:
+        return None
+    return TensorInfo(name=name, dtype=_DTYPE_NAMES[dtype], shape=known[0], start=start, end=end)
+
+
+_INT = frozenset((int,))
+
+
 def _parse_entry(
-    path: Path, name: str, entry: object, data_len: int, shapes: dict[tuple[int, ...], tuple[int, ...]]
+    path: Path,
+    name: str,
+    entry: object,
+    data_len: int,
+    shapes: dict[tuple[int, ...], tuple[int, ...]],
+    checked: dict[tuple, tuple[tuple[int, ...], int]],
 ) -> TensorInfo:
     if not isinstance(entry, dict):
         raise CheckpointError(f"{path}: tensor {name!r}: entry is not a JSON object")
@@ -177,6 +214,8 @@ def _parse_entry(
     expected = tensor_nbytes(dtype, shape)
     if end - start != expected:
         raise CheckpointError(f"{path}: tensor {name!r}: {end - start} bytes but {dtype} {shape} needs {expected}")
+    if all(type(d) is int for d in shape):
+        checked[(dtype, *shape)] = (shapes.setdefault(tuple(shape), tuple(shape)), expected)
     shape = shapes.setdefault(tuple(shape), tuple(shape))
     return TensorInfo(name=name, dtype=_DTYPE_NAMES[dtype], shape=shape, start=start, end=end)
 

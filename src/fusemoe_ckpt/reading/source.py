@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 from ..errors import CheckpointError
+from .index_scan import DIGEST_MASK, IndexSummary, name_digest, summarize_index, weight_map_entries
 from .json_document import expect, read_json, shorten
 from .quantization import Scales
 from .safetensors_format import ShardHeader, TensorInfo, read_header
@@ -19,18 +20,75 @@ EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "
 CONFIG_COUNTS = ("hidden_size", "zero_expert_num", *EXPERT_COUNT_FIELDS)
 
 
-@dataclass(frozen=True, slots=True)
 class SourceTensor:
-    """Where one source tensor's bytes live."""
+    """Where one source tensor's bytes live: `name`, `dtype`, `shape`, `file`, `offset`, `nbytes`, and
+    `scales`, set on a quantized weight planned dequantized (`dtype` is then the dtype it becomes).
+
+    Immutable. What the experts of a shard have in common (dtype, shape, file, size) is one shared
+    tuple, a tensor holding only its name, offset and that tuple: 56 bytes instead of 120 with its
+    size, at 300k tensors 19 MB less.
+    """
+
+    __slots__ = ("name", "offset", "_kind")
 
     name: str
-    dtype: str
-    shape: tuple[int, ...]
-    file: Path
     offset: int
-    nbytes: int
-    # Set on a quantized weight planned dequantized: `dtype` is then the dtype it becomes.
-    scales: Scales | None = None
+    _kind: tuple[str, tuple[int, ...], Path, int, Scales | None]
+
+    def __init__(
+        self,
+        name: str,
+        dtype: str,
+        shape: tuple[int, ...],
+        file: Path,
+        offset: int,
+        nbytes: int,
+        scales: Scales | None = None,
+        *,
+        kinds: dict | None = None,
+    ) -> None:
+        """`kinds`: where tensors of one checkpoint find the kind tuple they share."""
+        kind = (dtype, shape, file, nbytes, scales)
+        if kinds is not None:
+            kind = kinds.setdefault(kind, kind)
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "offset", offset)
+        object.__setattr__(self, "_kind", kind)
+
+    dtype = property(lambda self: self._kind[0])
+    shape = property(lambda self: self._kind[1])
+    file = property(lambda self: self._kind[2])
+    nbytes = property(lambda self: self._kind[3])
+    scales = property(lambda self: self._kind[4])
+
+    def replace(self, **changes: object) -> SourceTensor:
+        """A copy with `changes` (field names as the constructor's)."""
+        return SourceTensor(**{**dict(zip(_FIELDS, self._values(), strict=True)), **changes})
+
+    def _values(self) -> tuple:
+        dtype, shape, file, nbytes, scales = self._kind
+        return self.name, dtype, shape, file, self.offset, nbytes, scales
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"SourceTensor is immutable: cannot set {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SourceTensor):
+            return NotImplemented
+        return (self.name, self.offset, self._kind) == (other.name, other.offset, other._kind)
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.offset, self._kind))
+
+    def __reduce__(self):
+        return SourceTensor, self._values()
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{f}={v!r}" for f, v in zip(_FIELDS, self._values(), strict=True))
+        return f"SourceTensor({fields})"
+
+
+_FIELDS = ("name", "dtype", "shape", "file", "offset", "nbytes", "scales")
 
 
 @dataclass
@@ -48,6 +106,11 @@ class SourceCheckpoint:
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    def without_tensors(self) -> SourceCheckpoint:
+        """This checkpoint's files, config and index metadata, without the map of its tensors: what
+        writing a plan needs, once the plan holds every byte range (at 300k tensors the map is 60 MB)."""
+        return replace(self, tensors={})
+
 
 def open_checkpoint(src: str | os.PathLike) -> SourceCheckpoint:
     """Read the index (or the single `model.safetensors`), every shard header and config.json.
@@ -60,22 +123,21 @@ def open_checkpoint(src: str | os.PathLike) -> SourceCheckpoint:
         raise CheckpointError(f"{root}: source is not a directory")
     index_path = root / INDEX_NAME
     if index_path.exists():
-        weight_map, index_metadata = read_index(index_path)
-        shard_names = sorted(set(weight_map.values()))
+        summary = summarize_index(index_path)
+        shard_names = sorted(summary.shards)
         if SINGLE_NAME not in shard_names and os.path.lexists(root / SINGLE_NAME):
             raise CheckpointError(both_layouts(root))
         shard_files = [resolve_inside(root, index_path, name) for name in shard_names]
+        index_metadata = summary.metadata
     elif (root / SINGLE_NAME).exists():
-        weight_map, index_metadata, index_path = None, {}, None
+        summary, index_metadata, index_path = None, {}, None
         shard_files = [root / SINGLE_NAME]
     else:
         raise CheckpointError(f"{root}: no {INDEX_NAME} or {SINGLE_NAME} found")
 
-    tensors = _collect_tensors(root, shard_files, weight_map)
-    if weight_map:
-        # What is left names a tensor its shard lacks: the first, in the index's order.
-        name, shard = next(iter(weight_map.items()))
-        raise CheckpointError(f"{index_path}: tensor {name!r} is mapped to {shard}, which lacks it")
+    tensors, agree = _collect_tensors(root, shard_files, summary)
+    if summary is not None and not agree:
+        _check_index(root, index_path, summary, tensors)
     return SourceCheckpoint(
         root=root,
         index_file=index_path,
@@ -95,24 +157,6 @@ def both_layouts(where: object) -> str:
     )
 
 
-def read_index(index_path: Path) -> tuple[dict[str, str], dict]:
-    """The weight map and the metadata (an empty dict where there is none) of a safetensors index.
-
-    Raises:
-        CheckpointError: not a regular file, not JSON, a weight map that is not names to files, or
-            metadata that is not an object.
-    """
-    index = read_json(index_path)
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
-    ):
-        raise CheckpointError(f"{index_path}: 'weight_map' must map tensor names to shard file names")
-    if not weight_map:
-        raise CheckpointError(f"{index_path}: 'weight_map' lists no tensors")
-    return weight_map, expect(index, "metadata", dict, "a JSON object", index_path) or {}
-
-
 def resolve_inside(root: Path, index_path: Path, name: str) -> Path:
     """The shard path for an index entry, refusing names that leave the checkpoint directory.
 
@@ -125,46 +169,60 @@ def resolve_inside(root: Path, index_path: Path, name: str) -> Path:
     return root / pure
 
 
-def _collect_tensors(root: Path, shard_files: list[Path], weight_map: dict[str, str] | None) -> dict[str, SourceTensor]:
+def _collect_tensors(
+    root: Path, shard_files: list[Path], summary: IndexSummary | None
+) -> tuple[dict[str, SourceTensor], bool]:
     """Every tensor of the shards, reading one header at a time and dropping it once its tensors are
-    recorded (a checkpoint of 300k tensors would otherwise hold every parsed header at once).
-
-    Each entry of `weight_map` that its shard holds is removed from it, so what is left names a
-    tensor its shard lacks.
+    recorded (a checkpoint of 300k tensors would otherwise hold every parsed header at once); and
+    whether each shard holds just the names the index maps to it, as far as their count and digest
+    tell (always True without an index).
 
     Raises:
         CheckpointError: a malformed header, or a tensor stored in two shards (reported after every
             header is read, as the first one found).
     """
-    files_of: dict[Path, set[str]] = {path: set() for path in shard_files}
-    if weight_map is not None:
-        for shard in set(weight_map.values()):
-            files_of.setdefault(_shard_path(root, shard), set()).add(shard)
+    expected: dict[Path, tuple[int, int]] = {}
+    if summary is not None:
+        # Two names of one file ("a" and "./a") are one shard: their entries add up.
+        for shard, (count, digest) in summary.shards.items():
+            seen_count, seen_digest = expected.get(_shard_path(root, shard), (0, 0))
+            expected[_shard_path(root, shard)] = (seen_count + count, (seen_digest + digest) & DIGEST_MASK)
     tensors: dict[str, SourceTensor] = {}
+    kinds: dict = {}
     twice = None
+    agree = True
     for path in dict.fromkeys(shard_files):
         header = read_header(path)
-        names = files_of[path]
+        if summary is not None:
+            agree = agree and expected[path] == (len(header.tensors), name_digest(header.tensors))
         for name, info in header.tensors.items():
             if name in tensors:
                 twice = twice or f"{path}: tensor {name!r} is also stored in {tensors[name].file.name}"
                 continue
-            tensors[name] = _source_tensor(header, info)
-            if weight_map is not None and weight_map.get(name) in names:
-                del weight_map[name]
+            tensors[name] = _source_tensor(header, info, kinds)
     if twice:
         raise CheckpointError(twice)
-    return tensors
+    return tensors, agree
 
 
-def _source_tensor(header: ShardHeader, info: TensorInfo) -> SourceTensor:
+def _check_index(root: Path, index_path: Path, summary: IndexSummary, tensors: dict[str, SourceTensor]) -> None:
+    """Refuse an index entry whose shard lacks its tensor, the first in the index's order.
+
+    Taken when a shard's count or digest of names differs from the index's: it holds a tensor the
+    index does not name (kept, as the header is what is read), or lacks one it does.
+
+    Raises:
+        CheckpointError: naming the index, the tensor and the shard.
+    """
+    for name, shard in weight_map_entries(index_path, summary):
+        found = tensors.get(name)
+        if found is None or found.file != _shard_path(root, shard):
+            raise CheckpointError(f"{index_path}: tensor {name!r} is mapped to {shard}, which lacks it")
+
+
+def _source_tensor(header: ShardHeader, info: TensorInfo, kinds: dict) -> SourceTensor:
     return SourceTensor(
-        name=info.name,
-        dtype=info.dtype,
-        shape=info.shape,
-        file=header.path,
-        offset=header.data_start + info.start,
-        nbytes=info.nbytes,
+        info.name, info.dtype, info.shape, header.path, header.data_start + info.start, info.nbytes, kinds=kinds
     )
 
 

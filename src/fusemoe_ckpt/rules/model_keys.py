@@ -30,10 +30,13 @@ class ModelKeys:
     ignored: tuple[str, ...] = ()
     keep_in_fp32: tuple[str, ...] = ()
 
+    # Asked of every key of a checkpoint (hundreds of thousands): most families have no such patterns.
     def keeps(self, key: str) -> bool:
-        return any(re.fullmatch(pattern, key) for pattern in self.kept)
+        return bool(self.kept) and any(re.fullmatch(pattern, key) for pattern in self.kept)
 
     def ignores(self, key: str) -> bool:
+        if not self.ignored:
+            return False
         # transformers adds the prefix only to a key the model has, so it matches an ignored (unexpected)
         # key without it: `mtp.0.x` stays `mtp.0.x` for `^mtp.*`, where `with_prefix` gives `model.mtp.0.x`.
         bare = key.removeprefix(self.prefix + ".") if self.prefix else key

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -49,11 +50,22 @@ def _alternation(sources: tuple[str, ...], expert_groups: bool) -> re.Pattern[st
     return re.compile("|".join(branches))
 
 
-def _replace(key: str, match: re.Match[str], target: str, regex: re.Pattern[str], branch: str) -> str:
+# Called at each replacement with (the key, the match, the key as replaced); it may raise. Mapping by
+# template (key_templates.py) checks there what it must know of every key renamed on the way.
+Check = Callable[[str, re.Match[str], str], None]
+
+
+def _replace(
+    key: str, match: re.Match[str], target: str, regex: re.Pattern[str], branch: str, check: Check | None = None
+) -> str:
     if r"\1" in target:
         # `\1` is the first group inside the branch that matched, as in transformers.
         target = target.replace(r"\1", match.group(regex.groupindex[branch] + 1))
-    return key.replace(match.group(0), target, 1)
+    # transformers replaces the first occurrence of the matched text, wherever that is.
+    replaced = key.replace(match.group(0), target, 1)
+    if check is not None:
+        check(key, match, replaced)
+    return replaced
 
 
 def _matched_branch(match: re.Match[str]) -> int:
@@ -129,7 +141,7 @@ class Rename:
             pattern = "^" + pattern
         return Rename((pattern,), target.replace(r"\.", "."), scope=self.scope)
 
-    def apply(self, key: str) -> str:
+    def apply(self, key: str, check: Check | None = None) -> str:
         scoped = _scoped(self.scope, key)
         if scoped is None:
             return key
@@ -138,7 +150,7 @@ class Rename:
         if match is None:
             return key
         branch = f"s{_matched_branch(match)}"
-        return prefix + _replace(rest, match, _target_text(self.target), self._regex, branch)
+        return prefix + _replace(rest, match, _target_text(self.target), self._regex, branch, check)
 
 
 @dataclass(frozen=True)
@@ -172,7 +184,7 @@ class Converter:
         texts = tuple(_target_text(source) for source in self.sources)
         return texts if expert is None else tuple(text.replace("*", str(expert), 1) for text in texts)
 
-    def match(self, key: str) -> tuple[str, int, str | None] | None:
+    def match(self, key: str, check: Check | None = None) -> tuple[str, int, str | None] | None:
         """(target key, source slot, expert id text or None) when `key` matches one of the sources."""
         scoped = _scoped(self.scope, key)
         if scoped is None:
@@ -182,7 +194,7 @@ class Converter:
         if match is None:
             return None
         slot = _matched_branch(match)
-        target = prefix + _replace(rest, match, _target_text(self.target), self._regex, f"s{slot}")
+        target = prefix + _replace(rest, match, _target_text(self.target), self._regex, f"s{slot}", check)
         return target, slot, match.groupdict().get(f"x{slot}")
 
 
@@ -307,7 +319,7 @@ class GroupRename:
             text = re.sub(r"\((?:[^()\\]|\\.)*\)", lambda _: value, text, count=1)  # noqa: B023
         return _target_text(text)
 
-    def apply(self, key: str, active: bool) -> str:
+    def apply(self, key: str, active: bool, check: Check | None = None) -> str:
         found = self.match(key)
         if found is None:
             return key
@@ -317,7 +329,10 @@ class GroupRename:
         target = _target_text(self.targets[slot])
         start = self._regex.groupindex[f"s{slot}"]
         target = re.sub(r"\\(\d+)", lambda m: match.group(start + int(m.group(1))), target)
-        return key.replace(match.group(0), target, 1)
+        replaced = key.replace(match.group(0), target, 1)
+        if check is not None:
+            check(key, match, replaced)
+        return replaced
 
     def reversed(self) -> GroupRename:
         """The group transformers applies when it saves the original format: each pair swapped, the
@@ -351,16 +366,18 @@ def map_key(
     converters: tuple[Converter, ...],
     model: ModelKeys | None = None,
     active: frozenset[GroupRename] = frozenset(),
+    check: Check | None = None,
 ) -> KeyMapping:
     """Every rename in order, then the first converter that matches, then the base-model prefix:
     transformers' order of operations. A key `model` keeps is only given the prefix (the renames
-    taken back); a group rename renames dependent keys only when it is in `active`."""
+    taken back); a group rename renames dependent keys only when it is in `active`. `check` is
+    called at each replacement."""
     model = model or ModelKeys()
     if model.keeps(key):
         return KeyMapping(target=model.with_prefix(key))
-    key = rename_all(key, renames, active)
+    key = rename_all(key, renames, active, check)
     for converter in converters:
-        found = converter.match(key)
+        found = converter.match(key, check)
         if found is not None:
             target, slot, expert = found
             # The experts of a group share their target and each expert id recurs in every group:
@@ -370,10 +387,15 @@ def map_key(
     return KeyMapping(target=model.with_prefix(key))
 
 
-def rename_all(key: str, renames: tuple[Renaming, ...], active: frozenset[GroupRename] = frozenset()) -> str:
+def rename_all(
+    key: str, renames: tuple[Renaming, ...], active: frozenset[GroupRename] = frozenset(), check: Check | None = None
+) -> str:
     """`key` through every rename in order; a group rename renames dependent keys only when in `active`."""
     for rename in renames:
-        key = rename.apply(key, rename in active) if isinstance(rename, GroupRename) else rename.apply(key)
+        if isinstance(rename, GroupRename):
+            key = rename.apply(key, rename in active, check)
+        else:
+            key = rename.apply(key, check)
     return key
 
 
@@ -388,6 +410,11 @@ def active_groups(
     others loads half renamed; convert refuses it instead, naming the missing guard key.
     """
     model = model or ModelKeys()
+    # Renames after the last group rename change nothing this returns: a family without one has nothing to do.
+    groups = [i for i, rename in enumerate(renames) if isinstance(rename, GroupRename)]
+    if not groups:
+        return frozenset(), {}
+    renames = renames[: groups[-1] + 1]
     # Each key as the renames before the current one leave it: a group matches keys at that point.
     partial = {key: key for key in keys if not model.keeps(key)}
     active: set[GroupRename] = set()

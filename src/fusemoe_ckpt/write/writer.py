@@ -166,8 +166,8 @@ class ShardWriter:
 
 
 def placed_pieces(shard: ShardPlan) -> Iterator[tuple[Piece, int]]:
-    """Every piece of `shard` with the file offset it is written at, in file order (one at a time:
-    a shard of 300k tensors is not listed)."""
+    """Every piece of `shard` with the file offset it is written at, in file order (made as they are
+    read: a shard of tiny experts holds a hundred thousand pieces)."""
     at = shard.header_size
     for tensor in shard.tensors:
         for piece in tensor.pieces:
@@ -175,25 +175,19 @@ def placed_pieces(shard: ShardPlan) -> Iterator[tuple[Piece, int]]:
             at += piece.out_length
 
 
-def split_evenly(placed: list[tuple[Piece, int]], parts: int) -> list[list[tuple[Piece, int]]]:
-    """`placed` cut into at most `parts` runs of consecutive pieces holding about equal bytes."""
-    sizes = [piece.out_length for piece, _ in placed]
-    bounds = run_bounds(sizes, sum(sizes), parts)
-    return [placed[start:stop] for start, stop in bounds]
-
-
-def run_bounds(sizes: Iterable[int], total: int, parts: int) -> list[tuple[int, int]]:
-    """(start, stop) indices of at most `parts` runs of consecutive items of `sizes` (summing to
-    `total`) that hold about equal bytes; every item in one run, none empty."""
+def split_evenly(sizes: Iterable[int], parts: int) -> list[range]:
+    """The indexes of pieces of `sizes` bytes cut into at most `parts` runs of consecutive pieces
+    holding about equal bytes."""
+    sizes = list(sizes)
+    total = sum(sizes)
     starts = [0]
-    done = count = 0
-    for size in sizes:
+    done = 0
+    for i, size in enumerate(sizes):
         # A new run starts where the boundary falls nearer this piece's start than its end.
-        if count > starts[-1] and len(starts) < parts and done + size / 2 >= total * len(starts) / parts:
-            starts.append(count)
+        if i > starts[-1] and len(starts) < parts and done + size / 2 >= total * len(starts) / parts:
+            starts.append(i)
         done += size
-        count += 1
-    return [(start, stop) for start, stop in zip(starts, [*starts[1:], count], strict=True) if stop > start]
+    return [range(start, stop) for start, stop in zip(starts, [*starts[1:], len(sizes)], strict=True) if stop > start]
 
 
 def write_shard(
@@ -217,10 +211,9 @@ def write_shard(
     """
     writer = ShardWriter(path, shard, durable=durable, stop=stop or threading.Event())
 
-    def copy_run(bounds: tuple[int, int | None]) -> None:
+    def copy_run(run: range) -> None:
         behind = WriteBehind(writer) if durable else None
-        # Each run takes its pieces from the shard as it goes: no list of every piece is kept.
-        for piece, at in islice(placed_pieces(shard), *bounds):
+        for piece, at in islice(placed_pieces(shard), run.start, run.stop):
             writer.copy(piece, at, progress)
             if behind is not None:
                 behind.copied(at, at + piece.out_length)
@@ -231,8 +224,7 @@ def write_shard(
         writer.open()
         if progress is not None:
             progress(shard.header_size)
-        sizes = (piece.out_length for piece, _ in placed_pieces(shard)) if threads > 1 else ()
-        runs = run_bounds(sizes, shard.data_size, threads) if threads > 1 else [(0, None)]
+        runs = split_evenly((piece.out_length for piece, _ in placed_pieces(shard)), threads)
         if len(runs) <= 1:
             for run in runs:
                 copy_run(run)
