@@ -93,7 +93,7 @@ def plan_unfuse(source: SourceCheckpoint, family: Family, *, max_shard_size: int
             names_of[key].append(name)
             converter_of[key] = converter
     groups = [
-        FusedGroup(key, f"split_{type(converter_of[key]).__name__}", len(names), tuple(names))
+        FusedGroup.of(key, f"split_{type(converter_of[key]).__name__}", len(names), names)
         for key, names in names_of.items()
     ]
     del parts, named  # every output is in `outputs` now; laying out makes the headers, the largest part
