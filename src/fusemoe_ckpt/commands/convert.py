@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from ..errors import DestinationError, UsageError
 from ..hub.push_record import planned_push_reason, recorded_push_reason
 from ..hub.repo_id import is_hub_source
+from ..memory import release_free_memory
 from ..plan.conversion import plan_for
 from ..plan.layout import ConversionPlan
 from ..reading.source import SourceCheckpoint
@@ -239,6 +240,7 @@ def convert(
         workers = default_workers(dequantize=dequantize)
     source, plan = plan_for(src_path, family=family, max_shard_size=max_shard_size, dtype=dtype, dequantize=dequantize)
     source = source.without_tensors()  # the plan holds every byte range; the tensor map is let go
+    release_free_memory()
     if holds_files(dst_path) and not overwrite:
         if resume and _finish_if_complete(dst_path, plan):
             # Killed just after the final rename, or run again by a scheduler: nothing left to do.

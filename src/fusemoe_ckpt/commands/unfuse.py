@@ -28,7 +28,7 @@ class UnfuseResult:
 
     def summary(self) -> str:
         split = len(self.plan.fused_groups)
-        pieces = sum(len(g.source_keys) for g in self.plan.fused_groups)
+        pieces = sum(g.sources for g in self.plan.fused_groups)
         return (
             f"{split} fused tensors split into {pieces}, {format_size(self.bytes_written)} written in "
             f"{len(self.plan.shards)} shards, {self.seconds:.1f} s -> {self.destination}"

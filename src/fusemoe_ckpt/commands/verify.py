@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CheckpointError, FusemoeError
+from ..memory import release_free_memory
 from ..naming import natural_key
 from ..plan.conversion import plan_for
 from ..plan.layout import ConversionPlan
@@ -113,6 +114,7 @@ def verify(
     dequantized = recorded.get("fusemoe_ckpt_dequantized") is True
     # The source's tensor map is let go here: only the plan is compared with DST.
     plan = plan_for(src_path, family=family, dtype=dtype, dequantize=dequantized)[1]
+    release_free_memory()
 
     problems: dict[str, list[str]] = defaultdict(list)
     stored = _read_destination(dst_path, problems)

@@ -68,30 +68,6 @@ class ExpertRun:
 Unit = OutputTensor | ExpertRun
 
 
-class RunNames(Sequence[str]):
-    """The names of some members of a run, expert by expert: the per-expert keys a fused tensor
-    was made from (`FusedGroup.source_keys`), without a string each."""
-
-    def __init__(self, run: ExpertRun, members: tuple[int, ...]) -> None:
-        self.run = run
-        self.members = members
-
-    def __len__(self) -> int:
-        return self.run.experts * len(self.members)
-
-    @overload
-    def __getitem__(self, index: int) -> str: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[str]: ...
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if not -len(self) <= index < len(self):
-            raise IndexError(index)
-        expert, slot = divmod(index % len(self), len(self.members))
-        return f"{self.run.prefix}{expert}{self.run.members[self.members[slot]].suffix}"
-
-
 class Tensors(Sequence[OutputTensor]):
     """Output tensors `start` to `stop` of the file order that `units` make, each made when asked for."""
 

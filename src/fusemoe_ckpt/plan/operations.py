@@ -93,10 +93,10 @@ def fuse_experts(
         )
     rows = sum(experts[0].shape[0] for experts in ordered_slots)
     shape = (total, rows, *first.shape[1:])
-    keys = tuple(experts[e].name for e in range(total) for experts in ordered_slots if e in experts)
+    present = sum(len(experts) for experts in ordered_slots)
     return (
         OutputTensor(target, first.dtype, shape, pieces),
-        FusedGroup(target, "merge_experts", total, keys),
+        FusedGroup(target, "merge_experts", total, first.name, present),
     )
 
 
@@ -118,7 +118,7 @@ def concatenate(target: str, converter: Converter, slots: Slots, family: str) ->
     shape = (sum(t.shape[0] for t in tensors), *tensors[0].shape[1:])
     return (
         OutputTensor(target, tensors[0].dtype, shape, tuple(coalesce(piece_of(t) for t in tensors))),
-        FusedGroup(target, "concatenate", 0, tuple(t.name for t in tensors)),
+        FusedGroup.of(target, "concatenate", 0, [t.name for t in tensors]),
     )
 
 
@@ -164,7 +164,7 @@ def concatenate_shards(
     shape = (sum(t.shape[0] for t in tensors), *tensors[0].shape[1:])
     return (
         OutputTensor(target, tensors[0].dtype, shape, tuple(coalesce(piece_of(t) for t in tensors))),
-        FusedGroup(target, "concatenate_shards", 0, tuple(t.name for t in tensors)),
+        FusedGroup.of(target, "concatenate_shards", 0, [t.name for t in tensors]),
     )
 
 
@@ -199,7 +199,7 @@ def transpose_experts(
         raise FamilyError(f"{tensor.name}: shape {list(tensor.shape)} has no axis of hidden_size {hidden_size}")
     return (
         OutputTensor(target, tensor.dtype, shape, pieces),
-        FusedGroup(target, "transpose_experts", experts, (tensor.name,)),
+        FusedGroup(target, "transpose_experts", experts, tensor.name, 1),
     )
 
 
@@ -225,7 +225,7 @@ def transpose(target: str, slots: Slots) -> tuple[OutputTensor, FusedGroup]:
             f"({tensor.file})"
         )
     pieces, shape = transposed_pieces(tensor)
-    return OutputTensor(target, tensor.dtype, shape, pieces), FusedGroup(target, "transpose", shape[0], (tensor.name,))
+    return OutputTensor(target, tensor.dtype, shape, pieces), FusedGroup(target, "transpose", shape[0], tensor.name, 1)
 
 
 def rope_rows(rows: int, heads: int, *, inverse: bool = False) -> list[int]:
@@ -298,7 +298,7 @@ def chunk_for_rope(
         start += rows
         outputs.append(OutputTensor(name, tensor.dtype, (rows, *tensor.shape[1:]), pieces))
     kind = "split" if isinstance(converter, SplitBySize) else "chunk_for_rope" if converter.rope else "chunk"
-    return outputs, FusedGroup(target, kind, 0, (tensor.name,))
+    return outputs, FusedGroup(target, kind, 0, tensor.name, 1)
 
 
 def split_sizes(converter: SplitBySize, config: dict | None) -> list[int]:

@@ -128,12 +128,21 @@ class PieceRuns(Sequence[Piece]):
 
 @dataclass(frozen=True, slots=True)
 class FusedGroup:
-    """An output tensor built by a converter from `source_keys`."""
+    """An output tensor built by a converter from `sources` source tensors, the first `first_source`.
+
+    Only the first key is kept, not every key: a plan of 300k experts would otherwise keep every name
+    of the source alive (30 MB) after its tensor map is let go.
+    """
 
     target: str
     operation: str
     num_experts: int
-    source_keys: tuple[str, ...]
+    first_source: str
+    sources: int
+
+    @classmethod
+    def of(cls, target: str, operation: str, num_experts: int, keys: Sequence[str]) -> FusedGroup:
+        return cls(target, operation, num_experts, keys[0], len(keys))
 
 
 def zeros(length: int) -> Piece:

@@ -223,12 +223,12 @@ def check_fused_scales(
         if not group.target.endswith(SCALE_SUFFIX):
             _check_expert_dtype(outputs[group.target], quantization, group)
             continue
-        first = group.source_keys[0]
+        first = group.first_source
         weight = tensors[weight_of_scale(first)]
         fp4 = weight.dtype == FP4_WEIGHT_DTYPE
         if quantization.block is None and not fp4:
             continue
-        parts = len(group.source_keys) // group.num_experts
+        parts = group.sources // group.num_experts
         rows = weight.shape[0]
         block_rows, block_cols = block_of[first]
         if parts > 1 and rows % block_rows:
@@ -253,6 +253,6 @@ def _check_expert_dtype(fused: OutputTensor, quantization: Quantization, group: 
     if fp4 != (fused.dtype == FP4_WEIGHT_DTYPE) and (fp4 or fused.dtype in quantization.weight_dtypes):
         held = "I8 (FP4 packed)" if fp4 else "FP8"
         raise FamilyError(
-            f"{group.source_keys[0]}: {fused.dtype} experts, but quantization_config's expert_dtype "
+            f"{group.first_source}: {fused.dtype} experts, but quantization_config's expert_dtype "
             f"{quantization.expert_dtype!r} makes transformers hold {fused.name} as {held}"
         )

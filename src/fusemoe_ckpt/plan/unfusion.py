@@ -38,7 +38,7 @@ from ..rules.patterns import (
 )
 from ..rules.quantized import for_quantization
 from .conversion import config_hidden_size
-from .expert_runs import ExpertRun, Member, RunNames, Unit, lay_out_units
+from .expert_runs import ExpertRun, Member, Unit, lay_out_units
 from .layout import ConversionPlan, lay_out
 from .operations import hidden_axis, rope_order, row_pieces, shard_count, transposed_pieces
 from .pieces import FusedGroup, OutputTensor, Piece, coalesce
@@ -88,7 +88,7 @@ def _plan_each(
             names_of[key].append(name)
             converter_of[key] = converter
     groups = [
-        FusedGroup(key, f"split_{type(converter_of[key]).__name__}", len(names), tuple(names))
+        FusedGroup.of(key, f"split_{type(converter_of[key]).__name__}", len(names), names)
         for key, names in names_of.items()
     ]
     del parts, named  # every output is in `outputs` now; laying out makes the headers, the largest part
@@ -159,26 +159,21 @@ def _plan_in_runs(
                 _check_forward(f"{prefix}{expert}{suffix}", key, family, converter, slot, expert, forward_active)
             member = Member(suffix, tensor.dtype, shape, tensor.file, tensor.offset + slot * size, slots * size, size)
             members[prefix, experts].append((f"{prefix}0{suffix}", key, slot, member))
-    source_keys: dict[str, RunNames] = {}
     for (prefix, experts), found in members.items():
         found.sort(key=lambda m: natural_key(m[0]))
-        run = ExpertRun(prefix, experts, tuple(m[3] for m in found))
-        units.append(run)
-        for key in {m[1] for m in found}:
-            slots = sorted((m[2], i) for i, m in enumerate(found) if m[1] == key)
-            source_keys[key] = RunNames(run, tuple(i for _, i in slots))
+        units.append(ExpertRun(prefix, experts, tuple(m[3] for m in found)))
     units.sort(key=lambda u: natural_key(u.name if isinstance(u, OutputTensor) else u.name(0)))
     if not _strictly_ordered(units):
         return None
-    operation = {key: f"split_{type(converter).__name__}" for key, _, converter in merged}
-    operation.update({p[0]: f"split_{type(p[3]).__name__}" for p in parts if p[3] is not None})
-    groups = [
-        FusedGroup(key, operation[key], len(source_keys[key]), source_keys[key])
-        if key in source_keys
-        else FusedGroup(key, operation[key], len(names_of[key]), tuple(names_of[key]))
-        for key in converted
-        if key in source_keys or key in names_of  # a fused tensor of no experts splits into nothing
-    ]
+    made: dict[str, FusedGroup] = {}
+    for key, tensor, converter in merged:
+        prefix, suffix = templates[key][0]
+        count = tensor.shape[0] * len(templates[key])
+        made[key] = FusedGroup(key, f"split_{type(converter).__name__}", count, f"{prefix}0{suffix}", count)
+    for p in parts:
+        if p[3] is not None:  # a fused tensor of no experts splits into nothing, and makes no group
+            made[p[0]] = FusedGroup.of(p[0], f"split_{type(p[3]).__name__}", len(names_of[p[0]]), names_of[p[0]])
+    groups = [made[key] for key in converted if key in made]
     return lay_out_units(family, units, groups, max_shard_size)
 
 
