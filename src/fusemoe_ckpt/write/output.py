@@ -188,10 +188,11 @@ def _write_shards(
         return todo_bytes
     # Fewer shards than workers: the spare threads copy parts of the same shard.
     threads = max(1, workers // max(1, len(todo)))
+    at_once = max(1, min(workers, len(todo)))
 
     def write_and_record(shard: ShardPlan) -> None:
         path = partial / shard.filename
-        write_shard(path, shard, durable=durable, progress=report, stop=stop, threads=threads)
+        write_shard(path, shard, durable=durable, progress=report, stop=stop, threads=threads, shards_at_once=at_once)
         journal.record(path)
 
     pool = ThreadPoolExecutor(max_workers=workers)
