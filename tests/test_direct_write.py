@@ -97,3 +97,21 @@ def test_a_source_cut_short_while_written_directly_is_named(tmp_path, monkeypatc
     with pytest.raises(CheckpointError, match=r"model-00001-of-00001\.safetensors: ended at byte \d+, before the"):
         convert(src, tmp_path / "dst", workers=1)
     assert not (tmp_path / "dst").exists()
+
+
+@pytest.mark.parametrize("absorbs", [True, False], ids=["fits-the-page-cache", "too-large-for-it"])
+def test_without_fsync_only_what_the_page_cache_cannot_take_is_written_directly(tmp_path, monkeypatch, absorbs):
+    src = write_checkpoint(tmp_path / "src", expert_tensors(experts=4), shards=2, config=QWEN3_CONFIG)
+    convert(src, tmp_path / "reference", durable=False)
+    asked = []
+    monkeypatch.setattr(writer_module, "page_cache_absorbs", lambda nbytes: asked.append(nbytes) or absorbs)
+    opened = []
+    monkeypatch.setattr(writer_module, "enable_direct", lambda fd: opened.append(fd) or enable_direct(fd))
+    fsynced = []
+    monkeypatch.setattr(writer_module.os, "fsync", lambda fd: fsynced.append(fd))
+    result = convert(src, tmp_path / "dst", durable=False)
+    assert asked == [sum(shard.file_size for shard in result.plan.shards)]
+    assert len(opened) == (0 if absorbs else len(result.plan.shards))
+    assert fsynced == []
+    for path in (tmp_path / "reference").iterdir():
+        assert (tmp_path / "dst" / path.name).read_bytes() == path.read_bytes()

@@ -33,7 +33,7 @@ from .journal import JOURNAL_NAME, Journal, plan_fingerprint
 from .lock import DestinationLock
 from .no_follow import open_own_file, write_new_file
 from .workers import default_workers
-from .writer import DISK_FULL, disk_full_error, write_shard
+from .writer import DISK_FULL, disk_full_error, write_shard, writes_directly
 
 
 class ShardHooks:
@@ -178,11 +178,12 @@ def _write_shards(
     if report is not None and total > todo_bytes:
         report(total - todo_bytes)
     stop = threading.Event()
+    direct = writes_directly(durable, todo_bytes)
     if hooks is not None:
         for shard in todo:
             hooks.before_shard(shard)
             path = partial / shard.filename
-            write_shard(path, shard, durable=durable, progress=report, stop=stop, threads=workers)
+            write_shard(path, shard, durable=durable, progress=report, stop=stop, threads=workers, direct=direct)
             journal.record(path)
             hooks.after_shard(shard, path)
         return todo_bytes
@@ -192,7 +193,16 @@ def _write_shards(
 
     def write_and_record(shard: ShardPlan) -> None:
         path = partial / shard.filename
-        write_shard(path, shard, durable=durable, progress=report, stop=stop, threads=threads, shards_at_once=at_once)
+        write_shard(
+            path,
+            shard,
+            durable=durable,
+            progress=report,
+            stop=stop,
+            threads=threads,
+            shards_at_once=at_once,
+            direct=direct,
+        )
         journal.record(path)
 
     pool = ThreadPoolExecutor(max_workers=workers)

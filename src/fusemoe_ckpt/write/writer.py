@@ -16,7 +16,7 @@ from ..errors import CheckpointError, DestinationError, FusemoeError
 from ..plan.layout import ShardPlan
 from ..plan.pieces import Piece, copies
 from ..reading.files import open_regular
-from .direct import IN_FLIGHT, DirectStream, enable_direct
+from .direct import IN_FLIGHT, DirectStream, enable_direct, page_cache_absorbs
 from .streams import piece_chunks
 from .writeback import start_writeback
 
@@ -53,7 +53,7 @@ class ShardWriter:
     Pieces are copied at explicit offsets, so several threads may copy different pieces of one shard
     at once; the writer counts what they wrote. With `direct` (durable shards only, and only where
     the filesystem takes direct I/O: `self.direct` says after `open`), pieces must be copied by one
-    thread in file order, each into the direct stream.
+    thread in file order, each into the direct stream; `durable` then still decides the fsync.
     """
 
     def __init__(
@@ -76,7 +76,7 @@ class ShardWriter:
         self._lock = threading.Lock()
         self._sources: dict[Path, int] = {}
         self._kernel_copy = True
-        self._wants_direct = direct and durable
+        self._wants_direct = direct
         self._in_flight = in_flight
         self._direct: DirectStream | None = None
 
@@ -199,6 +199,12 @@ class ShardWriter:
         return len(data)
 
 
+def writes_directly(durable: bool, nbytes: int) -> bool:
+    """Whether a conversion writing `nbytes` writes its shards with direct I/O (where the filesystem
+    takes it): a durable one always, one without fsync when the page cache would not take it in."""
+    return DIRECT_IO and (durable or not page_cache_absorbs(nbytes))
+
+
 def placed_pieces(shard: ShardPlan) -> Iterator[tuple[Piece, int]]:
     """Every piece of `shard` with the file offset it is written at, in file order (made as they are
     read: a shard of tiny experts holds a hundred thousand pieces)."""
@@ -233,11 +239,13 @@ def write_shard(
     stop: threading.Event | None = None,
     threads: int = 1,
     shards_at_once: int = 1,
+    direct: bool | None = None,
 ) -> None:
     """Write `shard` to `path` from start to finish, closing every file on the way out.
 
-    A durable shard written directly has IN_FLIGHT writes in flight, shared with the other
-    `shards_at_once` shards being written (at least 2 each): the buffers stay about 9 MiB in all.
+    With `direct` (default: `durable`), the shard is written with direct I/O where the filesystem
+    takes it, with IN_FLIGHT writes in flight shared with the other `shards_at_once` shards being
+    written (at least 2 each): the buffers stay about 9 MiB in all.
 
     With `threads` > 1, runs of the shard's pieces are copied at once: one kernel copy runs on one
     core, so a shard copies faster than `cp` copies a file when cores are free.
@@ -248,8 +256,9 @@ def write_shard(
         WriteStopped: `stop` was set while copying.
     """
     in_flight = max(2, IN_FLIGHT // max(1, shards_at_once))
+    direct = durable if direct is None else direct
     writer = ShardWriter(
-        path, shard, durable=durable, stop=stop or threading.Event(), direct=DIRECT_IO, in_flight=in_flight
+        path, shard, durable=durable, stop=stop or threading.Event(), direct=direct and DIRECT_IO, in_flight=in_flight
     )
 
     def copy_run(run: range) -> None:
