@@ -8,12 +8,14 @@ import resource
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 import fusemoe_ckpt.write.destination as destination_module
+import fusemoe_ckpt.write.direct as direct_module
 import fusemoe_ckpt.write.output as output_module
 import fusemoe_ckpt.write.writer as writer_module
 from fusemoe_ckpt.cli import cli
@@ -104,11 +106,35 @@ def test_disk_full_mid_shard_names_the_file(src, tmp_path, monkeypatch, code):
             raise OSError(code, os.strerror(code))
         return real_copy(*args)
 
+    monkeypatch.setattr(writer_module, "DIRECT_IO", False)  # the route of a filesystem without direct I/O
     monkeypatch.setattr(writer_module.os, "copy_file_range", filling_copy)
     result = CliRunner().invoke(cli, ["convert", str(src), str(tmp_path / "dst"), "--workers", "1"])
     partial = tmp_path / ".dst.fusemoe-partial"
     assert one_line_error(result) == (f"{partial / SHARD}: cannot write: {os.strerror(code)} ({errno.errorcode[code]})")
     assert len(calls) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT], ids=["ENOSPC", "EDQUOT"])
+def test_disk_full_mid_shard_written_directly_names_the_file(src, tmp_path, monkeypatch, code):
+    """A direct write failing on the first block of a shard, in a writing thread while the next is
+    assembled: the shard is named, nothing is left."""
+    calls = []
+    real_pwrite = os.pwrite
+
+    def filling_pwrite(fd, data, at):
+        if threading.current_thread().name.startswith("direct-write"):
+            calls.append(at)
+            if len(calls) == 1:
+                raise OSError(code, os.strerror(code))
+        return real_pwrite(fd, data, at)
+
+    monkeypatch.setattr(direct_module, "CHUNK", 4096)
+    monkeypatch.setattr(direct_module.os, "pwrite", filling_pwrite)
+    result = CliRunner().invoke(cli, ["convert", str(src), str(tmp_path / "dst"), "--workers", "1"])
+    partial = tmp_path / ".dst.fusemoe-partial"
+    assert one_line_error(result) == (f"{partial / SHARD}: cannot write: {os.strerror(code)} ({errno.errorcode[code]})")
+    assert calls[0] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 

@@ -17,7 +17,9 @@ from fusemoe_ckpt.plan.expert_runs import StreamedShard
 from fusemoe_ckpt.plan.unfusion import plan_unfuse
 from fusemoe_ckpt.reading.source import open_checkpoint
 from fusemoe_ckpt.rules.selection import resolve_family
+from fusemoe_ckpt.write import direct as direct_module
 from fusemoe_ckpt.write import output
+from fusemoe_ckpt.write import writer as writer_module
 from fusemoe_ckpt.write.journal import plan_fingerprint
 
 from .conftest import MIXTRAL_CONFIG, QWEN3_CONFIG, expert_tensors, load_checkpoint, write_checkpoint
@@ -149,3 +151,25 @@ def test_a_fused_tensor_of_no_experts_splits_into_nothing_beside_runs(tmp_path, 
     assert list(plan.tensor_to_filename.items()) == list(each.tensor_to_filename.items())
     assert not any(".layers.0.mlp.experts" in name for name in plan.tensor_to_filename)
     assert plan.fused_groups == each.fused_groups
+
+
+def test_a_header_made_in_parts_is_written_directly_as_through_the_page_cache(tmp_path, monkeypatch):
+    src = write_checkpoint(tmp_path / "src", expert_tensors(experts=12), shards=2, config=QWEN3_CONFIG)
+    convert(src, tmp_path / "fused")
+    monkeypatch.setattr(expert_runs, "HEADER_CHUNK", 100)
+    monkeypatch.setattr(direct_module, "CHUNK", direct_module.ALIGN)
+    opened = []
+
+    def spying_enable(fd):
+        opened.append(direct_module.enable_direct(fd))
+        return opened[-1]
+
+    monkeypatch.setattr(writer_module, "enable_direct", spying_enable)
+    unfuse(tmp_path / "fused", tmp_path / "direct")
+    if not opened or not all(opened):
+        pytest.skip(f"{tmp_path}: the filesystem refuses direct I/O")
+    unfuse(tmp_path / "fused", tmp_path / "buffered", durable=False)
+    names = sorted(p.name for p in (tmp_path / "buffered").iterdir())
+    assert sorted(p.name for p in (tmp_path / "direct").iterdir()) == names
+    for name in names:
+        assert (tmp_path / "direct" / name).read_bytes() == (tmp_path / "buffered" / name).read_bytes(), name

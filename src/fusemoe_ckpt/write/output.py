@@ -35,7 +35,7 @@ from .journal import JOURNAL_NAME, Journal, plan_fingerprint
 from .lock import DestinationLock
 from .no_follow import open_own_file, write_new_file, write_new_file_parts
 from .workers import default_workers
-from .writer import DISK_FULL, disk_full_error, write_shard
+from .writer import DISK_FULL, disk_full_error, write_shard, writes_directly
 
 # Index text written at a time.
 INDEX_CHUNK = 1 << 20
@@ -183,20 +183,31 @@ def _write_shards(
     if report is not None and total > todo_bytes:
         report(total - todo_bytes)
     stop = threading.Event()
+    direct = writes_directly(durable, todo_bytes)
     if hooks is not None:
         for shard in todo:
             hooks.before_shard(shard)
             path = partial / shard.filename
-            write_shard(path, shard, durable=durable, progress=report, stop=stop, threads=workers)
+            write_shard(path, shard, durable=durable, progress=report, stop=stop, threads=workers, direct=direct)
             journal.record(path)
             hooks.after_shard(shard, path)
         return todo_bytes
     # Fewer shards than workers: the spare threads copy parts of the same shard.
     threads = max(1, workers // max(1, len(todo)))
+    at_once = max(1, min(workers, len(todo)))
 
     def write_and_record(shard: ShardPlan) -> None:
         path = partial / shard.filename
-        write_shard(path, shard, durable=durable, progress=report, stop=stop, threads=threads)
+        write_shard(
+            path,
+            shard,
+            durable=durable,
+            progress=report,
+            stop=stop,
+            threads=threads,
+            shards_at_once=at_once,
+            direct=direct,
+        )
         journal.record(path)
 
     pool = ThreadPoolExecutor(max_workers=workers)

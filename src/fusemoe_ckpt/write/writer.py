@@ -1,4 +1,5 @@
-"""Write one output shard: header first, then source byte ranges copied in by the kernel."""
+"""Write one output shard: header first, then source byte ranges copied in by the kernel, or for a
+durable shard, where the filesystem allows it, assembled in order and written with direct I/O."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from pathlib import Path
 
 from ..errors import CheckpointError, DestinationError, FusemoeError
 from ..plan.layout import ShardPlan
-from ..plan.pieces import Piece
+from ..plan.pieces import Piece, copies
 from ..reading.files import open_regular
+from .direct import IN_FLIGHT, DirectStream, enable_direct, page_cache_absorbs
 from .streams import piece_chunks
 from .writeback import start_writeback
 
@@ -27,6 +29,8 @@ FALLBACK_BUFFER = 8 * 1024 * 1024
 WRITE_BEHIND = 32 * 1024 * 1024
 # copy_file_range reports these when it cannot copy between two given files; read/write takes over.
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM, errno.EBADF}
+# Durable shards are written with direct I/O where the filesystem takes it (write/direct.py).
+DIRECT_IO = True
 # Errors that mean the destination is full or may not grow: reported as such, naming the file.
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
@@ -47,11 +51,20 @@ class ShardWriter:
     """Open, copy pieces to their planned offsets, finalize. The file must end at the planned size.
 
     Pieces are copied at explicit offsets, so several threads may copy different pieces of one shard
-    at once; the writer counts what they wrote.
+    at once; the writer counts what they wrote. With `direct` (durable shards only, and only where
+    the filesystem takes direct I/O: `self.direct` says after `open`), pieces must be copied by one
+    thread in file order, each into the direct stream; `durable` then still decides the fsync.
     """
 
     def __init__(
-        self, path: Path, shard: ShardPlan, *, durable: bool = True, stop: threading.Event | None = None
+        self,
+        path: Path,
+        shard: ShardPlan,
+        *,
+        durable: bool = True,
+        stop: threading.Event | None = None,
+        direct: bool = False,
+        in_flight: int = IN_FLIGHT,
     ) -> None:
         self.path = path
         self.shard = shard
@@ -63,29 +76,46 @@ class ShardWriter:
         self._lock = threading.Lock()
         self._sources: dict[Path, int] = {}
         self._kernel_copy = True
+        self._wants_direct = direct
+        self._in_flight = in_flight
+        self._direct: DirectStream | None = None
+
+    @property
+    def direct(self) -> bool:
+        return self._direct is not None
 
     def open(self) -> None:
         self._expect(WriterState.NEW, "open")
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self.state = WriterState.OPEN
         for tensor in self.shard.tensors:
-            for piece in tensor.pieces:
-                if piece.file is not None:
-                    self._source_fd(piece.file)
+            for file, _, _ in copies(tensor.pieces):
+                if file is not None:
+                    self._source_fd(file)
+        if self._wants_direct and enable_direct(self._fd):
+            self._direct = DirectStream(self._fd, in_flight=self._in_flight)
         at = 0
         for chunk in self.shard.header_chunks():
-            self._pwrite_all(chunk, at)
+            if self._direct is not None:
+                self._direct.append(chunk)
+            else:
+                self._pwrite_all(chunk, at)
             at += len(chunk)
         self._count(at)
 
     def copy(self, piece: Piece, at: int, progress: Progress | None = None) -> None:
         """Write `piece` at output offset `at`."""
         self._expect(WriterState.OPEN, "copy")
+        if self._direct is not None and at != self._direct.position:
+            raise RuntimeError(f"{self.path}: direct writes go in file order: byte {at} after {self._direct.position}")
         if piece.file is None or piece.transpose is not None or piece.cast is not None:
             src_fd = self._sources.get(piece.file, -1)
             # Bytes that change on the way pass through our memory, one bounded chunk at a time.
             for data in piece_chunks(src_fd, piece):
-                self._pwrite_all(data, at)
+                if self._direct is not None:
+                    self._direct.append(data)
+                else:
+                    self._pwrite_all(data, at)
                 at += len(data)
                 self._count(len(data), progress)
             return
@@ -110,6 +140,9 @@ class ShardWriter:
         try:
             if self._written != self.shard.file_size:
                 raise FusemoeError(f"{self.path}: wrote {self._written} bytes, planned {self.shard.file_size}")
+            if self._direct is not None:
+                self._direct.finish()  # the last write is padded to a whole block: cut back to the size
+                os.ftruncate(self._fd, self.shard.file_size)
             if self.durable:
                 os.fsync(self._fd)
         finally:
@@ -118,11 +151,14 @@ class ShardWriter:
 
     def start_writeback(self, offset: int, length: int) -> None:
         """Start writing bytes [offset, offset + length) of the shard to disk, without waiting."""
-        if self._fd >= 0:
+        if self._fd >= 0 and self._direct is None:
             start_writeback(self._fd, offset, length)
 
     def close(self) -> None:
         """Release every file descriptor; safe to call at any point, including after an error."""
+        if self._direct is not None:
+            self._direct.close()
+            self._direct = None
         for fd in self._sources.values():
             os.close(fd)
         self._sources.clear()
@@ -153,6 +189,8 @@ class ShardWriter:
             at += written
 
     def _copy_chunk(self, src_fd: int, offset: int, count: int, at: int) -> int:
+        if self._direct is not None:
+            return self._direct.append_from(src_fd, offset, count)
         if self._kernel_copy:
             try:
                 return os.copy_file_range(src_fd, self._fd, count, offset, at)
@@ -163,6 +201,12 @@ class ShardWriter:
         data = os.pread(src_fd, min(count, FALLBACK_BUFFER), offset)
         self._pwrite_all(data, at)
         return len(data)
+
+
+def writes_directly(durable: bool, nbytes: int) -> bool:
+    """Whether a conversion writing `nbytes` writes its shards with direct I/O (where the filesystem
+    takes it): a durable one always, one without fsync when the page cache would not take it in."""
+    return DIRECT_IO and (durable or not page_cache_absorbs(nbytes))
 
 
 def placed_pieces(shard: ShardPlan) -> Iterator[tuple[Piece, int]]:
@@ -198,8 +242,14 @@ def write_shard(
     progress: Progress | None,
     stop: threading.Event | None = None,
     threads: int = 1,
+    shards_at_once: int = 1,
+    direct: bool | None = None,
 ) -> None:
     """Write `shard` to `path` from start to finish, closing every file on the way out.
+
+    With `direct` (default: `durable`), the shard is written with direct I/O where the filesystem
+    takes it, with IN_FLIGHT writes in flight shared with the other `shards_at_once` shards being
+    written (at least 2 each): the buffers stay about 9 MiB in all.
 
     With `threads` > 1, runs of the shard's pieces are copied at once: one kernel copy runs on one
     core, so a shard copies faster than `cp` copies a file when cores are free.
@@ -209,10 +259,14 @@ def write_shard(
             the message names the file.
         WriteStopped: `stop` was set while copying.
     """
-    writer = ShardWriter(path, shard, durable=durable, stop=stop or threading.Event())
+    in_flight = max(2, IN_FLIGHT // max(1, shards_at_once))
+    direct = durable if direct is None else direct
+    writer = ShardWriter(
+        path, shard, durable=durable, stop=stop or threading.Event(), direct=direct and DIRECT_IO, in_flight=in_flight
+    )
 
     def copy_run(run: range) -> None:
-        behind = WriteBehind(writer) if durable else None
+        behind = WriteBehind(writer) if durable and not writer.direct else None
         for piece, at in islice(placed_pieces(shard), run.start, run.stop):
             writer.copy(piece, at, progress)
             if behind is not None:
@@ -224,7 +278,8 @@ def write_shard(
         writer.open()
         if progress is not None:
             progress(shard.header_size)
-        runs = split_evenly((piece.out_length for piece, _ in placed_pieces(shard)), threads)
+        # Direct writes are assembled in file order by one thread; several are in flight at once.
+        runs = split_evenly((piece.out_length for piece, _ in placed_pieces(shard)), 1 if writer.direct else threads)
         if len(runs) <= 1:
             for run in runs:
                 copy_run(run)
