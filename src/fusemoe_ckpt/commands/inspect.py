@@ -31,7 +31,7 @@ from ..write.writer import FALLBACK_BUFFER
 SCHEMA_VERSION = 1
 # Python memory of planning per source tensor (parsed headers, source entries, output tensors, pieces):
 # tracemalloc measured a 252-byte peak per tensor on a 100-shard, 18,771-tensor index
-# (scripts/bench_inspect.py), 290 at 141k tensors; rounded up for the allocator's fragmentation.
+# (scripts/bench_inspect.py), about 250 at 141k tensors; rounded up for the allocator's fragmentation.
 PLAN_BYTES_PER_TENSOR = 400
 
 
