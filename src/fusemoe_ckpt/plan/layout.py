@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..naming import natural_key
@@ -33,7 +34,15 @@ class ShardPlan:
 
     @property
     def file_size(self) -> int:
-        return len(self.header) + self.data_size
+        return self.header_size + self.data_size
+
+    @property
+    def header_size(self) -> int:
+        return len(self.header)
+
+    def header_chunks(self) -> Iterator[bytes]:
+        """The header in consecutive parts: a shard of very many tensors may make it as it is written."""
+        yield self.header
 
 
 @dataclass

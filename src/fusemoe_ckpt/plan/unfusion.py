@@ -10,7 +10,11 @@ its bounded memory are convert's.
 
 from __future__ import annotations
 
+import math
+import os
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from itertools import pairwise
 
 from ..errors import FamilyError
 from ..naming import natural_key
@@ -34,6 +38,7 @@ from ..rules.patterns import (
 )
 from ..rules.quantized import for_quantization
 from .conversion import config_hidden_size
+from .expert_runs import ExpertRun, Member, Unit, lay_out_units
 from .layout import ConversionPlan, lay_out
 from .operations import hidden_axis, rope_order, row_pieces, shard_count, transposed_pieces
 from .pieces import FusedGroup, OutputTensor, Piece, coalesce
@@ -49,8 +54,138 @@ def plan_unfuse(source: SourceCheckpoint, family: Family, *, max_shard_size: int
     family = for_quantization(family, quantization_of(source.config, source.root / CONFIG_NAME))
     reverse_renames = tuple(r.reversed() for r in reversed(family.renames) if not getattr(r, "prefix_change", False))
     hidden_size = config_hidden_size(source.config)
-    # (key, name before renames, part, converter, slot, expert) for every output tensor
-    parts: list[tuple[str, str, OutputTensor, Converter | None, int | None, int | None]] = []
+    try:
+        plan = _plan_in_runs(source, family, reverse_renames, hidden_size, max_shard_size)
+    except FamilyError:
+        plan = None  # planned again tensor by tensor, which names the problem
+    if plan is None:
+        plan = _plan_each(source, family, reverse_renames, hidden_size, max_shard_size)
+    return plan
+
+
+# (key, name before renames, part, converter, slot, expert) of an output tensor
+PlannedPart = tuple[str, str, OutputTensor, Converter | None, int | None, int | None]
+
+
+def _plan_each(
+    source: SourceCheckpoint, family: Family, reverse_renames: tuple, hidden_size: int | None, max_shard_size: int
+) -> ConversionPlan:
+    """The plan with an object for every output tensor: for what `_plan_in_runs` cannot hold in
+    runs, and the one that finds and names what is wrong with a checkpoint."""
+    parts, _, _ = _source_parts(source, family, hidden_size, runs=False)
+    reverse_active, _ = active_groups([p[1] for p in parts], reverse_renames)
+    named = [(key, rename_all(unrenamed, reverse_renames, reverse_active), *rest) for key, unrenamed, *rest in parts]
+    forward_active, _ = active_groups([n[1] for n in named], family.all_renames(), family.model)
+    outputs: dict[str, OutputTensor] = {}
+    names_of: dict[str, list[str]] = defaultdict(list)
+    converter_of: dict[str, Converter] = {}
+    for key, name, part, converter, slot, expert in named:
+        _check_forward(name, key, family, converter, slot, expert, forward_active)
+        if name in outputs:
+            raise FamilyError(f"{key}: unfuses to {name!r}, which another tensor also becomes")
+        outputs[name] = _renamed(part, name)
+        if converter is not None:
+            names_of[key].append(name)
+            converter_of[key] = converter
+    groups = [
+        FusedGroup.of(key, f"split_{type(converter_of[key]).__name__}", len(names), names)
+        for key, names in names_of.items()
+    ]
+    del parts, named  # every output is in `outputs` now; laying out makes the headers, the largest part
+    ordered = sorted(outputs.values(), key=lambda t: natural_key(t.name))
+    del outputs
+    return lay_out(family, ordered, groups, max_shard_size)
+
+
+def _plan_in_runs(
+    source: SourceCheckpoint, family: Family, reverse_renames: tuple, hidden_size: int | None, max_shard_size: int
+) -> ConversionPlan | None:
+    """The plan with the tensors each module's fused experts split into held as one `ExpertRun`:
+    a few records instead of an object per output tensor. None where the names do not fit runs
+    (a name that is no `{prefix}{expert}{suffix}`, runs that would interleave in file order, two
+    tensors of one name): `_plan_each` plans those.
+
+    Raises:
+        FamilyError: what `_plan_each` refuses, not always naming the first key it names.
+    """
+    parts, merged, converted = _source_parts(source, family, hidden_size, runs=True)
+    if not merged:
+        return None
+
+    def names_before_renames() -> Iterator[str]:
+        yield from (p[1] for p in parts)
+        for key, tensor, converter in merged:
+            for expert in range(tensor.shape[0]):
+                for text in converter.source_texts(expert):
+                    yield _replace_target(key, converter, text)
+
+    reverse_active = _active(names_before_renames, reverse_renames)
+    named = [(key, rename_all(unrenamed, reverse_renames, reverse_active), *rest) for key, unrenamed, *rest in parts]
+    templates: dict[str, list[tuple[str, str]]] = {}
+    for key, tensor, converter in merged:
+        templates[key] = []
+        for slot in range(len(converter.sources)):
+            texts = (converter.source_texts(e)[slot] for e in range(tensor.shape[0]))
+            names = (rename_all(_replace_target(key, converter, t), reverse_renames, reverse_active) for t in texts)
+            template = _template(names)
+            if template is None:
+                return None
+            templates[key].append(template)
+
+    def names_after_renames() -> Iterator[str]:
+        yield from (n[1] for n in named)
+        for key, tensor, _ in merged:
+            for expert in range(tensor.shape[0]):
+                for prefix, suffix in templates[key]:
+                    yield f"{prefix}{expert}{suffix}"
+
+    forward_active = _active(names_after_renames, family.all_renames(), family.model)
+    names_of: dict[str, list[str]] = defaultdict(list)
+    units: list[Unit] = []
+    for key, name, part, converter, slot, expert in named:
+        _check_forward(name, key, family, converter, slot, expert, forward_active)
+        units.append(_renamed(part, name))
+        if converter is not None:
+            names_of[key].append(name)
+    # The slots of a module's fused tensors under one prefix become the members of one run.
+    members: dict[tuple[str, int], list[tuple[str, str, int, Member]]] = defaultdict(list)
+    for key, tensor, converter in merged:
+        experts, slots = tensor.shape[0], len(converter.sources)
+        rows = tensor.shape[1] // slots
+        shape = (rows, *tensor.shape[2:])
+        size = DTYPE_SIZES[tensor.dtype] * math.prod(shape)
+        for slot, (prefix, suffix) in enumerate(templates[key]):
+            for expert in range(experts):
+                _check_forward(f"{prefix}{expert}{suffix}", key, family, converter, slot, expert, forward_active)
+            member = Member(suffix, tensor.dtype, shape, tensor.file, tensor.offset + slot * size, slots * size, size)
+            members[prefix, experts].append((f"{prefix}0{suffix}", key, slot, member))
+    for (prefix, experts), found in members.items():
+        found.sort(key=lambda m: natural_key(m[0]))
+        units.append(ExpertRun(prefix, experts, tuple(m[3] for m in found)))
+    units.sort(key=lambda u: natural_key(u.name if isinstance(u, OutputTensor) else u.name(0)))
+    if not _strictly_ordered(units):
+        return None
+    made: dict[str, FusedGroup] = {}
+    for key, tensor, converter in merged:
+        prefix, suffix = templates[key][0]
+        count = tensor.shape[0] * len(templates[key])
+        made[key] = FusedGroup(key, f"split_{type(converter).__name__}", count, f"{prefix}0{suffix}", count)
+    for p in parts:
+        if p[3] is not None:  # a fused tensor of no experts splits into nothing, and makes no group
+            made[p[0]] = FusedGroup.of(p[0], f"split_{type(p[3]).__name__}", len(names_of[p[0]]), names_of[p[0]])
+    groups = [made[key] for key in converted if key in made]
+    return lay_out_units(family, units, groups, max_shard_size)
+
+
+def _source_parts(
+    source: SourceCheckpoint, family: Family, hidden_size: int | None, *, runs: bool
+) -> tuple[list[PlannedPart], list[tuple[str, SourceTensor, ExpertMerge]], list[str]]:
+    """The output tensors of every source tensor before renames; with `runs`, the fused tensors of
+    two or more experts that an `ExpertMerge` made are set aside whole instead of split. Also every
+    key a converter made, in plan order (that of the fused groups)."""
+    parts: list[PlannedPart] = []
+    merged: list[tuple[str, SourceTensor, ExpertMerge]] = []
+    converted: list[str] = []
     chunks: dict[str, dict[int, SourceTensor]] = defaultdict(dict)
     chunk_of: dict[str, ChunkForRope] = {}
     for key in sorted(source.tensors, key=natural_key):
@@ -69,37 +204,76 @@ def plan_unfuse(source: SourceCheckpoint, family: Family, *, max_shard_size: int
         elif converter is None:
             whole = OutputTensor(key, tensor.dtype, tensor.shape, (_whole(tensor),))
             parts.append((key, key, whole, None, None, None))
+        elif runs and isinstance(converter, ExpertMerge) and _splits_evenly(tensor, len(converter.sources)):
+            merged.append((key, tensor, converter))
+            converted.append(key)
         else:
             parts += [
                 (key, name, part, converter, slot, expert)
                 for name, part, slot, expert in _split(tensor, converter, hidden_size, source.config)
             ]
+            converted.append(key)
     for joined in sorted(chunks, key=natural_key):
         first, tensor = _join_chunks(joined, chunks[joined], chunk_of[joined], source.config)
         parts.append((first, joined, tensor, chunk_of[joined], 0, None))
+        converted.append(first)
+    return parts, merged, list(dict.fromkeys(converted))
 
-    reverse_active, _ = active_groups([p[1] for p in parts], reverse_renames)
-    named = [(key, rename_all(unrenamed, reverse_renames, reverse_active), *rest) for key, unrenamed, *rest in parts]
-    forward_active, _ = active_groups([n[1] for n in named], family.all_renames(), family.model)
-    outputs: dict[str, OutputTensor] = {}
-    names_of: dict[str, list[str]] = defaultdict(list)
-    converter_of: dict[str, Converter] = {}
-    for key, name, part, converter, slot, expert in named:
-        _check_forward(name, key, family, converter, slot, expert, forward_active)
-        if name in outputs:
-            raise FamilyError(f"{key}: unfuses to {name!r}, which another tensor also becomes")
-        outputs[name] = part if part.name == name else OutputTensor(name, part.dtype, part.shape, part.pieces)
-        if converter is not None:
-            names_of[key].append(name)
-            converter_of[key] = converter
-    groups = [
-        FusedGroup.of(key, f"split_{type(converter_of[key]).__name__}", len(names), names)
-        for key, names in names_of.items()
-    ]
-    del parts, named  # every output is in `outputs` now; laying out makes the headers, the largest part
-    ordered = sorted(outputs.values(), key=lambda t: natural_key(t.name))
-    del outputs
-    return lay_out(family, ordered, groups, max_shard_size)
+
+def _splits_evenly(tensor: SourceTensor, slots: int) -> bool:
+    """A fused [experts, rows, cols] tensor of two or more experts with `slots` equal parts each."""
+    return len(tensor.shape) >= 3 and tensor.shape[0] >= 2 and tensor.shape[1] % slots == 0
+
+
+def _renamed(part: OutputTensor, name: str) -> OutputTensor:
+    return part if part.name == name else OutputTensor(name, part.dtype, part.shape, part.pieces)
+
+
+def _active(names: Callable[[], Iterable[str]], renames: tuple, model=None) -> frozenset[GroupRename]:
+    """The group renames `names` activate (`active_groups`); none, without reading a name, where
+    `renames` has no group rename."""
+    if not any(isinstance(rename, GroupRename) for rename in renames):
+        return frozenset()
+    return active_groups(names(), renames, model)[0]
+
+
+def _template(names: Iterator[str]) -> tuple[str, str] | None:
+    """(prefix, suffix) such that name e of `names` is `{prefix}{e}{suffix}`, or None."""
+    first, second = next(names), next(names)
+    common = len(os.path.commonprefix([first, second]))
+    prefix = first[:common]
+    rest = os.path.commonprefix([first[common:][::-1], second[common:][::-1]])
+    suffix = first[len(first) - len(rest) :] if rest else ""
+    if first != f"{prefix}0{suffix}" or second != f"{prefix}1{suffix}":
+        return None
+    if any(name != f"{prefix}{expert}{suffix}" for expert, name in enumerate(names, start=2)):
+        return None
+    return prefix, suffix
+
+
+def _strictly_ordered(units: list[Unit]) -> bool:
+    """Every name of `units`, in turn, after the one before in natural order: the file order
+    `_plan_each` sorts into, and no name twice.
+
+    Within a run this follows from its form: where the prefix ends and every suffix starts with a
+    non-digit, the natural key of `{prefix}{e}{suffix}` is the prefix's, then e, then the suffix's,
+    so names go expert by expert and, within one, in the order of their suffixes. Between units,
+    the last name of one must come before the first of the next."""
+    last = None
+    for unit in units:
+        if isinstance(unit, OutputTensor):
+            first = final = unit.name
+        else:
+            if unit.prefix[-1:].isdigit() or any(m.suffix[:1].isdigit() for m in unit.members):
+                return False
+            suffixes = [natural_key(m.suffix) for m in unit.members]
+            if any(not a < b for a, b in pairwise(suffixes)):
+                return False
+            first, final = unit.name(0), unit.name(len(unit) - 1)
+        if last is not None and not last < natural_key(first):
+            return False
+        last = natural_key(final)
+    return True
 
 
 def _join_chunks(

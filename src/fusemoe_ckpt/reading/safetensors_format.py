@@ -10,8 +10,9 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii
 from operator import attrgetter
 from pathlib import Path
 
@@ -240,24 +241,34 @@ def encode_header(
 ) -> bytes:
     """Length prefix plus JSON header, space-padded so the data buffer starts 8-byte aligned, and with
     `data_start_residue` (a multiple of 8) at that offset modulo PAGE_SIZE."""
-    # The JSON json.dumps(separators=(",", ":")) gives for {"__metadata__": ..., name: entry, ...},
-    # written entry by entry into one buffer (json.dumps writes ASCII): a shard of 300k small tensors
-    # needs no dict of 300k dicts, nor a list of their texts, to say it.
-    dumps = json.dumps
     out = bytearray(8)  # the length, set below
-    out += b'{"__metadata__":' + dumps(dict(metadata), separators=(",", ":")).encode()
-    for info in entries:
-        shape = ",".join(map(str, info.shape))
-        out += (
-            f',{dumps(info.name)}:{{"dtype":{dumps(info.dtype)},"shape":[{shape}],'
-            f'"data_offsets":[{info.start},{info.end}]}}'
-        ).encode()
-    out += b"}"
-    length = len(out) - 8
-    if data_start_residue is None:
-        length += -length % HEADER_ALIGNMENT
-    else:
-        length += (data_start_residue - 8 - length) % PAGE_SIZE
+    for text in header_texts(entries, metadata):
+        out += text
+    length = padded_header_length(len(out) - 8, data_start_residue)
     out += b" " * (length + 8 - len(out))
     struct.pack_into("<Q", out, 0, length)
     return bytes(out)
+
+
+def header_texts(entries: Iterable[TensorInfo], metadata: dict[str, str]) -> Iterator[bytes]:
+    """The JSON header in consecutive parts, unpadded: what json.dumps(separators=(",", ":")) gives
+    for {"__metadata__": ..., name: entry, ...}, entry by entry (json.dumps writes ASCII), so a shard
+    of 300k small tensors needs no dict of 300k dicts, nor the whole text at once, to say it."""
+    # What json.dumps gives for one string, without its dispatch: a header of 300k names calls it 600k times.
+    quote = encode_basestring_ascii
+    yield b'{"__metadata__":' + json.dumps(dict(metadata), separators=(",", ":")).encode()
+    for info in entries:
+        shape = ",".join(map(str, info.shape))
+        yield (
+            f',{quote(info.name)}:{{"dtype":{quote(info.dtype)},"shape":[{shape}],'
+            f'"data_offsets":[{info.start},{info.end}]}}'
+        ).encode()
+    yield b"}"
+
+
+def padded_header_length(json_length: int, data_start_residue: int | None = None) -> int:
+    """The header length (after the 8-byte prefix) of `json_length` bytes of JSON padded with spaces:
+    the data buffer starts 8-byte aligned, or at `data_start_residue` modulo PAGE_SIZE."""
+    if data_start_residue is None:
+        return json_length + -json_length % HEADER_ALIGNMENT
+    return json_length + (data_start_residue - 8 - json_length) % PAGE_SIZE

@@ -19,6 +19,7 @@ from ..reading.converted import read_converted_index
 from ..reading.files import open_regular
 from ..reading.safetensors_format import read_header
 from ..reading.source import INDEX_NAME, resolve_inside
+from .journal import starts_with_header
 
 _COMMIT = 40  # hex digits of a full commit id: the only revision a finished Hub output can be checked against
 
@@ -60,7 +61,7 @@ def planned_reason(dst: Path, plan: ConversionPlan, *, pushed: dict[str, int] | 
             return f"{shard.filename} is missing or unreadable"
         with os.fdopen(fd, "rb") as f:
             try:
-                if st.st_size != shard.file_size or f.read(len(shard.header)) != shard.header:
+                if st.st_size != shard.file_size or not starts_with_header(f, shard):
                     return f"{shard.filename} differs from the planned size or header"
             except OSError:
                 return f"{shard.filename} is missing or unreadable"

@@ -13,6 +13,7 @@ import errno
 import os
 import shutil
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import DestinationError
@@ -96,8 +97,15 @@ def open_own_file(
 
 def write_new_file(path: Path, data: bytes, *, durable: bool, what: str = "its output") -> None:
     """Write `data` to a new file at `path` (see `open_own_file`), flushed to disk when `durable`."""
+    write_new_file_parts(path, (data,), durable=durable, what=what)
+
+
+def write_new_file_parts(path: Path, parts: Iterable[bytes], *, durable: bool, what: str = "its output") -> None:
+    """Write `parts` one after another to a new file at `path`, as `write_new_file` writes: a file made
+    as it is written, never whole in memory."""
     with os.fdopen(open_own_file(path, what, exclusive=True), "wb") as f:
-        f.write(data)
+        for data in parts:
+            f.write(data)
         if durable:
             f.flush()
             os.fsync(f.fileno())

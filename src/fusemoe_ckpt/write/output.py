@@ -10,12 +10,14 @@ import json
 import os
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from json.encoder import encode_basestring_ascii
 from pathlib import Path
 
 from ..errors import ConversionInterrupted, UsageError, interrupted_by
 from ..naming import natural_key
+from ..plan.expert_runs import ShardsByName
 from ..plan.layout import ConversionPlan, ShardPlan
 from ..reading.files import open_regular
 from ..reading.side_files import side_files
@@ -31,9 +33,12 @@ from .destination import (
 )
 from .journal import JOURNAL_NAME, Journal, plan_fingerprint
 from .lock import DestinationLock
-from .no_follow import open_own_file, write_new_file
+from .no_follow import open_own_file, write_new_file, write_new_file_parts
 from .workers import default_workers
 from .writer import DISK_FULL, disk_full_error, write_shard, writes_directly
+
+# Index text written at a time.
+INDEX_CHUNK = 1 << 20
 
 
 class ShardHooks:
@@ -219,21 +224,43 @@ def _write_shards(
 
 def write_index(path: Path, plan: ConversionPlan, provenance: dict[str, str], *, durable: bool) -> None:
     """The safetensors index of `plan`, with the metadata that records how it was made."""
-    index = {
-        "metadata": {
-            "total_size": plan.total_size,
-            "total_parameters": plan.total_parameters,
-            "fusemoe_ckpt_version": package_version(),
-            "fusemoe_ckpt_family": plan.family.name,
-            **provenance,
-            "fusemoe_ckpt_fused_layers": len(plan.fused_modules),
-            "fusemoe_ckpt_experts": plan.num_experts,
-            **({"fusemoe_ckpt_dtype": plan.dtype} if plan.dtype else {}),
-            **({"fusemoe_ckpt_dequantized": True} if plan.dequantized else {}),
-        },
-        "weight_map": dict(sorted(plan.tensor_to_filename.items(), key=lambda kv: natural_key(kv[0]))),
+    metadata = {
+        "total_size": plan.total_size,
+        "total_parameters": plan.total_parameters,
+        "fusemoe_ckpt_version": package_version(),
+        "fusemoe_ckpt_family": plan.family.name,
+        **provenance,
+        "fusemoe_ckpt_fused_layers": len(plan.fused_modules),
+        "fusemoe_ckpt_experts": plan.num_experts,
+        **({"fusemoe_ckpt_dtype": plan.dtype} if plan.dtype else {}),
+        **({"fusemoe_ckpt_dequantized": True} if plan.dequantized else {}),
     }
-    write_new_file(path, (json.dumps(index, indent=2) + "\n").encode("utf-8"), durable=durable)
+    weight_map = plan.tensor_to_filename
+    # A plan of runs lists its tensors in file order already, and would make every name to sort them.
+    in_order = isinstance(weight_map, ShardsByName)
+    entries = weight_map.items() if in_order else sorted(weight_map.items(), key=lambda kv: natural_key(kv[0]))
+    write_new_file_parts(path, _index_texts(metadata, entries), durable=durable)
+
+
+def _index_texts(metadata: dict, entries: Iterable[tuple[str, str]]) -> Iterator[bytes]:
+    """json.dumps({"metadata": metadata, "weight_map": dict(entries)}, indent=2) + "\n" in parts of
+    about INDEX_CHUNK bytes: the index of 300k tensors is not held whole, nor its dict."""
+    quote = encode_basestring_ascii  # json.dumps of one string, without its dispatch
+    head = json.dumps({"metadata": metadata}, indent=2)
+    parts = [head.removesuffix("\n}"), ',\n  "weight_map": {']
+    size = 0
+    separator = "\n    "
+    for name, filename in entries:
+        text = f"{separator}{quote(name)}: {quote(filename)}"
+        parts.append(text)
+        size += len(text)
+        separator = ",\n    "
+        if size >= INDEX_CHUNK:
+            yield "".join(parts).encode("utf-8")
+            parts.clear()
+            size = 0
+    parts.append("}\n}\n" if separator == "\n    " else "\n  }\n}\n")
+    yield "".join(parts).encode("utf-8")
 
 
 def _copy_side_files(root: Path, partial: Path, extras: list[str], config: dict | None, *, durable: bool) -> None:

@@ -94,10 +94,14 @@ class ShardWriter:
                     self._source_fd(file)
         if self._wants_direct and enable_direct(self._fd):
             self._direct = DirectStream(self._fd, in_flight=self._in_flight)
-            self._direct.append(self.shard.header)
-        else:
-            self._pwrite_all(self.shard.header, 0)
-        self._count(len(self.shard.header))
+        at = 0
+        for chunk in self.shard.header_chunks():
+            if self._direct is not None:
+                self._direct.append(chunk)
+            else:
+                self._pwrite_all(chunk, at)
+            at += len(chunk)
+        self._count(at)
 
     def copy(self, piece: Piece, at: int, progress: Progress | None = None) -> None:
         """Write `piece` at output offset `at`."""
@@ -208,7 +212,7 @@ def writes_directly(durable: bool, nbytes: int) -> bool:
 def placed_pieces(shard: ShardPlan) -> Iterator[tuple[Piece, int]]:
     """Every piece of `shard` with the file offset it is written at, in file order (made as they are
     read: a shard of tiny experts holds a hundred thousand pieces)."""
-    at = len(shard.header)
+    at = shard.header_size
     for tensor in shard.tensors:
         for piece in tensor.pieces:
             yield piece, at
@@ -273,7 +277,7 @@ def write_shard(
     try:
         writer.open()
         if progress is not None:
-            progress(len(shard.header))
+            progress(shard.header_size)
         # Direct writes are assembled in file order by one thread; several are in flight at once.
         runs = split_evenly((piece.out_length for piece, _ in placed_pieces(shard)), 1 if writer.direct else threads)
         if len(runs) <= 1:
