@@ -52,7 +52,6 @@ from .quantization import (
     names_scales_dot_scale,
     paired_scales,
     refuse_expert_activation_scales,
-    scale_blocks,
 )
 
 
@@ -131,7 +130,7 @@ def plan_conversion(
             tensors, dropped = dequantized_view(tensors, scales, output)
         config = {k: v for k, v in source.config.items() if k != "quantization_config"}
     elif quantization is not None:
-        block_of = scale_blocks(named, quantization)
+        paired_scales(named, quantization, keep=False)
         refuse_expert_activation_scales(tensors)
     passthrough: dict[str, SourceTensor] = {}
     groups: dict[str, Slots] = defaultdict(lambda: defaultdict(dict))
@@ -187,7 +186,7 @@ def plan_conversion(
     _refuse_leftover_experts(passthrough, fused_groups, family)
     del passthrough, groups
     if quantization is not None and not dequantize:
-        check_fused_scales(outputs, fused_groups, quantization, tensors, block_of)
+        check_fused_scales(outputs, fused_groups, quantization, tensors)
 
     held = held_dtypes(family, source.config, dtype)
     ordered = sorted((cast_tensor(t, held(t.name)) for t in outputs.values()), key=lambda t: natural_key(t.name))

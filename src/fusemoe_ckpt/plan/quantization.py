@@ -5,7 +5,6 @@ planned dequantized (the scales consumed, the weight written in a floating dtype
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
 
 from ..errors import CheckpointError, FamilyError
@@ -30,19 +29,12 @@ from .pieces import FusedGroup, OutputTensor
 CONFIG_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
-def scale_blocks(tensors: dict[str, SourceTensor], quantization: Quantization) -> dict[str, tuple[int, int] | None]:
-    """`paired_scales`' checks, keeping of each scale only its block, by the scale's key: what a plan
-    that keeps the weights quantized needs (a Scales record per weight is ~150 bytes, 10 MB at Kimi-K2's
-    70k quantized weights)."""
-    blocks = paired_scales(tensors, quantization, record=lambda scales: scales.block)
-    return dict(blocks.values())
-
-
 def paired_scales(
-    tensors: dict[str, SourceTensor], quantization: Quantization, record: Callable[[Scales], object] | None = None
+    tensors: dict[str, SourceTensor], quantization: Quantization, *, keep: bool = True
 ) -> dict[str, Scales]:
-    """The scales of every quantized tensor among `tensors`, by the quantized tensor's key (with
-    `record`, (the scale's key, `record(scales)`) instead of the Scales).
+    """The scales of every quantized tensor among `tensors`, by the quantized tensor's key; with
+    `keep` False, the checks alone (a plan that keeps the weights quantized needs no Scales record
+    per weight: 70k of them at Kimi-K2 FP8, about 10 MB).
 
     A scale is `x.weight_scale_inv`, or `x.scale` (DeepSeek-V4) where `x.weight` is quantized.
 
@@ -54,8 +46,8 @@ def paired_scales(
     found: dict[str, Scales] = {}
     first_error = FirstError()
     for key, tensor in tensors.items():
-        weight = weight_of_scale(key)
-        if weight is not None and (key.endswith(SCALE_SUFFIX) or weight in tensors):
+        if _is_scale(key, tensors):
+            weight = weight_of_scale(key)
             quantized = tensors.get(weight)
             if quantized is None or quantized.dtype not in quantized_dtypes:
                 what = "no tensor" if quantized is None else f"{quantized.dtype} tensor"
@@ -66,28 +58,44 @@ def paired_scales(
         names = scale_keys(key)
         scale = next((tensors[name] for name in names if name in tensors), None)
         if scale is None:
-            first_error.add(key, partial(_missing_scale, key, tensor, names, tensors, found))
+            first_error.add(key, partial(_missing_scale, key, tensor, names, tensors, quantization))
             continue
         try:
             scales = _scales(tensor, scale, quantization)
         except CheckpointError as error:
             first_error.add(key, error)
             continue
-        found[key] = scales if record is None else (scale.name, record(scales))
+        if keep:
+            found[key] = scales
     first_error.raise_first()
     return found
 
 
 def _missing_scale(
-    key: str, tensor: SourceTensor, names: tuple[str, ...], tensors: dict[str, SourceTensor], found: dict[str, Scales]
+    key: str, tensor: SourceTensor, names: tuple[str, ...], tensors: dict[str, SourceTensor], quantization: Quantization
 ) -> CheckpointError:
     """The error for quantized `key` without a scale, the scale named as this checkpoint names its
-    scales (`x.scale`, DeepSeek-V4, or `x.weight_scale_inv`): as the scales paired before `key` in
-    natural order are named, or before any, as every key named like a scale of a present weight."""
+    scales (`x.scale`, DeepSeek-V4, or `x.weight_scale_inv`): as the scales of the quantized tensors
+    before `key` in natural order are named, or before any, as every key named like a scale of a
+    present weight. (The first error in natural order: every quantized tensor before it has its scale.)"""
     order = natural_key(key)
-    before = {k: s for k, s in found.items() if natural_key(k) < order}
-    missing = names[-1] if any(name.endswith(DOT_SCALE) for name in _scale_names(tensors, before)) else names[0]
+    before = [
+        scale
+        for k, t in tensors.items()
+        if t.dtype in quantization.weight_dtypes
+        and not _is_scale(k, tensors)
+        and natural_key(k) < order
+        and (scale := next((n for n in scale_keys(k) if n in tensors), None)) is not None
+    ]
+    named = before or [k for k in tensors if (w := weight_of_scale(k)) is not None and w in tensors]
+    missing = names[-1] if any(name.endswith(DOT_SCALE) for name in named) else names[0]
     return CheckpointError(f"{missing}: missing: the scale of {tensor.dtype} tensor {key} ({tensor.file})")
+
+
+def _is_scale(key: str, tensors: dict[str, SourceTensor]) -> bool:
+    """Whether `key` is a scale: named `x.weight_scale_inv`, or `x.scale` beside an `x.weight`."""
+    weight = weight_of_scale(key)
+    return weight is not None and (key.endswith(SCALE_SUFFIX) or weight in tensors)
 
 
 def names_scales_dot_scale(tensors: dict[str, SourceTensor], quantization: Quantization) -> bool:
@@ -98,13 +106,6 @@ def names_scales_dot_scale(tensors: dict[str, SourceTensor], quantization: Quant
             if weight is not None and weight.dtype in quantization.weight_dtypes:
                 return True
     return False
-
-
-def _scale_names(tensors: dict[str, SourceTensor], found: dict[str, Scales]) -> list[str]:
-    """The scale keys paired so far, or, before any, every key named like a scale of a present weight."""
-    if found:
-        return [s.name if isinstance(s, Scales) else s[0] for s in found.values()]
-    return [k for k in tensors if (w := weight_of_scale(k)) is not None and w in tensors]
 
 
 def _scales(tensor: SourceTensor, scale: SourceTensor, quantization: Quantization) -> Scales:
@@ -207,7 +208,6 @@ def check_fused_scales(
     groups: list[FusedGroup],
     quantization: Quantization,
     tensors: dict[str, SourceTensor],
-    block_of: dict[str, tuple[int, int] | None],
 ) -> None:
     """Refuse what transformers cannot hold as fused FP8 (or FP4).
 
@@ -230,7 +230,7 @@ def check_fused_scales(
             continue
         parts = group.sources // group.num_experts
         rows = weight.shape[0]
-        block_rows, block_cols = block_of[first]
+        block_rows, block_cols = _scales(weight, tensors[first], quantization).block
         if parts > 1 and rows % block_rows:
             fused = outputs[group.target].shape
             cols = weight.shape[1]
