@@ -44,6 +44,7 @@ def paired_scales(
     """
     quantized_dtypes = quantization.weight_dtypes
     found: dict[str, Scales] = {}
+    passed: set[tuple] = set()  # (dtype, shape) of weight and scale that pass the checks
     first_error = FirstError()
     for key, tensor in tensors.items():
         if _is_scale(key, tensors):
@@ -60,11 +61,15 @@ def paired_scales(
         if scale is None:
             first_error.add(key, partial(_missing_scale, key, tensor, names, tensors, quantization))
             continue
+        kind = (tensor.dtype, tensor.shape, scale.dtype, scale.shape)
+        if not keep and kind in passed:
+            continue  # _scales depends on these alone: checked already
         try:
             scales = _scales(tensor, scale, quantization)
         except CheckpointError as error:
             first_error.add(key, error)
             continue
+        passed.add(kind)
         if keep:
             found[key] = scales
     first_error.raise_first()
