@@ -20,7 +20,7 @@ from typing import overload
 from ..naming import natural_key
 from ..reading.safetensors_format import TensorInfo, header_texts, padded_header_length
 from ..rules.families import Family
-from .layout import SHARD_NAME, ConversionPlan, ShardPlan, _page_residue
+from .layout import SHARD_NAME, ConversionPlan, ShardPlan, page_residue
 from .pieces import FusedGroup, OutputTensor, Piece
 
 # Header bytes made at a time while a header is written or hashed.
@@ -163,7 +163,7 @@ class StreamedShard(ShardPlan):
     def __init__(self, filename: str, tensors: Tensors) -> None:
         self.filename = filename
         self.tensors = tensors
-        self._residue = _page_residue(tensors)
+        self._residue = page_residue(tensors)
         json_length = 0
         infos = self._infos()
         for text in header_texts(infos, HEADER_METADATA):

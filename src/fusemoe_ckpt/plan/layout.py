@@ -140,10 +140,10 @@ def _shard_header(tensors: list[OutputTensor]) -> bytes:
     for tensor in tensors:
         infos.append(TensorInfo(tensor.name, tensor.dtype, tensor.shape, position, position + tensor.nbytes))
         position += tensor.nbytes
-    return encode_header(infos, {"format": "pt"}, data_start_residue=_page_residue(tensors))
+    return encode_header(infos, {"format": "pt"}, data_start_residue=page_residue(tensors))
 
 
-def _page_residue(tensors: list[OutputTensor]) -> int:
+def page_residue(tensors: list[OutputTensor]) -> int:
     """Where, modulo a page, the shard's data should start so that the most copied bytes keep their
     source's offset within a page: those the kernel copies as whole pages."""
     weights: Counter[int] = Counter()
