@@ -1,5 +1,6 @@
-"""Durable shards are written with direct I/O where the filesystem takes it: the same bytes as the page
-cache route, assembled in order into aligned blocks, the last one cut back to the shard's size."""
+"""A conversion larger than the page cache takes in is written with direct I/O where the filesystem
+takes it: the same bytes as the page cache route, assembled in order into aligned blocks, the last one
+cut back to the shard's size; a smaller one stays in the page cache."""
 
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ def test_stream_writes_appended_bytes_in_order_across_blocks(tmp_path):
 def test_durable_convert_writes_directly_the_bytes_of_the_page_cache_route(tmp_path, monkeypatch, dtype):
     src = write_checkpoint(tmp_path / "src", expert_tensors(layers=3, experts=8), shards=3, config=QWEN3_CONFIG)
     monkeypatch.setattr(direct_module, "CHUNK", ALIGN)  # many blocks in flight per shard
+    monkeypatch.setattr(writer_module, "page_cache_absorbs", lambda nbytes: False)  # as for a frontier model
     opened = []
 
     def spying_enable(fd):
@@ -76,6 +78,7 @@ def test_durable_convert_writes_directly_the_bytes_of_the_page_cache_route(tmp_p
 def test_a_filesystem_without_direct_io_is_written_through_the_page_cache(tmp_path, monkeypatch):
     tensors = expert_tensors(experts=4, dtype=torch.bfloat16)
     src = write_checkpoint(tmp_path / "src", tensors, shards=2, config=QWEN3_CONFIG)
+    monkeypatch.setattr(writer_module, "page_cache_absorbs", lambda nbytes: False)
     monkeypatch.setattr(writer_module, "enable_direct", lambda fd: False)
     streams = []
     monkeypatch.setattr(writer_module, "DirectStream", lambda *a, **k: streams.append(a))
@@ -94,13 +97,15 @@ def test_a_source_cut_short_while_written_directly_is_named(tmp_path, monkeypatc
         return real_append_from(self, fd, offset, length) if offset < 1000 else 0
 
     monkeypatch.setattr(DirectStream, "append_from", cut_short)
+    monkeypatch.setattr(writer_module, "page_cache_absorbs", lambda nbytes: False)
     with pytest.raises(CheckpointError, match=r"model-00001-of-00001\.safetensors: ended at byte \d+, before the"):
         convert(src, tmp_path / "dst", workers=1)
     assert not (tmp_path / "dst").exists()
 
 
+@pytest.mark.parametrize("durable", [True, False], ids=["fsync", "no-fsync"])
 @pytest.mark.parametrize("absorbs", [True, False], ids=["fits-the-page-cache", "too-large-for-it"])
-def test_without_fsync_only_what_the_page_cache_cannot_take_is_written_directly(tmp_path, monkeypatch, absorbs):
+def test_only_what_the_page_cache_cannot_take_is_written_directly(tmp_path, monkeypatch, absorbs, durable):
     src = write_checkpoint(tmp_path / "src", expert_tensors(experts=4), shards=2, config=QWEN3_CONFIG)
     convert(src, tmp_path / "reference", durable=False)
     asked = []
@@ -109,9 +114,9 @@ def test_without_fsync_only_what_the_page_cache_cannot_take_is_written_directly(
     monkeypatch.setattr(writer_module, "enable_direct", lambda fd: opened.append(fd) or enable_direct(fd))
     fsynced = []
     monkeypatch.setattr(writer_module.os, "fsync", lambda fd: fsynced.append(fd))
-    result = convert(src, tmp_path / "dst", durable=False)
+    result = convert(src, tmp_path / "dst", durable=durable)
     assert asked == [sum(shard.file_size for shard in result.plan.shards)]
     assert len(opened) == (0 if absorbs else len(result.plan.shards))
-    assert fsynced == []
+    assert bool(fsynced) == durable
     for path in (tmp_path / "reference").iterdir():
         assert (tmp_path / "dst" / path.name).read_bytes() == path.read_bytes()

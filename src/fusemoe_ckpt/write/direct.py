@@ -1,13 +1,15 @@
-"""A durable shard written with direct I/O: its bytes assembled in order into page-aligned buffers and
-written past the page cache, several writes in flight.
+"""Shards written with direct I/O: their bytes assembled in order into page-aligned buffers and written
+past the page cache, several writes in flight.
 
-A buffered write leaves the bytes in the page cache for the kernel to write back, and fsync waits for
-that. On some disks write-back runs well below what the disk takes and varies from run to run (on a
-2-CPU VM, `cp -r && sync` of 4 GB took 2.5 to 6.9 s while the disk took the same bytes as direct writes
-in 1.6 to 2.2 s). Direct writes with a few in flight are what reaches a disk's limit
-(benchmarks/disk_limit.py), so a durable shard is written that way wherever the filesystem allows it,
-and so is a conversion without fsync too large for the page cache to take in (`page_cache_absorbs`);
-elsewhere (tmpfs, some FUSE and network filesystems) the writer copies through the page cache.
+A conversion larger than the page cache takes in without throttling the writer (`page_cache_absorbs`)
+is written this way, fsync or not: past that point a buffered writer runs at the disk's pace with the
+kernel's throttling stalls on top, and on some disks write-back runs well below what the disk takes
+and varies from run to run (on a 2-CPU VM, a 4 GB durable convert took 2.1 to 6.8 s through the page
+cache, 2.5 to 3.0 s written directly; the disk took the same bytes as direct writes in 1.6 to 2.8 s).
+Direct writes with a few in flight are what reaches a disk's limit (benchmarks/disk_limit.py).
+A smaller conversion stays in the page cache, which is faster there (1.25 GB durable: 0.87 s against
+1.11 s). A filesystem that refuses direct I/O (tmpfs, some FUSE and network filesystems) always gets
+the page cache.
 
 Memory: `in_flight + 1` buffers of `chunk` bytes (9 MiB by default), whatever the shard's size.
 """

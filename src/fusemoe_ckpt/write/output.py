@@ -183,7 +183,7 @@ def _write_shards(
     if report is not None and total > todo_bytes:
         report(total - todo_bytes)
     stop = threading.Event()
-    direct = writes_directly(durable, todo_bytes)
+    direct = writes_directly(todo_bytes)
     if hooks is not None:
         for shard in todo:
             hooks.before_shard(shard)
