@@ -33,14 +33,7 @@ from .conftest import QWEN3_CONFIG, expert_tensors, write_checkpoint
 
 
 def _peak_per_tensor(call, count: int) -> float:
-    tracemalloc.start()
-    try:
-        result = call()
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    del result
-    return peak / count
+    return _traced_peak(call) / count
 
 
 def test_opening_and_planning_hold_little_per_tensor(tmp_path):

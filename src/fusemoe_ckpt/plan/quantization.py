@@ -57,7 +57,7 @@ def paired_scales(
         if tensor.dtype not in quantized_dtypes:
             continue
         names = scale_keys(key)
-        scale = next((tensors[name] for name in names if name in tensors), None)
+        scale = tensors.get(_scale_key(names, tensors))
         if scale is None:
             first_error.add(key, partial(_missing_scale, key, tensor, names, tensors, quantization))
             continue
@@ -90,11 +90,16 @@ def _missing_scale(
         if t.dtype in quantization.weight_dtypes
         and not _is_scale(k, tensors)
         and natural_key(k) < order
-        and (scale := next((n for n in scale_keys(k) if n in tensors), None)) is not None
+        and (scale := _scale_key(scale_keys(k), tensors)) is not None
     ]
     named = before or [k for k in tensors if (w := weight_of_scale(k)) is not None and w in tensors]
     missing = names[-1] if any(name.endswith(DOT_SCALE) for name in named) else names[0]
     return CheckpointError(f"{missing}: missing: the scale of {tensor.dtype} tensor {key} ({tensor.file})")
+
+
+def _scale_key(names: tuple[str, ...], tensors: dict[str, SourceTensor]) -> str | None:
+    """The first of a quantized tensor's possible scale keys `names` that the checkpoint holds."""
+    return next((name for name in names if name in tensors), None)
 
 
 def _is_scale(key: str, tensors: dict[str, SourceTensor]) -> bool:

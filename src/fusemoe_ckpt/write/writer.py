@@ -264,7 +264,7 @@ def write_shard(
     """
     in_flight = max(2, IN_FLIGHT // max(1, shards_at_once))
     writer = ShardWriter(
-        path, shard, durable=durable, stop=stop or threading.Event(), direct=direct and DIRECT_IO, in_flight=in_flight
+        path, shard, durable=durable, stop=stop or threading.Event(), direct=direct, in_flight=in_flight
     )
 
     def copy_run(run: range) -> None:
