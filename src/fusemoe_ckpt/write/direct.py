@@ -4,12 +4,12 @@ past the page cache, several writes in flight.
 A conversion larger than the page cache takes in without throttling the writer (`page_cache_absorbs`)
 is written this way, fsync or not: past that point a buffered writer runs at the disk's pace with the
 kernel's throttling stalls on top, and on some disks write-back runs well below what the disk takes
-and varies from run to run (on a 2-CPU VM, a 4 GB durable convert took 2.1 to 6.8 s through the page
-cache, 2.5 to 3.0 s written directly; the disk took the same bytes as direct writes in 1.6 to 2.8 s).
+and varies from run to run (on a 2-CPU VM, a 4 GB durable convert took 2.5 to 7.9 s through the page
+cache, 2.5 to 4.9 s written directly; the disk took the same bytes as direct writes in 1.6 to 2.8 s).
 Direct writes with a few in flight are what reaches a disk's limit (benchmarks/disk_limit.py).
-A smaller conversion stays in the page cache, which is faster there (1.25 GB durable: 0.87 s against
-1.11 s). A filesystem that refuses direct I/O (tmpfs, some FUSE and network filesystems) always gets
-the page cache.
+A smaller conversion stays in the page cache, as fast or faster there (benchmarks/direct_ab.py;
+BENCHMARKS.md section 13). A filesystem that refuses direct I/O (tmpfs, some FUSE and network
+filesystems) always gets the page cache.
 
 Memory: `in_flight + 1` buffers of `chunk` bytes (9 MiB by default), whatever the shard's size.
 """

@@ -207,8 +207,8 @@ class ShardWriter:
 def writes_directly(nbytes: int) -> bool:
     """Whether a conversion writing `nbytes` writes its shards with direct I/O (where the filesystem
     takes it): when the page cache would not take them in without throttling the writer. Below that,
-    the page cache is faster, fsync or not (1.25 GB durable here: 0.87 s buffered with write-behind,
-    1.11 s direct; 4 GB: 3.23 s, varying 2.1-6.8, against 2.80 s)."""
+    the page cache is as fast or faster, fsync or not; above it, its worst runs are far slower
+    (benchmarks/direct_ab.py, BENCHMARKS.md section 13)."""
     return DIRECT_IO and not page_cache_absorbs(nbytes)
 
 
