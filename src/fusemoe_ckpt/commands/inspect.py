@@ -10,7 +10,6 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 
 from ..naming import natural_key
 from ..plan.conversion import plan_for
@@ -66,9 +65,15 @@ class Inspection:
     @property
     def renamed_tensors(self) -> int:
         converted = {g.target for g in self.plan.fused_groups}
+        source = self.source.tensors
         # A compressed-tensors layer `x.weight_packed` is written as `x.weight`: the same layer, not renamed.
-        unpacked = {key.removesuffix("_packed") for key in self.source.tensors if key.endswith(".weight_packed")}
-        return len(self.plan.tensor_to_filename.keys() - self.source.tensors.keys() - unpacked - converted)
+        return sum(
+            1
+            for name in self.plan.tensor_to_filename
+            if name not in source
+            and name not in converted
+            and not (name.endswith(".weight") and name + "_packed" in source)
+        )
 
     @cached_property  # read twice by a report, each a pass over every tensor
     def buffer_bytes_per_worker(self) -> int:
@@ -88,14 +93,7 @@ class Inspection:
 
     @cached_property  # read twice by a report, each a pass over every tensor
     def header_bytes(self) -> int:
-        return sum(t.offset for t in self._first_tensor_of_each_file())
-
-    def _first_tensor_of_each_file(self):
-        first: dict[Path, object] = {}
-        for tensor in self.source.tensors.values():
-            if tensor.file not in first or tensor.offset < first[tensor.file].offset:
-                first[tensor.file] = tensor
-        return first.values()
+        return sum(self.source.tensors.start_of_each_file().values())
 
     @property
     def peak_memory_bytes(self) -> int:

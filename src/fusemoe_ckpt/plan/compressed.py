@@ -23,7 +23,7 @@ from ..reading.compressed_tensors import (
     stored_shape,
 )
 from ..reading.quantization import FP8_WEIGHT_DTYPES, Scales, ZeroPoints
-from ..reading.source import SourceTensor
+from ..reading.tensor_table import SourceTensor
 
 # Scales compressed-tensors writes: the model's dtype, or float32.
 _SCALE_DTYPES = ("BF16", "F16", "F32")

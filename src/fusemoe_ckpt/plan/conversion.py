@@ -7,14 +7,17 @@ and resume all share it. Where the tensors go is layout.py's business.
 from __future__ import annotations
 
 import os
+from array import array
 from collections import defaultdict
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 
 from ..cycles import collector_paused
 from ..errors import CheckpointError, FamilyError, UsageError
 from ..naming import FirstError, natural_key
 from ..reading.quantization import Quantization, quantization_of
-from ..reading.source import EXPERT_COUNT_FIELDS, SourceCheckpoint, SourceTensor, open_checkpoint
+from ..reading.source import EXPERT_COUNT_FIELDS, SourceCheckpoint, open_checkpoint
+from ..reading.tensor_table import SourceTensor, TensorTable
 from ..rules.families import Family
 from ..rules.key_templates import key_mapper
 from ..rules.patterns import (
@@ -22,7 +25,6 @@ from ..rules.patterns import (
     ConcatenateShards,
     Converter,
     ExpertMerge,
-    KeyMapping,
     Transpose,
     TransposeExperts,
     active_groups,
@@ -101,9 +103,9 @@ def plan_conversion(
     quantization = quantization_of(source.config, source.root / "config.json")
     if dequantize and quantization is None:
         raise UsageError(f"{source.root}: --dequantize: config.json declares no quantization_config")
-    stored = source.tensors
+    stored = _as_table(source.tensors)
     if quantization is not None and quantization.compressed is not None:
-        stored = _compressed_view(source, quantization, dequantize, dtype)
+        stored = TensorTable.of(_compressed_view(source, quantization, dequantize, dtype).values())
     dot_scales = quantization is not None and names_scales_dot_scale(stored, quantization)
     family = for_quantization(family, quantization, fuse_scales=not dequantize, rename_scales=dot_scales)
     renames = family.all_renames()
@@ -111,38 +113,37 @@ def plan_conversion(
     _refuse_unguarded(unguarded, stored)
     mapping_of = key_mapper(renames, family.converters, family.model, active)
     # Keys transformers ignores at load (multi-token-prediction layers, say) are dropped as it drops them.
-    # Their mappings are kept for the loop below, which takes each once (none are held for a family
-    # that ignores nothing: a frontier checkpoint's 300k mappings would otherwise all live at once).
-    mappings: dict[str, KeyMapping] = {}
+    # (Mapped again below: a frontier checkpoint's 300k mappings held at once would be 100 MB.)
     ignored = []
     if family.model.ignored:
-        mappings = {key: mapping_of(key) for key in stored}
-        ignored = sorted((key for key, m in mappings.items() if family.model.ignores(m.target)), key=natural_key)
-    tensors = _without(stored, ignored)
+        ignored = sorted((key for key in stored if family.model.ignores(mapping_of(key).target)), key=natural_key)
+    tensors = stored.without(ignored)
     dropped, config = [], None
     if dequantize or quantization is not None:
         # Keys already in the model's names that the renames would spoil are no scales, whatever their name.
-        named = {key: t for key, t in tensors.items() if not family.model.keeps(key)} if family.model.kept else tensors
+        named = tensors.without([key for key in tensors if family.model.keeps(key)]) if family.model.kept else tensors
     if dequantize:
         if quantization.compressed is None:
             output = dequantized_dtype(source.config, dtype)
             scales = paired_scales(named, quantization)
-            tensors, dropped = dequantized_view(tensors, scales, output)
+            view, dropped = dequantized_view(tensors, scales, output)
+            tensors = TensorTable.of(view.values())
         config = {k: v for k, v in source.config.items() if k != "quantization_config"}
     elif quantization is not None:
         paired_scales(named, quantization, keep=False)
         refuse_expert_activation_scales(tensors)
     passthrough: dict[str, SourceTensor] = {}
-    groups: dict[str, Slots] = defaultdict(lambda: defaultdict(dict))
+    # Expert tensors are held as rows of the table until their group is fused: no object per tensor.
+    groups: dict[str, dict[int, _Members]] = defaultdict(lambda: defaultdict(_Members))
     converter_of: dict[str, Converter] = {}
     # The keys are taken in the checkpoint's order, not sorted: what the first of two keys in natural
     # order decides (which is named "also", which error is reported) is decided by comparing the two.
     first_error = FirstError()
     expert_ids: dict[str, int] = {}
-    for key, tensor in tensors.items():
-        mapping = mappings.pop(key, None) or mapping_of(key)
+    for row, key in tensors.rows():
+        mapping = mapping_of(key)
         if mapping.converter is None:
-            _claim(passthrough, mapping.target, tensor, first_error)
+            _claim(passthrough, mapping.target, tensors.tensor(row, key), first_error)
             continue
         if mapping.expert is None:
             expert = None
@@ -152,21 +153,19 @@ def plan_conversion(
                 continue
             expert = expert_ids[mapping.expert] = int(mapping.expert)
         members = groups[mapping.target][mapping.slot]
-        other = members.get(expert, tensor)
-        if other is not tensor:
+        other = members.setdefault(expert, row)
+        if other != row:
             what = mapping.target if expert is None else f"expert {expert} of {mapping.target}"
-            earlier, later = _in_natural_order(other, tensor)
+            earlier, later = _in_natural_order(tensors.tensor(other), tensors.tensor(row, key))
             first_error.add(later.name, FamilyError(f"{later.name}: {what} appears twice (also {earlier.name})"))
-            tensor = earlier
-        members[expert] = tensor
+            members.put(expert, other if earlier.name != key else row)
         converter_of[mapping.target] = mapping.converter
-    del mappings
     first_error.raise_first()
 
     outputs: dict[str, OutputTensor] = {
         name: OutputTensor(name, t.dtype, t.shape, (piece_of(t),)) for name, t in passthrough.items()
     }
-    _refuse_missing_merges(groups, converter_of, family)
+    _refuse_missing_merges(groups, converter_of, family, tensors)
     counts = _expected_experts_by_config(groups, converter_of, source.config)
     # Modules in order, and within one the family's converter order, so gate keys are checked before down keys.
     position = {converter: i for i, converter in enumerate(family.converters)}
@@ -177,7 +176,8 @@ def plan_conversion(
         num_experts, zero_experts = counts[_sub_config_name(converter)]
         extra = zero_experts if isinstance(converter, ExpertMerge) and len(converter.sources) == 2 else 0
         # Each group is let go once made into its output: its members are one entry per source tensor.
-        made, group = _apply(target, converter, groups.pop(target), family, source.config, num_experts, extra)
+        slots = {slot: members.tensors(tensors) for slot, members in groups.pop(target).items()}
+        made, group = _apply(target, converter, slots, family, source.config, num_experts, extra)
         for tensor in made:
             if tensor.name in outputs:
                 raise CheckpointError(f"{tensor.name}: both a converted tensor and a tensor of the checkpoint")
@@ -298,7 +298,7 @@ def _sub_config_name(converter: Converter) -> str:
 
 
 def _expected_experts_by_config(
-    groups: dict[str, Slots], converter_of: dict[str, Converter], config: dict | None
+    groups: dict[str, dict[int, _Members]], converter_of: dict[str, Converter], config: dict | None
 ) -> dict[str, tuple[int, int]]:
     """`_expected_experts` for each sub-model: a scoped converter's experts are counted by its
     sub-config of config.json (a vision encoder's `vision_config`), the others by config.json."""
@@ -311,7 +311,7 @@ def _expected_experts_by_config(
 
 
 def _expected_experts(
-    groups: dict[str, Slots], converter_of: dict[str, Converter], config: dict | None, where: str = ""
+    groups: dict[str, dict[int, _Members]], converter_of: dict[str, Converter], config: dict | None, where: str = ""
 ) -> tuple[int, int]:
     """(routed experts every fused module must hold, zero experts after them in gate_up only).
 
@@ -343,7 +343,9 @@ def _expected_experts(
     return declared, zero
 
 
-def _refuse_missing_merges(groups: dict[str, Slots], converter_of: dict[str, Converter], family: Family) -> None:
+def _refuse_missing_merges(
+    groups: dict[str, dict[int, _Members]], converter_of: dict[str, Converter], family: Family, tensors: TensorTable
+) -> None:
     """Refuse a module that has some of the family's fused tensors but not all (gate_up without down)."""
     merges = [c for c in family.converters if isinstance(c, ExpertMerge)]
     present: dict[str, dict[Converter, str]] = defaultdict(dict)
@@ -355,7 +357,11 @@ def _refuse_missing_merges(groups: dict[str, Slots], converter_of: dict[str, Con
         scopes = {converter.scope for converter in present[module]}
         for merge in (m for m in merges if m.scope in scopes):
             if merge not in present[module]:
-                some_key = first_member(slots for target, slots in groups.items() if target in present[module].values())
+                some_key = first_member(
+                    {slot: members.tensors(tensors) for slot, members in slots.items()}
+                    for target, slots in groups.items()
+                    if target in present[module].values()
+                )
                 raise FamilyError(
                     f"{module}.{merge.target.rpartition('.')[2]}: no tensor matches {merge.sources[0]!r} "
                     f"(family {family.name}), though {some_key} is one of its experts"
@@ -376,12 +382,50 @@ def _in_natural_order(a: SourceTensor, b: SourceTensor) -> tuple[SourceTensor, S
     return (a, b) if natural_key(a.name) <= natural_key(b.name) else (b, a)
 
 
-def _without(tensors: dict[str, SourceTensor], keys: list[str]) -> dict[str, SourceTensor]:
-    """`tensors` less `keys` (the same dict when there are none)."""
-    if not keys:
-        return tensors
-    dropped = set(keys)
-    return {key: t for key, t in tensors.items() if key not in dropped}
+def _as_table(tensors: Mapping[str, SourceTensor]) -> TensorTable:
+    return tensors if isinstance(tensors, TensorTable) else TensorTable.of(tensors.values())
+
+
+class _Members:
+    """One slot of a group being gathered: the table row of each expert's tensor, in an array by expert
+    id (-1 for none), or in a dict for the tensor that is not per expert (None) and for ids far beyond
+    the others (the array would be mostly holes). 8 bytes an expert instead of an object and a dict entry.
+    """
+
+    __slots__ = ("_rows", "_others")
+
+    def __init__(self) -> None:
+        self._rows = array("q")
+        self._others: dict[int | None, int] = {}
+
+    def setdefault(self, expert: int | None, row: int) -> int:
+        """The row already held for `expert`, else `row`, now held for it."""
+        rows, others = self._rows, self._others
+        if expert is None or expert in others or expert >= 2 * len(rows) + 1024:
+            return others.setdefault(expert, row)
+        if expert >= len(rows):
+            rows.extend(array("q", [-1]) * (expert + 1 - len(rows)))
+        if rows[expert] < 0:
+            rows[expert] = row
+            return row
+        return rows[expert]
+
+    def put(self, expert: int | None, row: int) -> None:
+        if expert is not None and expert not in self._others and expert < len(self._rows):
+            self._rows[expert] = row
+        else:
+            self._others[expert] = row
+
+    def __iter__(self) -> Iterator[int | None]:
+        """The expert ids held (None for a tensor that is not per expert)."""
+        yield from (expert for expert, row in enumerate(self._rows) if row >= 0)
+        yield from self._others
+
+    def tensors(self, table: TensorTable) -> dict[int | None, SourceTensor]:
+        """expert id -> tensor: this slot as operations take it."""
+        found = {expert: table.tensor(row) for expert, row in enumerate(self._rows) if row >= 0}
+        found.update((expert, table.tensor(row)) for expert, row in self._others.items())
+        return found
 
 
 def _is_number(text: str) -> bool:

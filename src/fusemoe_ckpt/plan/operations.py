@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from ..errors import FamilyError
 from ..naming import natural_key
 from ..reading.safetensors_format import DTYPE_SIZES
-from ..reading.source import SourceTensor
+from ..reading.tensor_table import SourceTensor
 from ..rules.patterns import ChunkForRope, ConcatenateShards, Converter, ExpertMerge, SplitBySize
 from .pieces import FusedGroup, OutputTensor, Piece, PieceRuns, coalesce, compact, piece_of, zeros
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..reading.quantization import Scales
 from ..reading.safetensors_format import DTYPE_SIZES
-from ..reading.source import SourceTensor
+from ..reading.tensor_table import SourceTensor
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ from ..reading.quantization import (
     scale_keys,
     weight_of_scale,
 )
-from ..reading.source import SourceTensor
+from ..reading.tensor_table import SourceTensor
 from .pieces import FusedGroup, OutputTensor
 
 # config.json's dtype names, as safetensors names them: what a dequantized weight becomes by default.

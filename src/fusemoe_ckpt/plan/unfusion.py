@@ -20,7 +20,8 @@ from ..errors import FamilyError
 from ..naming import natural_key
 from ..reading.quantization import quantization_of
 from ..reading.safetensors_format import DTYPE_SIZES
-from ..reading.source import CONFIG_NAME, SourceCheckpoint, SourceTensor
+from ..reading.source import CONFIG_NAME, SourceCheckpoint
+from ..reading.tensor_table import SourceTensor
 from ..rules.families import Family
 from ..rules.patterns import (
     ChunkForRope,

@@ -9,8 +9,8 @@ from pathlib import Path, PurePosixPath
 from ..errors import CheckpointError
 from .index_scan import DIGEST_MASK, IndexSummary, name_digest, summarize_index, weight_map_entries
 from .json_document import expect, read_json, shorten
-from .quantization import Scales
-from .safetensors_format import ShardHeader, TensorInfo, read_header
+from .safetensors_format import read_header
+from .tensor_table import TensorTable
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -20,77 +20,6 @@ EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "
 CONFIG_COUNTS = ("hidden_size", "zero_expert_num", *EXPERT_COUNT_FIELDS)
 
 
-class SourceTensor:
-    """Where one source tensor's bytes live: `name`, `dtype`, `shape`, `file`, `offset`, `nbytes`, and
-    `scales`, set on a quantized weight planned dequantized (`dtype` is then the dtype it becomes).
-
-    Immutable. What the experts of a shard have in common (dtype, shape, file, size) is one shared
-    tuple, a tensor holding only its name, offset and that tuple: 56 bytes instead of 120 with its
-    size, at 300k tensors 19 MB less.
-    """
-
-    __slots__ = ("name", "offset", "_kind")
-
-    name: str
-    offset: int
-    _kind: tuple[str, tuple[int, ...], Path, int, Scales | None]
-
-    def __init__(
-        self,
-        name: str,
-        dtype: str,
-        shape: tuple[int, ...],
-        file: Path,
-        offset: int,
-        nbytes: int,
-        scales: Scales | None = None,
-        *,
-        kinds: dict | None = None,
-    ) -> None:
-        """`kinds`: where tensors of one checkpoint find the kind tuple they share."""
-        kind = (dtype, shape, file, nbytes, scales)
-        if kinds is not None:
-            kind = kinds.setdefault(kind, kind)
-        object.__setattr__(self, "name", name)
-        object.__setattr__(self, "offset", offset)
-        object.__setattr__(self, "_kind", kind)
-
-    dtype = property(lambda self: self._kind[0])
-    shape = property(lambda self: self._kind[1])
-    file = property(lambda self: self._kind[2])
-    nbytes = property(lambda self: self._kind[3])
-    scales = property(lambda self: self._kind[4])
-
-    def replace(self, **changes: object) -> SourceTensor:
-        """A copy with `changes` (field names as the constructor's)."""
-        return SourceTensor(**{**dict(zip(_FIELDS, self._values(), strict=True)), **changes})
-
-    def _values(self) -> tuple:
-        dtype, shape, file, nbytes, scales = self._kind
-        return self.name, dtype, shape, file, self.offset, nbytes, scales
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"SourceTensor is immutable: cannot set {name!r}")
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, SourceTensor):
-            return NotImplemented
-        return (self.name, self.offset, self._kind) == (other.name, other.offset, other._kind)
-
-    def __hash__(self) -> int:
-        return hash((self.name, self.offset, self._kind))
-
-    def __reduce__(self):
-        return SourceTensor, self._values()
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{f}={v!r}" for f, v in zip(_FIELDS, self._values(), strict=True))
-        return f"SourceTensor({fields})"
-
-
-_FIELDS = ("name", "dtype", "shape", "file", "offset", "nbytes", "scales")
-
-
 @dataclass
 class SourceCheckpoint:
     """Everything convert needs to know about a source checkpoint, read from headers alone."""
@@ -98,18 +27,18 @@ class SourceCheckpoint:
     root: Path
     index_file: Path | None
     shard_files: list[Path]
-    tensors: dict[str, SourceTensor]
+    tensors: TensorTable
     config: dict | None = None
     index_metadata: dict = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
+        return self.tensors.total_bytes
 
     def without_tensors(self) -> SourceCheckpoint:
         """This checkpoint's files, config and index metadata, without the map of its tensors: what
-        writing a plan needs, once the plan holds every byte range (at 300k tensors the map is 60 MB)."""
-        return replace(self, tensors={})
+        writing a plan needs, once the plan holds every byte range (at 300k tensors the map is 25 MB)."""
+        return replace(self, tensors=TensorTable())
 
 
 def open_checkpoint(src: str | os.PathLike) -> SourceCheckpoint:
@@ -169,9 +98,7 @@ def resolve_inside(root: Path, index_path: Path, name: str) -> Path:
     return root / pure
 
 
-def _collect_tensors(
-    root: Path, shard_files: list[Path], summary: IndexSummary | None
-) -> tuple[dict[str, SourceTensor], bool]:
+def _collect_tensors(root: Path, shard_files: list[Path], summary: IndexSummary | None) -> tuple[TensorTable, bool]:
     """Every tensor of the shards, reading one header at a time and dropping it once its tensors are
     recorded (a checkpoint of 300k tensors would otherwise hold every parsed header at once); and
     whether each shard holds just the names the index maps to it, as far as their count and digest
@@ -187,25 +114,23 @@ def _collect_tensors(
         for shard, (count, digest) in summary.shards.items():
             seen_count, seen_digest = expected.get(_shard_path(root, shard), (0, 0))
             expected[_shard_path(root, shard)] = (seen_count + count, (seen_digest + digest) & DIGEST_MASK)
-    tensors: dict[str, SourceTensor] = {}
-    kinds: dict = {}
+    tensors = TensorTable(sum(count for count, _ in expected.values()))
     twice = None
     agree = True
     for path in dict.fromkeys(shard_files):
         header = read_header(path)
         if summary is not None:
             agree = agree and expected[path] == (len(header.tensors), name_digest(header.tensors))
-        for name, info in header.tensors.items():
-            if name in tensors:
-                twice = twice or f"{path}: tensor {name!r} is also stored in {tensors[name].file.name}"
-                continue
-            tensors[name] = _source_tensor(header, info, kinds)
+        found = tensors.add_shard(path, header.data_start, header.tensors.values())
+        if found is not None and twice is None:
+            name, other = found
+            twice = f"{path}: tensor {name!r} is also stored in {tensors.tensor(other).file.name}"
     if twice:
         raise CheckpointError(twice)
     return tensors, agree
 
 
-def _check_index(root: Path, index_path: Path, summary: IndexSummary, tensors: dict[str, SourceTensor]) -> None:
+def _check_index(root: Path, index_path: Path, summary: IndexSummary, tensors: TensorTable) -> None:
     """Refuse an index entry whose shard lacks its tensor, the first in the index's order.
 
     Taken when a shard's count or digest of names differs from the index's: it holds a tensor the
@@ -218,12 +143,6 @@ def _check_index(root: Path, index_path: Path, summary: IndexSummary, tensors: d
         found = tensors.get(name)
         if found is None or found.file != _shard_path(root, shard):
             raise CheckpointError(f"{index_path}: tensor {name!r} is mapped to {shard}, which lacks it")
-
-
-def _source_tensor(header: ShardHeader, info: TensorInfo, kinds: dict) -> SourceTensor:
-    return SourceTensor(
-        info.name, info.dtype, info.shape, header.path, header.data_start + info.start, info.nbytes, kinds=kinds
-    )
 
 
 def _shard_path(root: Path, shard: str) -> Path:
