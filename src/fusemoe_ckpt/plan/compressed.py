@@ -9,6 +9,8 @@ asymmetric, `x.weight_zero_point` (packed along the rows); an FP8 layer stores a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from ..errors import CheckpointError
 from ..naming import natural_key
 from ..reading.compressed_tensors import (
@@ -23,15 +25,15 @@ from ..reading.compressed_tensors import (
     stored_shape,
 )
 from ..reading.quantization import FP8_WEIGHT_DTYPES, Scales, ZeroPoints
-from ..reading.tensor_table import SourceTensor
+from ..reading.tensor_table import SourceTensor, TensorTable
 
 # Scales compressed-tensors writes: the model's dtype, or float32.
 _SCALE_DTYPES = ("BF16", "F16", "F32")
 
 
 def compressed_view(
-    source: dict[str, SourceTensor], compressed: CompressedTensors, output: str, *, forced: bool = False
-) -> dict[str, SourceTensor]:
+    source: Mapping[str, SourceTensor], compressed: CompressedTensors, output: str, *, forced: bool = False
+) -> TensorTable:
     """The `source` tensors with every compressed layer `x` planned as `x.weight` dequantized to
     `output`, its companions consumed. Packed routed experts become their scales' dtype unless
     `forced` (`--dtype`): transformers keeps the dtype compressed-tensors returns for them, a
@@ -42,7 +44,7 @@ def compressed_view(
             shape that does not hold the stored one, a group size that does not divide the columns;
             named by key and file.
     """
-    tensors: dict[str, SourceTensor] = {}
+    tensors = TensorTable(len(source))
     consumed: set[str] = set()
     for key in sorted(source, key=natural_key):
         tensor = source[key]
@@ -68,9 +70,7 @@ def compressed_view(
             continue
         consumed |= used
         held = scales.dtype if scales.bits is not None and ".experts." in key and not forced else output
-        tensors[module + ".weight"] = tensor.replace(
-            name=module + ".weight", dtype=held, shape=scales.shape, scales=scales
-        )
+        tensors.add_tensor(tensor.replace(name=module + ".weight", dtype=held, shape=scales.shape, scales=scales))
     for key in sorted(source, key=natural_key):
         if key in consumed or key in tensors:
             continue
@@ -80,7 +80,7 @@ def compressed_view(
                 f"{key}: a compressed-tensors companion without its weight ({module}.weight_packed or an FP8 "
                 f"{module}.weight) ({source[key].file})"
             )
-        tensors[key] = source[key]
+        tensors.add_tensor(source[key])
     return tensors
 
 

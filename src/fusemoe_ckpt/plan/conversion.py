@@ -105,7 +105,7 @@ def plan_conversion(
         raise UsageError(f"{source.root}: --dequantize: config.json declares no quantization_config")
     stored = _as_table(source.tensors)
     if quantization is not None and quantization.compressed is not None:
-        stored = TensorTable.of(_compressed_view(source, quantization, dequantize, dtype).values())
+        stored = _compressed_view(source, quantization, dequantize, dtype)
     dot_scales = quantization is not None and names_scales_dot_scale(stored, quantization)
     family = for_quantization(family, quantization, fuse_scales=not dequantize, rename_scales=dot_scales)
     renames = family.all_renames()
@@ -126,8 +126,7 @@ def plan_conversion(
         if quantization.compressed is None:
             output = dequantized_dtype(source.config, dtype)
             scales = paired_scales(named, quantization)
-            view, dropped = dequantized_view(tensors, scales, output)
-            tensors = TensorTable.of(view.values())
+            tensors, dropped = dequantized_view(tensors, scales, output)
         config = {k: v for k, v in source.config.items() if k != "quantization_config"}
     elif quantization is not None:
         paired_scales(named, quantization, keep=False)
@@ -220,7 +219,7 @@ def _config_dtype(config: dict | None) -> str | None:
 
 def _compressed_view(
     source: SourceCheckpoint, quantization: Quantization, dequantize: bool, dtype: str | None
-) -> dict[str, SourceTensor]:
+) -> TensorTable:
     """The tensors of a compressed-tensors checkpoint with every compressed layer planned dequantized."""
     if not dequantize:
         scheme = quantization.compressed.experts.describe()

@@ -5,6 +5,7 @@ planned dequantized (the scales consumed, the weight written in a floating dtype
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import partial
 
 from ..errors import CheckpointError, FamilyError
@@ -22,7 +23,7 @@ from ..reading.quantization import (
     scale_keys,
     weight_of_scale,
 )
-from ..reading.tensor_table import SourceTensor
+from ..reading.tensor_table import SourceTensor, TensorTable
 from .pieces import FusedGroup, OutputTensor
 
 # config.json's dtype names, as safetensors names them: what a dequantized weight becomes by default.
@@ -43,29 +44,33 @@ def paired_scales(
             a scale of the wrong dtype or a shape that does not match the block; named by key.
     """
     quantized_dtypes = quantization.weight_dtypes
+    table = tensors if isinstance(tensors, TensorTable) else TensorTable.of(tensors.values())
     found: dict[str, Scales] = {}
     passed: set[tuple] = set()  # (dtype, shape) of weight and scale that pass the checks
     first_error = FirstError()
-    for key, tensor in tensors.items():
-        if _is_scale(key, tensors):
+    # By row: a tensor is made only where its scale is checked or an error names its file.
+    for row, key in table.rows():
+        if _is_scale(key, table):
             weight = weight_of_scale(key)
-            quantized = tensors.get(weight)
-            if quantized is None or quantized.dtype not in quantized_dtypes:
-                what = "no tensor" if quantized is None else f"{quantized.dtype} tensor"
-                first_error.add(key, CheckpointError(f"{key}: a scale of {what} {weight!r} ({tensor.file})"))
+            quantized = table.row(weight)
+            if quantized < 0 or table.kind(quantized)[0] not in quantized_dtypes:
+                what = "no tensor" if quantized < 0 else f"{table.kind(quantized)[0]} tensor"
+                first_error.add(key, CheckpointError(f"{key}: a scale of {what} {weight!r} ({table.kind(row)[2]})"))
             continue
-        if tensor.dtype not in quantized_dtypes:
+        dtype, shape = table.kind(row)[:2]
+        if dtype not in quantized_dtypes:
             continue
         names = scale_keys(key)
-        scale = tensors.get(_scale_key(names, tensors))
-        if scale is None:
-            first_error.add(key, partial(_missing_scale, key, tensor, names, tensors, quantization))
+        scale_row = next((r for name in names if (r := table.row(name)) >= 0), -1)
+        if scale_row < 0:
+            tensor = table.tensor(row, key)
+            first_error.add(key, partial(_missing_scale, key, tensor, names, table, quantization))
             continue
-        kind = (tensor.dtype, tensor.shape, scale.dtype, scale.shape)
+        kind = (dtype, shape, *table.kind(scale_row)[:2])
         if not keep and kind in passed:
             continue  # _scales depends on these alone: checked already
         try:
-            scales = _scales(tensor, scale, quantization)
+            scales = _scales(table.tensor(row, key), table.tensor(scale_row), quantization)
         except CheckpointError as error:
             first_error.add(key, error)
             continue
@@ -168,9 +173,7 @@ def refuse_expert_activation_scales(tensors: dict[str, SourceTensor]) -> None:
         )
 
 
-def dequantized_view(
-    source: dict[str, SourceTensor], scales: dict[str, Scales], output: str
-) -> tuple[dict[str, SourceTensor], list[str]]:
+def dequantized_view(source: TensorTable, scales: dict[str, Scales], output: str) -> tuple[TensorTable, list[str]]:
     """The `source` tensors with every quantized matrix planned dequantized to `output`, its scale
     consumed; activation scales dropped (a dequantized model has none). Returns (tensors, dropped keys).
 
@@ -178,30 +181,33 @@ def dequantized_view(
         CheckpointError: a quantized tensor that is not one matrix (a fused [E, rows, cols] one), or
             FP4 experts (not dequantized here yet).
     """
-    tensors: dict[str, SourceTensor] = {}
     dropped = []
     consumed = {s.name for s in scales.values()}
-    for key, tensor in source.items():
-        if key in consumed:
-            continue
-        if key.rpartition(".")[2] in ACTIVATION_SCALE_NAMES:
-            dropped.append(key)
-            continue
-        scale = scales.get(key)
-        if scale is None:
-            tensors[key] = tensor
-        elif tensor.dtype == FP4_WEIGHT_DTYPE:
-            raise CheckpointError(
-                f"{key}: FP4 experts cannot be dequantized by fusemoe-ckpt yet; convert without --dequantize "
-                "(the fused FP4 layout transformers holds on a GPU)"
-            )
-        elif len(tensor.shape) != 2:
-            raise CheckpointError(
-                f"{key}: fused {tensor.dtype} experts {list(tensor.shape)} cannot be dequantized; "
-                "unfuse the checkpoint first, or convert it without --dequantize"
-            )
-        else:
-            tensors[key] = tensor.replace(dtype=output, scales=scale)
+
+    def kept() -> Iterator[SourceTensor]:
+        for key, tensor in source.items():
+            if key in consumed:
+                continue
+            if key.rpartition(".")[2] in ACTIVATION_SCALE_NAMES:
+                dropped.append(key)
+                continue
+            scale = scales.get(key)
+            if scale is None:
+                yield tensor
+            elif tensor.dtype == FP4_WEIGHT_DTYPE:
+                raise CheckpointError(
+                    f"{key}: FP4 experts cannot be dequantized by fusemoe-ckpt yet; convert without --dequantize "
+                    "(the fused FP4 layout transformers holds on a GPU)"
+                )
+            elif len(tensor.shape) != 2:
+                raise CheckpointError(
+                    f"{key}: fused {tensor.dtype} experts {list(tensor.shape)} cannot be dequantized; "
+                    "unfuse the checkpoint first, or convert it without --dequantize"
+                )
+            else:
+                yield tensor.replace(dtype=output, scales=scale)
+
+    tensors = TensorTable.of(kept(), expected=len(source))
     return tensors, sorted(dropped, key=natural_key)
 
 

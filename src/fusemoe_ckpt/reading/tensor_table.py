@@ -123,11 +123,15 @@ class TensorTable(Mapping[str, SourceTensor]):
         self._hidden: frozenset[int] = frozenset()
 
     @classmethod
-    def of(cls, tensors: Iterable[SourceTensor]) -> TensorTable:
-        """A table of `tensors`, the first of each name kept."""
-        table = cls()
+    def of(cls, tensors: Iterable[SourceTensor], expected: int = 0) -> TensorTable:
+        """A table of `tensors`, the first of each name kept (`expected`: as the constructor's)."""
+        table = cls(expected)
         table._extend((t.name, t.offset, table._kind_id(t._kind)) for t in tensors)
         return table
+
+    def add_tensor(self, tensor: SourceTensor) -> int:
+        """`add` of `tensor`'s fields."""
+        return self.add(tensor.name, tensor.offset, tensor._kind)
 
     def add(self, name: str, offset: int, kind: Kind) -> int:
         """Add a row; returns -1, or the row already holding `name` (the table is left unchanged)."""
@@ -149,6 +153,9 @@ class TensorTable(Mapping[str, SourceTensor]):
         return self._extend(rows())
 
     def _kind_id(self, kind: Kind) -> int:
+        if kind[4] is not None:  # a weight's scales are its own: nothing to share
+            self._kinds.append(kind)
+            return len(self._kinds) - 1
         kind_id = self._kind_ids.get(kind)
         if kind_id is None:
             kind_id = self._kind_ids[kind] = len(self._kinds)
@@ -184,8 +191,19 @@ class TensorTable(Mapping[str, SourceTensor]):
 
     def row(self, name: str) -> int:
         """The row holding `name`, or -1."""
-        found = self._find(name, hash(name))[0]
-        return -1 if found in self._hidden else found
+        h = hash(name)
+        slots, hashes = self._slots, self._hashes
+        mask = len(slots) - 1
+        slot = h & mask
+        while (row := slots[slot] - 1) >= 0:
+            if hashes[row] == h and self.name(row) == name:
+                return -1 if row in self._hidden else row
+            slot = (slot + 1) & mask
+        return -1
+
+    def kind(self, row: int) -> Kind:
+        """The dtype, shape, file, size and scales of `row`'s tensor."""
+        return self._kinds[self._kind_rows[row]]
 
     def name(self, row: int) -> str:
         return self._names[self._ends[row - 1] if row else 0 : self._ends[row]].decode(_ENCODING, _ERRORS)
@@ -254,17 +272,6 @@ class TensorTable(Mapping[str, SourceTensor]):
     def __reduce__(self):
         # Hashes of names differ between processes: rebuild rather than copy the hash table.
         return TensorTable.of, (list(self.values()),)
-
-    def _find(self, name: str, h: int) -> tuple[int, int]:
-        """(row holding `name` or -1, the slot it is in or would go in)."""
-        slots, hashes = self._slots, self._hashes
-        mask = len(slots) - 1
-        slot = h & mask
-        while (row := slots[slot] - 1) >= 0:
-            if hashes[row] == h and self.name(row) == name:
-                return row, slot
-            slot = (slot + 1) & mask
-        return -1, slot
 
     def _grow(self) -> None:
         slots = array("i", [0]) * (2 * len(self._slots))
