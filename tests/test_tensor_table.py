@@ -111,3 +111,9 @@ def test_an_expert_first_seen_far_ahead_is_still_one_expert(tmp_path):
     fused = load_checkpoint(tmp_path / "dst")["model.layers.0.mlp.experts.gate_up_proj"]
     assert fused.shape == (3001, 6, 4)
     assert fused[3000].eq(3000).all() and fused[17].eq(17).all()
+
+
+def test_may_name_is_false_only_when_no_name_holds_the_text():
+    table = TensorTable.of([_tensor("model.layers.0.mlp.input_scale"), _tensor("é.weight", 4)])
+    assert table.may_name("input_scale") and table.may_name("é.w") and table.may_name("")
+    assert not table.may_name("activation_scale") and not table.may_name(".scale")

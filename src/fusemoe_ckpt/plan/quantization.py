@@ -115,6 +115,8 @@ def _is_scale(key: str, tensors: dict[str, SourceTensor]) -> bool:
 
 def names_scales_dot_scale(tensors: dict[str, SourceTensor], quantization: Quantization) -> bool:
     """Whether the checkpoint names the scale of a quantized `x.weight` `x.scale` (DeepSeek-V4)."""
+    if isinstance(tensors, TensorTable) and not tensors.may_name(DOT_SCALE):
+        return False
     for key in tensors:
         if key.endswith(DOT_SCALE):
             weight = tensors.get(weight_of_scale(key))
@@ -159,6 +161,8 @@ def _scales(tensor: SourceTensor, scale: SourceTensor, quantization: Quantizatio
 def refuse_expert_activation_scales(tensors: dict[str, SourceTensor]) -> None:
     """Static activation scales of experts: transformers 5.24 leaves them unloaded (and `input_scale`
     anywhere), so a fused FP8 output would not load them either."""
+    if isinstance(tensors, TensorTable) and not any(map(tensors.may_name, ACTIVATION_SCALE_NAMES)):
+        return
     found = [
         key
         for key in tensors

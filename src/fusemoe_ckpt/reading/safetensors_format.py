@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
 from operator import attrgetter
 from pathlib import Path
+from typing import NamedTuple
 
 from ..errors import CheckpointError
 from .files import open_regular
@@ -53,9 +54,11 @@ DTYPE_SIZES: dict[str, int] = {
 _DTYPE_NAMES = {name: name for name in DTYPE_SIZES}
 
 
-@dataclass(frozen=True, slots=True)
-class TensorInfo:
-    """One tensor entry of a safetensors header; offsets are relative to the data buffer."""
+class TensorInfo(NamedTuple):
+    """One tensor entry of a safetensors header; offsets are relative to the data buffer.
+
+    A named tuple: a header of thousands of entries makes one each, and a tuple is made in a third of
+    the time of a frozen dataclass."""
 
     name: str
     dtype: str
@@ -177,7 +180,7 @@ def _known_entry(name: str, entry: object, data_len: int, checked: dict) -> Tens
         return None
     if not 0 <= start <= end <= data_len or end - start != known[1]:
         return None
-    return TensorInfo(name=name, dtype=_DTYPE_NAMES[dtype], shape=known[0], start=start, end=end)
+    return TensorInfo(name, _DTYPE_NAMES[dtype], known[0], start, end)
 
 
 _INT = frozenset((int,))

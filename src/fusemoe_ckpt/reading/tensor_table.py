@@ -220,6 +220,11 @@ class TensorTable(Mapping[str, SourceTensor]):
                 yield row, names[start:end].decode(_ENCODING, _ERRORS)
             start = end
 
+    def may_name(self, text: str) -> bool:
+        """False when no name holds `text` (one search of the names' bytes: a pass over every name
+        for a suffix no name has is skipped)."""
+        return text.encode(_ENCODING, _ERRORS) in self._names
+
     def without(self, names: Iterable[str]) -> TensorTable:
         """This table less `names` (itself when there are none), sharing its columns."""
         hidden = {row for name in names if (row := self.row(name)) >= 0}

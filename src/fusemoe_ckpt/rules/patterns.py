@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import NamedTuple
 
 from .model_keys import ModelKeys
 
@@ -350,9 +351,11 @@ class GroupRename:
 Renaming = Rename | GroupRename
 
 
-@dataclass(frozen=True, slots=True)
-class KeyMapping:
-    """Where a source key goes: a plain (possibly renamed) key, or one slot (and expert) of a converter."""
+class KeyMapping(NamedTuple):
+    """Where a source key goes: a plain (possibly renamed) key, or one slot (and expert) of a converter.
+
+    A named tuple: planning makes one for each of up to 300k keys, three times faster than a frozen
+    dataclass."""
 
     target: str
     converter: Converter | None = None
