@@ -11,13 +11,11 @@ import os
 import shutil
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from json.encoder import encode_basestring_ascii
 from pathlib import Path
 
 from ..errors import ConversionInterrupted, UsageError, interrupted_by
 from ..naming import natural_key
-from ..plan.expert_runs import ShardsByName
 from ..plan.layout import ConversionPlan, ShardPlan
 from ..reading.files import open_regular
 from ..reading.side_files import side_files
@@ -34,6 +32,7 @@ from .destination import (
 from .journal import JOURNAL_NAME, Journal, plan_fingerprint
 from .lock import DestinationLock
 from .no_follow import open_own_file, write_new_file, write_new_file_parts
+from .threads import run_threaded
 from .workers import default_workers
 from .writer import DISK_FULL, disk_full_error, write_shard, writes_directly
 
@@ -210,15 +209,7 @@ def _write_shards(
         )
         journal.record(path)
 
-    pool = ThreadPoolExecutor(max_workers=workers)
-    try:
-        for job in [pool.submit(write_and_record, shard) for shard in todo]:
-            job.result()
-    except BaseException:
-        stop.set()
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise
-    pool.shutdown()
+    run_threaded(write_and_record, todo, workers=workers, stop=stop)
     return todo_bytes
 
 
@@ -236,8 +227,9 @@ def write_index(path: Path, plan: ConversionPlan, provenance: dict[str, str], *,
         **({"fusemoe_ckpt_dequantized": True} if plan.dequantized else {}),
     }
     weight_map = plan.tensor_to_filename
-    # A plan of runs lists its tensors in file order already, and would make every name to sort them.
-    in_order = isinstance(weight_map, ShardsByName)
+    # A plan's dict is in planning order; a plan of runs (plan/expert_runs.py's ShardsByName) lists its
+    # tensors in file order already, and would make every name to sort them.
+    in_order = not isinstance(weight_map, dict)
     entries = weight_map.items() if in_order else sorted(weight_map.items(), key=lambda kv: natural_key(kv[0]))
     write_new_file_parts(path, _index_texts(metadata, entries), durable=durable)
 
