@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from json.encoder import encode_basestring_ascii
@@ -38,6 +37,8 @@ from .writer import DISK_FULL, disk_full_error, write_shard, writes_directly
 
 # Index text written at a time.
 INDEX_CHUNK = 1 << 20
+# Bytes of a side file (config.json, tokenizer files) copied at a time, as shutil.copyfileobj would.
+SIDE_FILE_CHUNK = 64 * 1024
 
 
 class ShardHooks:
@@ -117,7 +118,7 @@ def write_plan(
             check_free_space(dst_path.parent, todo, side_bytes, needed=needed)
         except BaseException:
             if not kept_names:
-                shutil.rmtree(partial, ignore_errors=True)
+                _discard(partial)
             raise
         try:
             journal = Journal.start(partial, fingerprint, kept, durable=durable)
@@ -138,21 +139,28 @@ def write_plan(
                 fsync_path(dst_path)
         except KeyboardInterrupt as e:
             if journal is None:
-                shutil.rmtree(partial, ignore_errors=True)
+                _discard(partial)
                 raise
             raise ConversionInterrupted(
                 f"{partial} keeps the completed shards; rerun with --resume to continue, or remove it",
                 signal=interrupted_by(e),
             ) from e
         except OSError as e:
-            shutil.rmtree(partial, ignore_errors=True)
+            _discard(partial)
             if e.errno in DISK_FULL:
                 raise disk_full_error(Path(e.filename or partial), e) from e
             raise
         except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
+            _discard(partial)
             raise
     return written, extras, len(kept)
+
+
+def _discard(partial: Path) -> None:
+    """Remove the partial directory of a run that failed, whatever is left of it."""
+    import shutil  # here: it imports the compression modules, and only a failed run needs it
+
+    shutil.rmtree(partial, ignore_errors=True)
 
 
 def finish_installed(dst: Path) -> None:
@@ -268,7 +276,8 @@ def _copy_side_files(root: Path, partial: Path, extras: list[str], config: dict 
                 os.fdopen(open_regular(root / relative)[0], "rb") as source,
                 os.fdopen(open_own_file(target, "its output", exclusive=True), "wb") as copy,
             ):
-                shutil.copyfileobj(source, copy)
+                while chunk := source.read(SIDE_FILE_CHUNK):
+                    copy.write(chunk)
                 if durable:
                     copy.flush()
                     os.fsync(copy.fileno())
