@@ -53,9 +53,9 @@ def run_threaded(
             if error is not None:
                 raise error
     except BaseException:
-        stop.set()
         with lock:
-            dropped = True
+            dropped = True  # before `stop`: a call that gives up when told to is the last one started
+        stop.set()
         raise
     finally:
         for thread in threads:
