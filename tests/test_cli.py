@@ -41,6 +41,19 @@ def test_version():
     assert __version__ in result.output
 
 
+def test_version_imports_no_command():
+    """`--version` loads the command line and the version alone: no command's modules, no json."""
+    code = (
+        "import sys; from fusemoe_ckpt.cli import main; sys.argv = ['fusemoe-ckpt', '--version']\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "names = ['importlib.metadata', 'json', 'dataclasses', 'fusemoe_ckpt.batch.cluster', 'fusemoe_ckpt.commands']\n"
+        "imported = [name for name in names if name in sys.modules]\n"
+        "assert not imported, f'imported: {imported}'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout == f"fusemoe-ckpt, version {__version__}\n"
+
+
 def test_families_lists_every_family_with_patterns():
     output = CliRunner().invoke(cli, ["families"]).output
     for family in FAMILIES:

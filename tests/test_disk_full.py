@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -160,8 +161,8 @@ def test_free_space_is_checked_before_writing(src, tmp_path, monkeypatch):
     needed = sum(p.stat().st_size for p in reference.iterdir() if p.name != "model.safetensors.index.json")
     shutil.rmtree(reference)
     free = needed - 1
-    real_usage = shutil.disk_usage
-    monkeypatch.setattr(destination_module.shutil, "disk_usage", lambda path: real_usage(path)._replace(free=free))
+    # What the destination's filesystem reports: `free` blocks of one byte for an unprivileged user.
+    monkeypatch.setattr(destination_module.os, "statvfs", lambda path: SimpleNamespace(f_bavail=free, f_frsize=1))
     message = refuse(tmp_path, src, tmp_path / "dst")
     assert message == (
         f"{tmp_path}: the conversion needs {format_size(needed)} ({needed} bytes) but only "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import threading
@@ -10,7 +9,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import click
 
-from .batch.cluster import SHARD_BY
+from .batch import SHARD_BY
 from .errors import UsageError, interrupted_by, one_line, printable
 from .interrupts import signals_as_interrupts
 from .plan.cast import OUTPUT_DTYPES
@@ -313,6 +312,8 @@ def inspect(
     dequantize: bool,
 ) -> None:
     """Show what convert would do to SRC, from its headers alone."""
+    import json
+
     from .commands.inspect import inspect_checkpoint
 
     report = inspect_checkpoint(
@@ -453,6 +454,8 @@ def consumers(model_type: str | None, as_json: bool, evidence: bool) -> None:
 
     MODEL_TYPE is config.json's model_type (qwen3_moe, mixtral, deepseek_v3, ...).
     """
+    import json
+
     from .commands.consumers import consumers as consumers_table
 
     report = consumers_table(model_type)

@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import UsageError
+from . import SHARD_BY
 
-if TYPE_CHECKING:  # the CLI imports SHARD_BY to start; the manifest's imports can wait for a batch
+if TYPE_CHECKING:
     from .manifest import Entry
-
-SHARD_BY = ("dst", "index")
 # Kubernetes gives an Indexed Job's pods their index but not the number of completions.
 K8S_COUNT_VARIABLE = "FUSEMOE_SHARD_COUNT"
 _REQUIRED = object()
@@ -121,7 +120,7 @@ def _whole(environ: Mapping[str, str], name: str, *, default: object = _REQUIRED
 
 def shard_of(entry: Entry, position: int, count: int, *, by: str = "dst") -> int:
     """The shard `entry`, at `position` in its manifest, belongs to among `count`."""
-    import hashlib  # here: the CLI imports this module to start, and only a batch needs it
+    import hashlib  # here: only sharding by dst needs it
 
     if by == "index":
         return position % count

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import DestinationError, UsageError
-from ..hub.push_record import planned_push_reason, recorded_push_reason
 from ..hub.repo_id import is_hub_source
 from ..memory import release_free_memory
 from ..plan.conversion import plan_for
@@ -26,7 +25,6 @@ from ..write.destination import (
     partial_path,
     resolve_destination,
 )
-from ..write.finished import planned_reason, recorded_reason
 from ..write.lock import DestinationLock
 from ..write.output import finish_installed, write_plan
 from ..write.workers import default_workers
@@ -187,6 +185,9 @@ def convert(
             )
         check_destination(dst_path)
         if holds_files(dst_path) and not overwrite:
+            from ..hub.push_record import recorded_push_reason
+            from ..write.finished import recorded_reason
+
             options = {"source": str(src), "revision": revision, "family": family, "dtype": dtype}
             if push_to is None:
                 recorded = recorded_reason(dst_path, dequantize=dequantize, **options)
@@ -225,6 +226,8 @@ def convert(
         # Before a download that may take hours.
         check_destination(dst_path)
         if holds_files(dst_path) and not (overwrite or resume):
+            from ..write.finished import recorded_reason
+
             recorded = recorded_reason(
                 dst_path, source=str(src), revision=revision, family=family, dtype=dtype, dequantize=dequantize
             )
@@ -242,6 +245,8 @@ def convert(
     source = source.without_tensors()  # the plan holds every byte range; the tensor map is let go
     release_free_memory()
     if holds_files(dst_path) and not overwrite:
+        from ..write.finished import planned_reason  # asked only of a DST that holds files
+
         if resume and _finish_if_complete(dst_path, plan):
             # Killed just after the final rename, or run again by a scheduler: nothing left to do.
             return ConvertResult(
@@ -311,6 +316,8 @@ def _convert_streamed(
                 streamed = lay_out_scratch(repo, scratch, progress=download_progress)
                 source, plan = plan_for(scratch, **plan_options)
                 if holds_files(dst) and not write_options["overwrite"]:  # --resume: done already?
+                    from ..write.finished import planned_reason
+
                     if _finish_if_complete(dst, plan, push_to=push_to):
                         remove_scratch(scratch)
                         pushed = recorded_push_result(dst, push_to) if push_to is not None else None
@@ -338,6 +345,9 @@ def _finish_if_complete(dst: Path, plan: ConversionPlan, *, push_to: str | None 
     """Whether `dst` holds `plan`'s output (with `push_to`: the small files and the record of its
     finished push to that repo); if so, finish the step a run killed just after its final rename left
     undone. Under the lock: a convert writing DST right now is refused, not raced."""
+    from ..hub.push_record import planned_push_reason
+    from ..write.finished import planned_reason
+
     with DestinationLock(dst):
         if push_to is None:
             reason = planned_reason(dst, plan)

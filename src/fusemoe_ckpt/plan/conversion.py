@@ -33,7 +33,6 @@ from ..rules.quantized import for_quantization
 from ..rules.selection import resolve_family
 from ..sizes import parse_size
 from .cast import cast_of, output_dtype
-from .compressed import compressed_view
 from .layout import ConversionPlan, lay_out
 from .operations import (
     Slots,
@@ -228,6 +227,8 @@ def _compressed_view(
             "transformers dequantizes its experts at load, so they must be dequantized to be fused; convert "
             "with --dequantize (floating weights, config.json without quantization_config)"
         )
+    from .compressed import compressed_view  # compressed-tensors checkpoints only
+
     output = dequantized_dtype(source.config, dtype)
     return compressed_view(source.tensors, quantization.compressed, output, forced=dtype is not None)
 

@@ -31,7 +31,6 @@ from pathlib import Path
 from ..errors import CheckpointError
 from .files import open_regular, read_exact
 
-METHOD = "compressed-tensors"
 PACKED = "pack-quantized"
 FLOAT_FORMATS = ("float-quantized", "naive-quantized")
 # The tensors one compressed linear layer `x` stores beside or instead of `x.weight`.

@@ -20,6 +20,7 @@ from array import array
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import cache
 from itertools import chain, groupby
 from operator import itemgetter
 from pathlib import Path
@@ -35,21 +36,22 @@ DIGEST_MASK = (1 << 64) - 1
 _WS = "[ \t\n\r]*"  # JSON's whitespace; `\s` would also take \f and \v
 
 
+@cache
 def _pairs(content: str) -> tuple[re.Pattern, re.Pattern]:
     """A pattern for one entry whose strings hold `content`, and its comma, capturing name and file;
-    and one for a run of them."""
+    and one for a run of them. Compiled on first use: an index of plain names needs only `_LOOSE`'s."""
     one = f'{_WS}"({content})"{_WS}:{_WS}"({content})"{_WS},'
     run = f'(?:{_WS}"(?:{content})"{_WS}:{_WS}"(?:{content})"{_WS},)*'
     return re.compile(one), re.compile(run)
 
 
 # A string with no escape and no control character, as JSON has it.
-_PAIR, _RUN = _pairs('[^"\\\\\x00-\x1f]*')
+_STRICT = '[^"\\\\\x00-\x1f]*'
 # Any characters but a quote: about twice as fast, and exact once no string it took holds a backslash
 # or a control character (between the strings, the patterns take only whitespace, colons and commas).
-_LOOSE_PAIR, _LOOSE_RUN = _pairs('[^"]*')
+_LOOSE = '[^"]*'
 # Strings with escapes, decoded by `json` a batch at a time (an escape it refuses is left to `_member`).
-_ESCAPED_PAIR, _ESCAPED_RUN = _pairs('[^"\\\\\x00-\x1f]*(?:\\\\.[^"\\\\\x00-\x1f]*)*')
+_ESCAPED = '[^"\\\\\x00-\x1f]*(?:\\\\.[^"\\\\\x00-\x1f]*)*'
 # What a plain string cannot hold; in UTF-8, no byte of another character is one of these.
 _UNSAFE = bytes(range(0x20)) + b"\\"
 _SPACE = re.compile(_WS)
@@ -397,28 +399,31 @@ def _plain_run(text: _Text) -> list[tuple[str, str]]:
     start = text.pos
     limit = start + _BATCH_CHARS
     if start >= text.strict_until:
-        end = _LOOSE_RUN.match(text.buf, start, limit).end()
-        batch = _LOOSE_PAIR.findall(text.buf, start, end)
+        loose_pair, loose_run = _pairs(_LOOSE)
+        end = loose_run.match(text.buf, start, limit).end()
+        batch = loose_pair.findall(text.buf, start, end)
         taken = "".join(chain.from_iterable(batch)).encode()
         if len(taken.translate(None, _UNSAFE)) == len(taken):
             text.pos = end
             return batch
         # Strict up to where the loose run went: an escape in every name costs no loose pass each.
         text.strict_until = end
-    end = _RUN.match(text.buf, start, limit).end()
+    pair, run = _pairs(_STRICT)
+    end = run.match(text.buf, start, limit).end()
     if end > start:
         text.pos = end
-        return _PAIR.findall(text.buf, start, end)
+        return pair.findall(text.buf, start, end)
     return _escaped_run(text, limit)
 
 
 def _escaped_run(text: _Text, limit: int) -> list[tuple[str, str]]:
     """The entries from where the text stands whose strings may hold escapes, as far as they go."""
     start = text.pos
-    end = _ESCAPED_RUN.match(text.buf, start, limit).end()
+    pair, run = _pairs(_ESCAPED)
+    end = run.match(text.buf, start, limit).end()
     if end == start:
         return []
-    strings = chain.from_iterable(_ESCAPED_PAIR.findall(text.buf, start, end))
+    strings = chain.from_iterable(pair.findall(text.buf, start, end))
     try:
         # json's own string decoder, once for the batch: the strings as one array.
         decoded = _DECODER.raw_decode('["' + '","'.join(strings) + '"]')[0]

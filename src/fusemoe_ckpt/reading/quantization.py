@@ -13,11 +13,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError
-from .compressed_tensors import METHOD as COMPRESSED_TENSORS
-from .compressed_tensors import CompressedTensors, compressed_tensors_of
 
+if TYPE_CHECKING:
+    from .compressed_tensors import CompressedTensors
+
+# The quant_method compressed_tensors.py reads (imported only for such a checkpoint).
+COMPRESSED_TENSORS = "compressed-tensors"
 FP8_WEIGHT_DTYPES = ("F8_E4M3", "F8_E5M2")
 # FP4 (E2M1) experts: two values per I8 byte, the low nibble first; one scale per row and 32 values.
 FP4_WEIGHT_DTYPE = "I8"
@@ -122,6 +126,8 @@ def quantization_of(config: dict | None, path: Path) -> Quantization | None:
         raise CheckpointError(f"{path}: quantization_config is not a JSON object")
     method = spec.get("quant_method")
     if method == COMPRESSED_TENSORS:
+        from .compressed_tensors import compressed_tensors_of
+
         compressed = compressed_tensors_of(spec, path)
         experts = compressed.experts
         stored = "fp8" if experts.kind == "float" else f"int{experts.bits}"

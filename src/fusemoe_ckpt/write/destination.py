@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from pathlib import Path
 
 from ..errors import DestinationError
@@ -159,6 +158,8 @@ def prepare_partial(
         if entry.name in keep:
             continue
         if entry.is_dir() and not entry.is_symlink():
+            import shutil  # here: it imports the compression modules, and only a resume may need it
+
             shutil.rmtree(entry)
         else:
             entry.unlink()
@@ -177,7 +178,8 @@ def check_free_space(parent: Path, shards: list[ShardPlan], extra_bytes: int, *,
         probe = probe.parent
     if needed is None:
         needed = sum(s.file_size for s in shards) + extra_bytes
-    free = shutil.disk_usage(probe).free
+    usage = os.statvfs(probe)  # shutil.disk_usage's free bytes, without importing shutil
+    free = usage.f_bavail * usage.f_frsize
     if needed > free:
         raise DestinationError(
             f"{parent}: the conversion needs {format_size(needed)} ({needed} bytes) but only "

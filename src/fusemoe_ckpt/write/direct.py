@@ -17,13 +17,15 @@ Memory: `in_flight + 1` buffers of `chunk` bytes (9 MiB by default), whatever th
 from __future__ import annotations
 
 import fcntl
-import mmap
 import os
-import queue
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import mmap
+    from concurrent.futures import Future
 
 # Offsets, lengths and buffer addresses of direct I/O must be multiples of the device's logical block
 # (512 bytes or 4 KiB); 4 KiB suits both, and mmap's buffers start on a page.
@@ -90,6 +92,11 @@ class DirectStream:
         chunk = chunk or CHUNK
         if chunk % ALIGN or chunk <= 0:
             raise ValueError(f"chunk {chunk} is not a positive multiple of {ALIGN}")
+        # Here: only direct writes need them, and concurrent.futures imports logging.
+        import mmap
+        import queue
+        from concurrent.futures import ThreadPoolExecutor
+
         self._fd = fd
         self._chunk = chunk
         self._buffers = [mmap.mmap(-1, chunk) for _ in range(in_flight + 1)]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import stat
 from collections.abc import Iterable
 from pathlib import Path
@@ -63,6 +62,8 @@ def remove_tree(path: Path, what: str) -> None:
         DestinationError: `path` is a link or not a directory.
     """
     if refuse_unless_directory(path, what):
+        import shutil  # here: it imports the compression modules, and only removing a tree needs it
+
         shutil.rmtree(path)
 
 

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from json.encoder import encode_basestring_ascii
 from pathlib import Path
 
 from ..errors import ConversionInterrupted, UsageError, interrupted_by
 from ..naming import natural_key
-from ..plan.expert_runs import ShardsByName
 from ..plan.layout import ConversionPlan, ShardPlan
 from ..reading.files import open_regular
 from ..reading.side_files import side_files
@@ -34,11 +31,14 @@ from .destination import (
 from .journal import JOURNAL_NAME, Journal, plan_fingerprint
 from .lock import DestinationLock
 from .no_follow import open_own_file, write_new_file, write_new_file_parts
+from .threads import run_threaded
 from .workers import default_workers
 from .writer import DISK_FULL, disk_full_error, write_shard, writes_directly
 
 # Index text written at a time.
 INDEX_CHUNK = 1 << 20
+# Bytes of a side file (config.json, tokenizer files) copied at a time, as shutil.copyfileobj would.
+SIDE_FILE_CHUNK = 64 * 1024
 
 
 class ShardHooks:
@@ -118,7 +118,7 @@ def write_plan(
             check_free_space(dst_path.parent, todo, side_bytes, needed=needed)
         except BaseException:
             if not kept_names:
-                shutil.rmtree(partial, ignore_errors=True)
+                _discard(partial)
             raise
         try:
             journal = Journal.start(partial, fingerprint, kept, durable=durable)
@@ -139,21 +139,28 @@ def write_plan(
                 fsync_path(dst_path)
         except KeyboardInterrupt as e:
             if journal is None:
-                shutil.rmtree(partial, ignore_errors=True)
+                _discard(partial)
                 raise
             raise ConversionInterrupted(
                 f"{partial} keeps the completed shards; rerun with --resume to continue, or remove it",
                 signal=interrupted_by(e),
             ) from e
         except OSError as e:
-            shutil.rmtree(partial, ignore_errors=True)
+            _discard(partial)
             if e.errno in DISK_FULL:
                 raise disk_full_error(Path(e.filename or partial), e) from e
             raise
         except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
+            _discard(partial)
             raise
     return written, extras, len(kept)
+
+
+def _discard(partial: Path) -> None:
+    """Remove the partial directory of a run that failed, whatever is left of it."""
+    import shutil  # here: it imports the compression modules, and only a failed run needs it
+
+    shutil.rmtree(partial, ignore_errors=True)
 
 
 def finish_installed(dst: Path) -> None:
@@ -210,15 +217,7 @@ def _write_shards(
         )
         journal.record(path)
 
-    pool = ThreadPoolExecutor(max_workers=workers)
-    try:
-        for job in [pool.submit(write_and_record, shard) for shard in todo]:
-            job.result()
-    except BaseException:
-        stop.set()
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise
-    pool.shutdown()
+    run_threaded(write_and_record, todo, workers=workers, stop=stop)
     return todo_bytes
 
 
@@ -236,8 +235,9 @@ def write_index(path: Path, plan: ConversionPlan, provenance: dict[str, str], *,
         **({"fusemoe_ckpt_dequantized": True} if plan.dequantized else {}),
     }
     weight_map = plan.tensor_to_filename
-    # A plan of runs lists its tensors in file order already, and would make every name to sort them.
-    in_order = isinstance(weight_map, ShardsByName)
+    # A plan's dict is in planning order; a plan of runs (plan/expert_runs.py's ShardsByName) lists its
+    # tensors in file order already, and would make every name to sort them.
+    in_order = not isinstance(weight_map, dict)
     entries = weight_map.items() if in_order else sorted(weight_map.items(), key=lambda kv: natural_key(kv[0]))
     write_new_file_parts(path, _index_texts(metadata, entries), durable=durable)
 
@@ -276,7 +276,8 @@ def _copy_side_files(root: Path, partial: Path, extras: list[str], config: dict 
                 os.fdopen(open_regular(root / relative)[0], "rb") as source,
                 os.fdopen(open_own_file(target, "its output", exclusive=True), "wb") as copy,
             ):
-                shutil.copyfileobj(source, copy)
+                while chunk := source.read(SIDE_FILE_CHUNK):
+                    copy.write(chunk)
                 if durable:
                     copy.flush()
                     os.fsync(copy.fileno())

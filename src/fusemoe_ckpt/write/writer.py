@@ -7,7 +7,6 @@ import errno
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
 from itertools import islice
 from pathlib import Path
@@ -18,6 +17,7 @@ from ..plan.pieces import Piece, copies
 from ..reading.files import open_regular
 from .direct import IN_FLIGHT, DirectStream, enable_direct, page_cache_absorbs
 from .streams import piece_chunks
+from .threads import run_threaded
 from .writeback import start_writeback
 
 # Bytes moved per system call: large enough to be cheap, small enough for smooth progress.
@@ -286,14 +286,7 @@ def write_shard(
             for run in runs:
                 copy_run(run)
         else:
-            with ThreadPoolExecutor(max_workers=len(runs)) as pool:
-                jobs = [pool.submit(copy_run, run) for run in runs]
-                try:
-                    for job in jobs:
-                        job.result()
-                except BaseException:
-                    writer.stop.set()
-                    raise
+            run_threaded(copy_run, runs, workers=len(runs), stop=writer.stop)
         writer.finalize()
     except OSError as e:
         if e.errno in DISK_FULL:
