@@ -4,13 +4,14 @@ cut back to the shard's size; a smaller one stays in the page cache."""
 
 from __future__ import annotations
 
+import errno
 import os
 
 import pytest
 import torch
 
 from fusemoe_ckpt import convert
-from fusemoe_ckpt.errors import CheckpointError
+from fusemoe_ckpt.errors import CheckpointError, DestinationError
 from fusemoe_ckpt.write import direct as direct_module
 from fusemoe_ckpt.write import writer as writer_module
 from fusemoe_ckpt.write.direct import ALIGN, DirectStream, enable_direct
@@ -118,5 +119,48 @@ def test_only_what_the_page_cache_cannot_take_is_written_directly(tmp_path, monk
     assert asked == [sum(shard.file_size for shard in result.plan.shards)]
     assert len(opened) == (0 if absorbs else len(result.plan.shards))
     assert bool(fsynced) == durable
+    for path in (tmp_path / "reference").iterdir():
+        assert (tmp_path / "dst" / path.name).read_bytes() == path.read_bytes()
+
+
+def test_a_shard_written_directly_has_its_space_reserved_first(tmp_path, monkeypatch):
+    src = write_checkpoint(tmp_path / "src", expert_tensors(experts=4), shards=2, config=QWEN3_CONFIG)
+    monkeypatch.setattr(writer_module, "page_cache_absorbs", lambda nbytes: False)
+    reserved = []
+
+    def spying_preallocate(fd, size, path):
+        direct_module.preallocate(fd, size, path)
+        reserved.append((path.name, size, os.fstat(fd).st_size, os.fstat(fd).st_blocks * 512))
+
+    monkeypatch.setattr(writer_module, "preallocate", spying_preallocate)
+    result = convert(src, tmp_path / "dst")
+    if not reserved:
+        pytest.skip(f"{tmp_path}: the filesystem refuses direct I/O")
+    assert [name for name, *_ in reserved] == [shard.filename for shard in result.plan.shards]
+    for name, size, length, allocated in reserved:
+        assert length == size == (tmp_path / "dst" / name).stat().st_size
+        assert allocated >= size  # fallocate took the blocks before a byte was written
+
+
+def test_a_disk_too_small_for_a_shard_is_refused_before_it_is_written(tmp_path, monkeypatch):
+    """fallocate's ENOSPC is the disk-full error a write would have met, before any byte is written."""
+    src = write_checkpoint(tmp_path / "src", expert_tensors(experts=4), shards=2, config=QWEN3_CONFIG)
+    monkeypatch.setattr(writer_module, "page_cache_absorbs", lambda nbytes: False)
+    monkeypatch.setattr(direct_module, "libc_function", lambda name, *types: lambda *args: -1)
+    monkeypatch.setattr(direct_module, "errno_of_last_call", lambda: errno.ENOSPC)
+    appended = []
+    monkeypatch.setattr(DirectStream, "append", lambda self, data: appended.append(data))
+    with pytest.raises(DestinationError, match=r"model-00001-of-00001\.safetensors: cannot write: No space left"):
+        convert(src, tmp_path / "dst", workers=1)
+    assert appended == [] and not (tmp_path / "dst").exists()
+
+
+def test_a_filesystem_without_fallocate_is_written_all_the_same(tmp_path, monkeypatch):
+    src = write_checkpoint(tmp_path / "src", expert_tensors(experts=4), shards=2, config=QWEN3_CONFIG)
+    convert(src, tmp_path / "reference", durable=False)
+    monkeypatch.setattr(writer_module, "page_cache_absorbs", lambda nbytes: False)
+    monkeypatch.setattr(direct_module, "libc_function", lambda name, *types: lambda *args: -1)
+    monkeypatch.setattr(direct_module, "errno_of_last_call", lambda: errno.EOPNOTSUPP)
+    convert(src, tmp_path / "dst")
     for path in (tmp_path / "reference").iterdir():
         assert (tmp_path / "dst" / path.name).read_bytes() == path.read_bytes()

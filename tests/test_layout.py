@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "src" / "fusemoe_ckpt"
 
 # Lowest first. A module may import its own layer and the ones below it.
 LAYERS = [
-    {"errors", "interrupts", "sizes", "naming", "version", "cycles", "memory"},
+    {"errors", "interrupts", "sizes", "naming", "version", "cycles", "memory", "libc"},
     {"reading"},
     {"rules"},
     {"plan"},

@@ -2,20 +2,7 @@
 
 from __future__ import annotations
 
-from functools import cache
-
-
-@cache
-def _malloc_trim():
-    try:
-        import ctypes
-
-        function = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to ask
-        return None
-    function.argtypes = (ctypes.c_size_t,)
-    function.restype = ctypes.c_int
-    return function
+from .libc import libc_function
 
 
 def release_free_memory() -> None:
@@ -25,6 +12,6 @@ def release_free_memory() -> None:
     the freed heap for later use, so a phase that follows (verify importing numpy for safetensors'
     reader, say) would add to the peak instead of reusing it.
     """
-    function = _malloc_trim()
-    if function is not None:
+    function = libc_function("malloc_trim", "c_size_t")
+    if function is not None:  # not glibc: nothing to ask
         function(0)

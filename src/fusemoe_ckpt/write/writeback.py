@@ -7,23 +7,10 @@ starting write-back early is skipped: fsync still writes everything, only later.
 from __future__ import annotations
 
 import os
-from functools import cache
+
+from ..libc import libc_function
 
 SYNC_FILE_RANGE_WRITE = 2  # start write-out of dirty pages in the range; do not wait for it
-
-
-@cache
-def _sync_file_range():
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        function = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint)
-    function.restype = ctypes.c_int
-    return function
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
@@ -31,6 +18,6 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
 
     Best effort: an error (or no sync_file_range at all) leaves the pages to fsync.
     """
-    function = _sync_file_range()
+    function = libc_function("sync_file_range", "c_int", "c_longlong", "c_longlong", "c_uint")
     if function is not None and os.name == "posix":
         function(fd, offset, length, SYNC_FILE_RANGE_WRITE)

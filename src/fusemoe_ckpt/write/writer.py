@@ -15,7 +15,7 @@ from ..errors import CheckpointError, DestinationError, FusemoeError
 from ..plan.layout import ShardPlan
 from ..plan.pieces import Piece, copies
 from ..reading.files import open_regular
-from .direct import IN_FLIGHT, DirectStream, enable_direct, page_cache_absorbs
+from .direct import IN_FLIGHT, DirectStream, enable_direct, page_cache_absorbs, preallocate
 from .streams import piece_chunks
 from .threads import run_threaded
 from .writeback import start_writeback
@@ -94,6 +94,7 @@ class ShardWriter:
                 if file is not None:
                     self._source_fd(file)
         if self._wants_direct and enable_direct(self._fd):
+            preallocate(self._fd, self.shard.file_size, self.path)
             self._direct = DirectStream(self._fd, in_flight=self._in_flight)
         at = 0
         for chunk in self.shard.header_chunks():
