@@ -28,10 +28,11 @@ from ..write.workers import default_workers
 from ..write.writer import FALLBACK_BUFFER
 
 SCHEMA_VERSION = 1
-# Python memory of planning per source tensor (parsed headers, source entries, output tensors, pieces):
-# tracemalloc measured a 252-byte peak per tensor on a 100-shard, 18,771-tensor index
-# (scripts/bench_inspect.py), about 250 at 141k tensors; rounded up for the allocator's fragmentation.
-PLAN_BYTES_PER_TENSOR = 400
+# Python memory of planning per source tensor (the source's tensor table, a shard's parsed header,
+# output tensors, pieces): tracemalloc measured a 154-byte peak per tensor on a 100-shard, 18,771-tensor
+# index (scripts/bench_inspect.py), about 180 at 141k tensors (190 with FP8 scales) and 140 at 301k;
+# rounded up for the allocator's fragmentation.
+PLAN_BYTES_PER_TENSOR = 250
 
 
 @dataclass(frozen=True)
