@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from .compressed_tensors import CompressedTensors
 
 
-@dataclass(frozen=True, slots=True)
+# No slots: one per checkpoint (Scales and ZeroPoints, one per quantized matrix, keep them).
+@dataclass(frozen=True)
 class Quantization:
     """What `quantization_config` says, as far as the layout depends on it."""
 
