@@ -227,6 +227,7 @@ NOT_IMPORTED_BY_CONVERT = (
     "concurrent.futures",  # plain threads write the shards
     "logging",  # imported by concurrent.futures
     "shutil",  # with zlib, bz2 and lzma: only removing a tree needs it
+    "ctypes",  # malloc_trim after planning many tensors, write-behind of a shard larger than one stretch
     "fusemoe_ckpt.batch.cluster",
     "fusemoe_ckpt.hub.push_record",  # a DST that holds files, or --stream
     "fusemoe_ckpt.write.finished",

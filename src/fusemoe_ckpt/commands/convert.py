@@ -242,8 +242,9 @@ def convert(
     if workers is None:
         workers = default_workers(dequantize=dequantize)
     source, plan = plan_for(src_path, family=family, max_shard_size=max_shard_size, dtype=dtype, dequantize=dequantize)
+    planned = len(source.tensors)
     source = source.without_tensors()  # the plan holds every byte range; the tensor map is let go
-    release_free_memory()
+    release_free_memory(planned)
     if holds_files(dst_path) and not overwrite:
         from ..write.finished import planned_reason  # asked only of a DST that holds files
 
