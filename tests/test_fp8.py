@@ -301,6 +301,10 @@ E1 = "model.layers.1.mlp.experts.1"
             f"{E1}.up_proj.weight_scale_inv: a scale of F32 tensor '{E1}.up_proj.weight'",
         ),
         (
+            _set(f"{E1}.up_proj.extra_scale_inv", torch.ones(1, 1)),
+            f"{E1}.up_proj.extra_scale_inv: a scale of no tensor '{E1}.up_proj.extra'",
+        ),
+        (
             _set(f"{E1}.up_proj.input_scale", torch.ones(1)),
             f"{E1}.up_proj.input_scale: a static activation scale transformers 5.24 does not load for experts",
         ),
@@ -314,6 +318,7 @@ E1 = "model.layers.1.mlp.experts.1"
         "wrong-scale-shape",
         "wrong-scale-dtype",
         "scale-of-plain-weight",
+        "scale-of-no-tensor",
         "static-input-scale",
         "gptq-tensor",
     ],

@@ -5,6 +5,7 @@ planned dequantized (the scales consumed, the weight written in a floating dtype
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterator
 from functools import partial
 from typing import TYPE_CHECKING
@@ -48,14 +49,12 @@ def paired_scales(
     found: dict[str, Scales] = {}
     passed: set[tuple] = set()  # (dtype, shape) of weight and scale that pass the checks
     first_error = FirstError()
-    # By row: a tensor is made only where its scale is checked or an error names its file.
+    # By row: a tensor is made only where its scale is checked or an error names its file. A scale
+    # found by its weight is a scale of a quantized tensor; the others are looked at after.
+    scale_rows, claimed = array("q"), bytearray(table.row_count)
     for row, key in table.rows():
         if _is_scale(key, table):
-            weight = weight_of_scale(key)
-            quantized = table.row(weight)
-            if quantized < 0 or table.kind(quantized)[0] not in quantized_dtypes:
-                what = "no tensor" if quantized < 0 else f"{table.kind(quantized)[0]} tensor"
-                first_error.add(key, CheckpointError(f"{key}: a scale of {what} {weight!r} ({table.kind(row)[2]})"))
+            scale_rows.append(row)
             continue
         dtype, shape = table.kind(row)[:2]
         if dtype not in quantized_dtypes:
@@ -66,6 +65,7 @@ def paired_scales(
             tensor = table.tensor(row, key)
             first_error.add(key, partial(_missing_scale, key, tensor, names, table, quantization))
             continue
+        claimed[scale_row] = 1
         kind = (dtype, shape, *table.kind(scale_row)[:2])
         if not keep and kind in passed:
             continue  # _scales depends on these alone: checked already
@@ -77,6 +77,14 @@ def paired_scales(
         passed.add(kind)
         if keep:
             found[key] = scales
+    for row in scale_rows:
+        if not claimed[row]:
+            key = table.name(row)
+            weight = weight_of_scale(key)
+            quantized = table.row(weight)
+            if quantized < 0 or table.kind(quantized)[0] not in quantized_dtypes:
+                what = "no tensor" if quantized < 0 else f"{table.kind(quantized)[0]} tensor"
+                first_error.add(key, CheckpointError(f"{key}: a scale of {what} {weight!r} ({table.kind(row)[2]})"))
     first_error.raise_first()
     return found
 

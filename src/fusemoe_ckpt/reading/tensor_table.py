@@ -268,6 +268,11 @@ class TensorTable(Mapping[str, SourceTensor]):
     def __iter__(self) -> Iterator[str]:
         return (name for _, name in self.rows())
 
+    @property
+    def row_count(self) -> int:
+        """How many rows there are, those `without` leaves out included: every row number is below."""
+        return len(self._offsets)
+
     def __len__(self) -> int:
         return len(self._offsets) - len(self._hidden)
 
