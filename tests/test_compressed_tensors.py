@@ -287,7 +287,7 @@ def test_zero_points_match_the_decompressor(scheme, bits):
     from compressed_tensors.quantization import QuantizationScheme
 
     from fusemoe_ckpt.plan.dequantize import dequantize_rows, scale_values, zero_point_values
-    from fusemoe_ckpt.reading.quantization import Scales, ZeroPoints
+    from fusemoe_ckpt.reading.quantization_records import Scales, ZeroPoints
 
     torch.manual_seed(0)
     weight = torch.randn(40, 64, dtype=torch.bfloat16)

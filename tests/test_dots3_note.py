@@ -160,7 +160,7 @@ def test_dots3_note_vision_encoder_unfuse_converts_back(vision, tmp_path):
 def test_dots3_note_scale_twins_keep_their_scope():
     """transformers' FP8 quantizer copies each expert merge with its scope: the vision encoder's scale
     twin fuses only under `model.vision_tower.`."""
-    from fusemoe_ckpt.reading.quantization import Quantization
+    from fusemoe_ckpt.reading.quantization_records import Quantization
     from fusemoe_ckpt.rules.families import family_by_name
     from fusemoe_ckpt.rules.quantized import for_quantization
 

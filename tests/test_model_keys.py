@@ -21,7 +21,7 @@ from transformers.conversion_mapping import get_model_conversion_mapping  # noqa
 from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key  # noqa: E402
 from transformers.quantizers.auto import AutoHfQuantizer  # noqa: E402
 
-from fusemoe_ckpt.reading.quantization import Quantization  # noqa: E402
+from fusemoe_ckpt.reading.quantization_records import Quantization  # noqa: E402
 from fusemoe_ckpt.rules.families import FAMILIES, family_for_config  # noqa: E402
 from fusemoe_ckpt.rules.model_keys import ModelKeys  # noqa: E402
 from fusemoe_ckpt.rules.patterns import ChunkForRope  # noqa: E402

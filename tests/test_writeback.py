@@ -43,6 +43,21 @@ def test_write_behind_starts_every_copied_byte_once(tmp_path, monkeypatch, durab
     assert max(len(ranges) for ranges in started.values()) > 1
 
 
+def test_a_shard_no_larger_than_one_stretch_is_left_to_its_fsync(tmp_path, monkeypatch):
+    """Write-behind starts nothing on a shard of at most WRITE_BEHIND bytes: its fsync comes next."""
+    src = write_checkpoint(tmp_path / "src", expert_tensors(), shards=3, config=QWEN3_CONFIG)
+    monkeypatch.setattr(writer_module, "DIRECT_IO", False)
+    started = []
+    monkeypatch.setattr(writer_module.ShardWriter, "start_writeback", lambda self, *a: started.append(a))
+    result = convert(src, tmp_path / "dst", max_shard_size=300, durable=True, workers=1)
+    assert len(result.plan.shards) > 1
+    assert max(shard.file_size for shard in result.plan.shards) <= writer_module.WRITE_BEHIND
+    assert started == []
+    monkeypatch.setattr(writer_module, "WRITE_BEHIND", min(s.file_size for s in result.plan.shards) - 1)
+    convert(src, tmp_path / "dst2", max_shard_size=300, durable=True, workers=1)
+    assert started, "with every shard larger than one stretch, write-back is started early"
+
+
 def test_start_writeback_leaves_the_bytes_as_written(tmp_path):
     path = tmp_path / "f"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)

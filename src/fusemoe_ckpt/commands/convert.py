@@ -30,7 +30,7 @@ from ..write.output import finish_installed, write_plan
 from ..write.workers import default_workers
 
 if TYPE_CHECKING:
-    from ..hub.push import PushResult  # huggingface_hub is imported only when the Hub is used
+    from ..hub.stream import StreamReport
 
 
 @dataclass
@@ -108,16 +108,6 @@ class ConvertResult:
             return ""
         patterns = ", ".join(self.plan.family.model.ignored)
         return f", {len(ignored)} tensors dropped that transformers ignores at load ({patterns})"
-
-
-@dataclass
-class StreamReport:
-    """What a `stream` conversion fetched and kept at most, and its push."""
-
-    downloaded_bytes: int
-    peak_source_bytes: int
-    pushed: PushResult | None = None
-    already_complete: bool = False  # DST held (or recorded the finished push of) this conversion already
 
 
 def convert(
@@ -242,8 +232,9 @@ def convert(
     if workers is None:
         workers = default_workers(dequantize=dequantize)
     source, plan = plan_for(src_path, family=family, max_shard_size=max_shard_size, dtype=dtype, dequantize=dequantize)
+    planned = len(source.tensors)
     source = source.without_tensors()  # the plan holds every byte range; the tensor map is let go
-    release_free_memory()
+    release_free_memory(planned)
     if holds_files(dst_path) and not overwrite:
         from ..write.finished import planned_reason  # asked only of a DST that holds files
 
@@ -301,7 +292,7 @@ def _convert_streamed(
     already (`--resume` run again): nothing written or uploaded."""
     from ..hub.calls import hub_errors, progress_bars  # huggingface_hub is imported only for Hub sources
     from ..hub.fetch import pin_repo
-    from ..hub.stream import StreamHooks, lay_out_scratch, remove_scratch, scratch_path
+    from ..hub.stream import StreamHooks, StreamReport, lay_out_scratch, remove_scratch, scratch_path
     from ..hub.stream_push import PushingHooks, recorded_push_result
 
     scratch = scratch_path(dst)

@@ -16,7 +16,8 @@ from ..plan.conversion import plan_for
 from ..plan.layout import ConversionPlan
 from ..plan.operations import HIDDEN_AXIS
 from ..plan.pieces import OutputTensor, copies, plain, transposed
-from ..reading.quantization import ACTIVATION_SCALE_NAMES, FP4_WEIGHT_DTYPE, SCALE_SUFFIX
+from ..reading.quantization import ACTIVATION_SCALE_NAMES, SCALE_SUFFIX
+from ..reading.quantized_dtypes import FP4_WEIGHT_DTYPE
 from ..reading.source import SourceCheckpoint
 from ..rules.consumers import verdict_line
 from ..rules.families import Family

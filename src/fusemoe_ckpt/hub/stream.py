@@ -14,6 +14,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from huggingface_hub.utils import filter_repo_objects
 
@@ -28,6 +29,9 @@ from ..write.output import ShardHooks
 from .download import SIDE_FILE_PATTERNS, WEIGHT_PATTERNS
 from .fetch import PinnedRepo, download, read_range
 
+if TYPE_CHECKING:
+    from .push import PushResult
+
 SCRATCH_SUFFIX = ".fusemoe-sources"
 # The repo@commit, then a line per shard downloaded and checked, and `DROPPED`name when it was dropped.
 FETCHED_NAME = ".fusemoe-fetched"
@@ -37,6 +41,16 @@ DROPPED = "dropped "
 def scratch_path(dst: Path) -> Path:
     """The hidden sibling of `dst` that source shards are downloaded into while `--stream` runs."""
     return dst.parent / f".{dst.name}{SCRATCH_SUFFIX}"
+
+
+@dataclass
+class StreamReport:
+    """What a `stream` conversion (`commands/convert.py`) fetched and kept at most, and its push."""
+
+    downloaded_bytes: int
+    peak_source_bytes: int
+    pushed: PushResult | None = None
+    already_complete: bool = False  # DST held (or recorded the finished push of) this conversion already
 
 
 @dataclass

@@ -24,7 +24,8 @@ from ..reading.compressed_tensors import (
     WeightScheme,
     stored_shape,
 )
-from ..reading.quantization import FP8_WEIGHT_DTYPES, Scales, ZeroPoints
+from ..reading.quantization_records import Scales, ZeroPoints
+from ..reading.quantized_dtypes import FP8_WEIGHT_DTYPES
 from ..reading.tensor_table import SourceTensor, TensorTable
 
 # Scales compressed-tensors writes: the model's dtype, or float32.

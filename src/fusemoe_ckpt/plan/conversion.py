@@ -11,11 +11,12 @@ from array import array
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from ..cycles import collector_paused
 from ..errors import CheckpointError, FamilyError, UsageError
 from ..naming import FirstError, natural_key
-from ..reading.quantization import Quantization, quantization_of
+from ..reading.quantization import quantization_of
 from ..reading.source import EXPERT_COUNT_FIELDS, SourceCheckpoint, open_checkpoint
 from ..reading.tensor_table import SourceTensor, TensorTable
 from ..rules.families import Family
@@ -54,6 +55,9 @@ from .quantization import (
     paired_scales,
     refuse_expert_activation_scales,
 )
+
+if TYPE_CHECKING:
+    from ..reading.quantization_records import Quantization
 
 
 def plan_for(

@@ -22,7 +22,7 @@ import functools
 
 import numpy as np
 
-from ..reading.quantization import Scales
+from ..reading.quantization_records import Scales
 
 
 def _float8_table(exponent_bits: int, mantissa_bits: int, *, finite: bool) -> np.ndarray:

@@ -10,12 +10,15 @@ import math
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..naming import natural_key
-from ..reading.quantization import Quantization
 from ..reading.safetensors_format import HEADER_ALIGNMENT, PAGE_SIZE, TensorInfo, encode_header
 from ..rules.families import Family
 from .pieces import FusedGroup, OutputTensor, copies, plain
+
+if TYPE_CHECKING:
+    from ..reading.quantization_records import Quantization
 
 SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
 

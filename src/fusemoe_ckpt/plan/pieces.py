@@ -7,10 +7,13 @@ from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..reading.quantization import Scales
 from ..reading.safetensors_format import DTYPE_SIZES
 from ..reading.tensor_table import SourceTensor
+
+if TYPE_CHECKING:
+    from ..reading.quantization_records import Scales
 
 
 @dataclass(frozen=True, slots=True)

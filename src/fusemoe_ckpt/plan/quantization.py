@@ -8,24 +8,24 @@ from __future__ import annotations
 from array import array
 from collections.abc import Iterator
 from functools import partial
+from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError, FamilyError
 from ..naming import FirstError, natural_key
 from ..reading.quantization import (
     ACTIVATION_SCALE_NAMES,
     DOT_SCALE,
-    FP4_BLOCK,
-    FP4_WEIGHT_DTYPE,
-    SCALE_SIZES,
     SCALE_SUFFIX,
-    Quantization,
-    Scales,
     scale_grid,
     scale_keys,
     weight_of_scale,
 )
+from ..reading.quantized_dtypes import FP4_BLOCK, FP4_WEIGHT_DTYPE, SCALE_SIZES
 from ..reading.tensor_table import SourceTensor, TensorTable
 from .pieces import FusedGroup, OutputTensor
+
+if TYPE_CHECKING:
+    from ..reading.quantization_records import Quantization, Scales
 
 # config.json's dtype names, as safetensors names them: what a dequantized weight becomes by default.
 CONFIG_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -163,6 +163,8 @@ def _scales(tensor: SourceTensor, scale: SourceTensor, quantization: Quantizatio
             f"{scale.name}: shape {list(scale.shape)} does not match {tensor.name} {list(tensor.shape)}: "
             f"{e} ({scale.file})"
         ) from None
+    from ..reading.quantization_records import Scales  # a quantized checkpoint's records
+
     return Scales(scale.name, scale.file, scale.offset, scale.dtype, grid, block, shape, tensor.dtype)
 
 

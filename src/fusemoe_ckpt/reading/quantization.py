@@ -10,26 +10,16 @@ name, with the reason.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError
 
 if TYPE_CHECKING:
-    from .compressed_tensors import CompressedTensors
+    from .quantization_records import Quantization
 
 # The quant_method compressed_tensors.py reads (imported only for such a checkpoint).
 COMPRESSED_TENSORS = "compressed-tensors"
-FP8_WEIGHT_DTYPES = ("F8_E4M3", "F8_E5M2")
-# FP4 (E2M1) experts: two values per I8 byte, the low nibble first; one scale per row and 32 values.
-FP4_WEIGHT_DTYPE = "I8"
-FP4_BLOCK = (1, 32)
-# F32 (scale_fmt "float"), BF16, and E8M0 exponents (scale_fmt "ue8m0") stored as F8_E8M0 or raw U8.
-SCALE_SIZES = {"F32": 4, "BF16": 2, "F8_E8M0": 1, "U8": 1}
-# compressed-tensors scales are the model's dtype, F16 too.
-_SCALE_BYTES = SCALE_SIZES | {"F16": 2}
 SCALE_SUFFIX = "_scale_inv"  # `weight` -> `weight_scale_inv`, and `gate_up_proj` -> `gate_up_proj_scale_inv`
 # DeepSeek-V4 names the scale of `x.weight` `x.scale`; transformers' FP8 quantizer renames it `x.weight_scale_inv`.
 DOT_SCALE = ".scale"
@@ -44,72 +34,6 @@ _REFUSED_METHODS = {
     "gptq": "transformers 5.24 does not fuse GPTQ experts (qweight/qzeros/scales stay per expert)",
     "awq": "transformers 5.24 does not fuse AWQ experts (qweight/qzeros/scales stay per expert)",
 }
-
-
-@dataclass(frozen=True, slots=True)
-class Quantization:
-    """What `quantization_config` says, as far as the layout depends on it."""
-
-    method: str
-    block: tuple[int, int] | None  # (rows, cols) of one scale; None: per tensor or per channel
-    scale_fmt: str
-    activation_scheme: str
-    expert_dtype: str = "fp8"  # "fp4": routed experts are FP4 packed in I8; compressed-tensors: "int4", "int8"
-    compressed: CompressedTensors | None = None  # compressed-tensors: its weight schemes
-
-    @property
-    def weight_dtypes(self) -> tuple[str, ...]:
-        """The dtypes of quantized weights, each with a scale."""
-        return FP8_WEIGHT_DTYPES + ((FP4_WEIGHT_DTYPE,) if self.expert_dtype == "fp4" else ())
-
-    def describe(self) -> str:
-        if self.compressed is not None:
-            return f"{self.method} ({self.compressed.experts.describe()})"
-        block = f"block {self.block[0]}x{self.block[1]}" if self.block else "per-tensor/per-channel scales"
-        experts = ", FP4 experts" if self.expert_dtype == "fp4" else ""
-        return f"{self.method} ({block}, scale_fmt {self.scale_fmt}, {self.activation_scheme} activations{experts})"
-
-
-@dataclass(frozen=True, slots=True)
-class Scales:
-    """The scales of one quantized matrix of `shape`, stored as `quantized_dtype`: element [i, j] is
-    `q[i, j] * scale[i // block rows, j // block cols]` (`name` is the scale tensor's key)."""
-
-    name: str
-    file: Path
-    offset: int
-    dtype: str
-    grid: tuple[int, int]
-    block: tuple[int, int]
-    shape: tuple[int, int]
-    quantized_dtype: str
-    # compressed-tensors: integers of `bits` bits packed in int32 words, each row padded to whole words.
-    bits: int | None = None
-    zero_points: ZeroPoints | None = None
-    # The dtype the product is rounded to first (compressed-tensors multiplies in the scale's dtype).
-    rounding: str | None = None
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.grid) * _SCALE_BYTES[self.dtype]
-
-    @property
-    def row_bytes(self) -> int:
-        """Stored bytes of one row of the quantized matrix."""
-        cols = self.shape[1]
-        return cols if self.bits is None else -(-cols * self.bits // 32) * 4
-
-
-@dataclass(frozen=True, slots=True)
-class ZeroPoints:
-    """Zero points of an asymmetric compressed-tensors matrix: one per scale, `bits`-bit integers packed
-    in int32 words along the rows (a [ceil(rows * bits / 32), grid cols] tensor named `name`)."""
-
-    name: str
-    file: Path
-    offset: int
-    nbytes: int
-    bits: int
 
 
 def quantization_of(config: dict | None, path: Path) -> Quantization | None:
@@ -127,6 +51,7 @@ def quantization_of(config: dict | None, path: Path) -> Quantization | None:
     method = spec.get("quant_method")
     if method == COMPRESSED_TENSORS:
         from .compressed_tensors import compressed_tensors_of
+        from .quantization_records import Quantization
 
         compressed = compressed_tensors_of(spec, path)
         experts = compressed.experts
@@ -156,6 +81,8 @@ def quantization_of(config: dict | None, path: Path) -> Quantization | None:
         raise CheckpointError(
             f"{path}: quantization_config.activation_scheme {activation_scheme!r} is not 'dynamic' or 'static'"
         )
+    from .quantization_records import Quantization
+
     return Quantization("fp8", block, scale_fmt, activation_scheme, expert_dtype)
 
 

@@ -71,7 +71,8 @@ class TensorInfo(NamedTuple):
         return self.end - self.start
 
 
-@dataclass(frozen=True, slots=True)
+# No slots: one per file, and slots=True builds the class twice at import.
+@dataclass(frozen=True)
 class ShardHeader:
     """The parsed header of one safetensors file."""
 

@@ -13,9 +13,12 @@ from __future__ import annotations
 from array import array
 from collections.abc import ItemsView, Iterable, Iterator, Mapping, ValuesView
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .quantization import Scales
 from .safetensors_format import TensorInfo
+
+if TYPE_CHECKING:
+    from .quantization_records import Scales
 
 # dtype, shape, file, size in bytes, and the scales of a weight planned dequantized (else None)
 Kind = tuple[str, tuple[int, ...], Path, int, "Scales | None"]

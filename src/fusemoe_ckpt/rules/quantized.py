@@ -17,10 +17,14 @@ keeps (a model's own `attn_hc.scale` is renamed and taken back, which is no rena
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from ..reading.quantization import SCALE_SUFFIX, Quantization
+from ..reading.quantization import SCALE_SUFFIX
 from .families import Family
 from .patterns import Converter, ExpertMerge, Rename
+
+if TYPE_CHECKING:
+    from ..reading.quantization_records import Quantization
 
 # The FP8 quantizer's renames, before every other (transformers' `FineGrainedFP8HfQuantizer`).
 SCALE_RENAMES = (

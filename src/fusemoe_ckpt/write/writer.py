@@ -268,8 +268,11 @@ def write_shard(
         path, shard, durable=durable, stop=stop or threading.Event(), direct=direct, in_flight=in_flight
     )
 
+    # A shard no larger than one stretch gains nothing from early write-back: its fsync follows the copy.
+    write_behind = durable and not writer.direct and shard.file_size > WRITE_BEHIND
+
     def copy_run(run: range) -> None:
-        behind = WriteBehind(writer) if durable and not writer.direct else None
+        behind = WriteBehind(writer) if write_behind else None
         for piece, at in islice(placed_pieces(shard), run.start, run.stop):
             writer.copy(piece, at, progress)
             if behind is not None:
