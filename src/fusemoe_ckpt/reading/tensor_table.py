@@ -172,14 +172,9 @@ class TensorTable(Mapping[str, SourceTensor]):
         first = None
         for name, offset, kind_id in rows:
             h = hash(name)
-            slots = self._slots
-            mask = len(slots) - 1
-            slot = h & mask
-            while (row := slots[slot] - 1) >= 0:
-                if hashes[row] == h and self.name(row) == name:
-                    first = first or (name, row)
-                    break
-                slot = (slot + 1) & mask
+            row, slot = self._find(name, h)
+            if row >= 0:
+                first = first or (name, row)
             else:
                 row = len(offsets)
                 names += name.encode(_ENCODING, _ERRORS)
@@ -187,22 +182,27 @@ class TensorTable(Mapping[str, SourceTensor]):
                 offsets.append(offset)
                 kind_rows.append(kind_id)
                 hashes.append(h)
-                slots[slot] = row + 1
-                if 2 * (row + 1) > len(slots):
+                self._slots[slot] = row + 1
+                if 2 * (row + 1) > len(self._slots):
                     self._grow()
         return first
 
-    def row(self, name: str) -> int:
-        """The row holding `name`, or -1."""
-        h = hash(name)
+    def _find(self, name: str, h: int) -> tuple[int, int]:
+        """(the row holding `name`, whose hash is `h`, or -1; the slot it is in, or the empty one it
+        would go in)."""
         slots, hashes = self._slots, self._hashes
         mask = len(slots) - 1
         slot = h & mask
         while (row := slots[slot] - 1) >= 0:
             if hashes[row] == h and self.name(row) == name:
-                return -1 if row in self._hidden else row
+                return row, slot
             slot = (slot + 1) & mask
-        return -1
+        return -1, slot
+
+    def row(self, name: str) -> int:
+        """The row holding `name`, or -1."""
+        row = self._find(name, hash(name))[0]
+        return -1 if row in self._hidden else row
 
     def kind(self, row: int) -> Kind:
         """The dtype, shape, file, size and scales of `row`'s tensor."""
