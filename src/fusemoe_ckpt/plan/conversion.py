@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from array import array
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -106,7 +106,7 @@ def plan_conversion(
     quantization = quantization_of(source.config, source.root / "config.json")
     if dequantize and quantization is None:
         raise UsageError(f"{source.root}: --dequantize: config.json declares no quantization_config")
-    stored = _as_table(source.tensors)
+    stored = source.tensors
     if quantization is not None and quantization.compressed is not None:
         stored = _compressed_view(source, quantization, dequantize, dtype)
     dot_scales = quantization is not None and names_scales_dot_scale(stored, quantization)
@@ -178,8 +178,9 @@ def plan_conversion(
         num_experts, zero_experts = counts[_sub_config_name(converter)]
         extra = zero_experts if isinstance(converter, ExpertMerge) and len(converter.sources) == 2 else 0
         # Each group is let go once made into its output: its members are one entry per source tensor.
-        slots = {slot: members.tensors(tensors) for slot, members in groups.pop(target).items()}
-        made, group = _apply(target, converter, slots, family, source.config, num_experts, extra)
+        made, group = _apply(
+            target, converter, _slots(groups.pop(target), tensors), family, source.config, num_experts, extra
+        )
         for tensor in made:
             if tensor.name in outputs:
                 raise CheckpointError(f"{tensor.name}: both a converted tensor and a tensor of the checkpoint")
@@ -362,9 +363,7 @@ def _refuse_missing_merges(
         for merge in (m for m in merges if m.scope in scopes):
             if merge not in present[module]:
                 some_key = first_member(
-                    {slot: members.tensors(tensors) for slot, members in slots.items()}
-                    for target, slots in groups.items()
-                    if target in present[module].values()
+                    _slots(slots, tensors) for target, slots in groups.items() if target in present[module].values()
                 )
                 raise FamilyError(
                     f"{module}.{merge.target.rpartition('.')[2]}: no tensor matches {merge.sources[0]!r} "
@@ -384,10 +383,6 @@ def _claim(passthrough: dict[str, SourceTensor], target: str, tensor: SourceTens
 
 def _in_natural_order(a: SourceTensor, b: SourceTensor) -> tuple[SourceTensor, SourceTensor]:
     return (a, b) if natural_key(a.name) <= natural_key(b.name) else (b, a)
-
-
-def _as_table(tensors: Mapping[str, SourceTensor]) -> TensorTable:
-    return tensors if isinstance(tensors, TensorTable) else TensorTable.of(tensors.values())
 
 
 class _Members:
@@ -430,6 +425,11 @@ class _Members:
         found = {expert: table.tensor(row) for expert, row in enumerate(self._rows) if row >= 0}
         found.update((expert, table.tensor(row)) for expert, row in self._others.items())
         return found
+
+
+def _slots(group: dict[int, _Members], table: TensorTable) -> Slots:
+    """A gathered group as operations take it: slot -> expert id -> tensor."""
+    return {slot: members.tensors(table) for slot, members in group.items()}
 
 
 def _is_number(text: str) -> bool:

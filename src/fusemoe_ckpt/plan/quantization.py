@@ -31,10 +31,8 @@ if TYPE_CHECKING:
 CONFIG_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
-def paired_scales(
-    tensors: dict[str, SourceTensor], quantization: Quantization, *, keep: bool = True
-) -> dict[str, Scales]:
-    """The scales of every quantized tensor among `tensors`, by the quantized tensor's key; with
+def paired_scales(table: TensorTable, quantization: Quantization, *, keep: bool = True) -> dict[str, Scales]:
+    """The scales of every quantized tensor in `table`, by the quantized tensor's key; with
     `keep` False, the checks alone (a plan that keeps the weights quantized needs no Scales record
     per weight: 70k of them at Kimi-K2 FP8, about 10 MB).
 
@@ -45,7 +43,6 @@ def paired_scales(
             a scale of the wrong dtype or a shape that does not match the block; named by key.
     """
     quantized_dtypes = quantization.weight_dtypes
-    table = tensors if isinstance(tensors, TensorTable) else TensorTable.of(tensors.values())
     found: dict[str, Scales] = {}
     passed: set[tuple] = set()  # (dtype, shape) of weight and scale that pass the checks
     first_error = FirstError()
@@ -121,9 +118,9 @@ def _is_scale(key: str, tensors: dict[str, SourceTensor]) -> bool:
     return weight is not None and (key.endswith(SCALE_SUFFIX) or weight in tensors)
 
 
-def names_scales_dot_scale(tensors: dict[str, SourceTensor], quantization: Quantization) -> bool:
+def names_scales_dot_scale(tensors: TensorTable, quantization: Quantization) -> bool:
     """Whether the checkpoint names the scale of a quantized `x.weight` `x.scale` (DeepSeek-V4)."""
-    if isinstance(tensors, TensorTable) and not tensors.may_name(DOT_SCALE):
+    if not tensors.may_name(DOT_SCALE):
         return False
     for key in tensors:
         if key.endswith(DOT_SCALE):
@@ -168,10 +165,10 @@ def _scales(tensor: SourceTensor, scale: SourceTensor, quantization: Quantizatio
     return Scales(scale.name, scale.file, scale.offset, scale.dtype, grid, block, shape, tensor.dtype)
 
 
-def refuse_expert_activation_scales(tensors: dict[str, SourceTensor]) -> None:
+def refuse_expert_activation_scales(tensors: TensorTable) -> None:
     """Static activation scales of experts: transformers 5.24 leaves them unloaded (and `input_scale`
     anywhere), so a fused FP8 output would not load them either."""
-    if isinstance(tensors, TensorTable) and not any(map(tensors.may_name, ACTIVATION_SCALE_NAMES)):
+    if not any(map(tensors.may_name, ACTIVATION_SCALE_NAMES)):
         return
     found = [
         key
