@@ -87,8 +87,9 @@ def preallocate(fd: int, size: int, path: Path) -> None:
     """Reserve the `size` bytes of the file `fd` (at `path`) is about to be written with, before it
     is written directly (Linux's fallocate): each direct write then fills blocks already the file's,
     where otherwise it would allocate them and grow the file as it goes. A 4 GB durable convert on
-    this project's 2-CPU VM went from 1.12x to 1.05x the disk's limit, the limit being measured
-    into a preallocated file too (benchmarks/disk_limit.py).
+    this project's 2-CPU VM took 2.81 s reserved against 3.03 s not, paired over 6 rounds
+    (benchmarks/direct_ab.py, `reserve=0`); the disk limit is measured into a preallocated file too
+    (benchmarks/disk_limit.py).
 
     Where the filesystem has no fallocate nothing is reserved (glibc's posix_fallocate would write
     the whole file instead).
